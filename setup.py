@@ -1,0 +1,46 @@
+"""fairseq-clusterformer: neural clustering attention (ClusterFormer, ACL 2022) as a fairseq plugin.
+
+Install with ``bash scripts/bootstrap.sh`` (it installs torch and a working fairseq first, see
+docs/install.md), or by hand::
+
+    pip install torch==2.13.0          # or keep the torch you already have (e.g. a CUDA build)
+    pip install cython numpy wheel setuptools
+    pip install --no-build-isolation fairseq-fixed==0.12.3.1
+    pip install -e .[test]
+"""
+from setuptools import find_packages, setup
+
+install_requires = [
+    # A range, not a pin: a torch the user already has (CPU or CUDA build) must satisfy it, so pip
+    # never replaces it with a multi-GB CUDA wheel nobody asked for. 2.1 is the first release with
+    # the scaled_dot_product_attention masks and stable sort we rely on.
+    "torch>=2.1",
+    # fairseq itself is deliberately NOT listed: the official `fairseq` 0.12.2 does not import on
+    # Python 3.11+, and the two working forks (`fairseq-fixed`, `ve-fairseq`) install the same
+    # import package. Listing either would make pip install it over a fairseq the user already
+    # has working. scripts/bootstrap.sh installs one; the plugin checks it at import.
+    "numpy",
+    "sacrebleu>=2.0",
+    "sentencepiece",
+    "subword-nmt",
+    "sacremoses",
+]
+
+extras_require = {
+    "test": ["pytest>=7"],
+    "bench": ["matplotlib", "psutil"],
+}
+extras_require["all"] = sorted({dep for deps in extras_require.values() for dep in deps})
+
+setup(
+    name="fairseq-clusterformer",
+    version="0.1.0",
+    description="ClusterFormer neural clustering attention for fairseq machine translation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fairseq_clusterformer", "fairseq_clusterformer.*"]),
+    install_requires=install_requires,
+    extras_require=extras_require,
+)

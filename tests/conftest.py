@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairseq_helpers import preprocess, train, write_toy_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy_bin(tmp_path_factory):
+    """A binarised toy corpus (200 train, 20 valid, 20 test pairs), written by the test itself."""
+    root = tmp_path_factory.mktemp("toy")
+    raw = write_toy_corpus(root / "raw", n_train=200, n_valid=20, n_test=20)
+    return preprocess(raw, root / "bin")
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint_dir(toy_bin, tmp_path_factory):
+    """A stock transformer trained for 20 updates through the plugin's registered arch."""
+    save = tmp_path_factory.mktemp("smoke_ckpt")
+    out = train(toy_bin, save, "plugin_smoke_transformer", max_update=20)
+    assert "done training" in (out.stdout + out.stderr)
+    return save

@@ -1,0 +1,78 @@
+"""Checkpoints load with torch's safe weights_only loader; anything else is refused clearly."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import fairseq_clusterformer  # noqa: F401  (installs the allow-list and the guard)
+from fairseq import checkpoint_utils
+from fairseq_clusterformer.checkpoint_safety import CheckpointLoadError
+from fairseq_helpers import generate, parse_generate, run, train
+
+
+class Payload:
+    """A foreign object: unpickling it under full pickle would run code of our choosing."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/clusterformer-pwned",))
+
+
+def test_torch_loads_weights_only_by_default_and_env_switch_unset():
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+    import inspect
+
+    # torch >= 2.6: weights_only defaults to True, which is what makes the allow-list necessary.
+    sig = inspect.signature(torch.load)
+    assert sig.parameters["weights_only"].default in (None, True)
+
+
+def test_fairseq_checkpoint_loads_with_weights_only(smoke_checkpoint_dir):
+    state = torch.load(smoke_checkpoint_dir / "checkpoint_last.pt", weights_only=True)
+    assert "model" in state
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(smoke_checkpoint_dir / "checkpoint_last.pt"))
+    assert state["optimizer_history"][-1]["num_updates"] == 20
+
+
+def test_foreign_pickled_object_is_refused(smoke_checkpoint_dir, tmp_path):
+    state = torch.load(smoke_checkpoint_dir / "checkpoint_last.pt", weights_only=True)
+    state["extra_state"]["payload"] = Payload()
+    evil = tmp_path / "evil.pt"
+    torch.save(state, evil)
+    if os.path.exists("/tmp/clusterformer-pwned"):
+        os.remove("/tmp/clusterformer-pwned")
+    with pytest.raises(CheckpointLoadError, match="refusing to load checkpoint.*os.system|refusing to load checkpoint.*posix.system"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(evil))
+    # The CLI refuses it too, with the same message, and the payload never ran.
+    out = generate(smoke_checkpoint_dir.parent / "toy0" / "bin" if False else _bin_of(smoke_checkpoint_dir), evil, check=False)
+    assert out.returncode != 0
+    assert "refusing to load checkpoint" in out.stderr
+    assert not os.path.exists("/tmp/clusterformer-pwned")
+
+
+def _bin_of(ckpt_dir):
+    state = torch.load(ckpt_dir / "checkpoint_last.pt", weights_only=True)
+    return state["cfg"]["task"]["data"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_broken_checkpoint_is_refused_clearly(smoke_checkpoint_dir, tmp_path, damage):
+    broken = tmp_path / "broken.pt"
+    data = (smoke_checkpoint_dir / "checkpoint_last.pt").read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = data[:100] + bytes(b ^ 0x5A for b in data[100:4000]) + data[4000:]
+    broken.write_bytes(data)
+    with pytest.raises(CheckpointLoadError, match="truncated or corrupted"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(broken))
+
+
+def test_resume_from_checkpoint_last_under_safe_loader(toy_bin, smoke_checkpoint_dir, tmp_path):
+    save = tmp_path / "resume"
+    shutil.copytree(smoke_checkpoint_dir, save)
+    out = train(toy_bin, save, "plugin_smoke_transformer", max_update=30)
+    log = out.stdout + out.stderr
+    assert "@ 20 updates" in log  # "loaded checkpoint ... (epoch E @ 20 updates)"
+    state = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    assert state["optimizer_history"][-1]["num_updates"] == 30

@@ -1,0 +1,64 @@
+"""The install path: the plugin's fairseq check, --user-dir registration, the bootstrap fast path."""
+import subprocess
+import sys
+import textwrap
+
+from fairseq_helpers import REPO, run
+
+
+def _import_plugin(tmp_path, prelude=""):
+    code = textwrap.dedent(prelude) + "\nimport fairseq_clusterformer\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_missing_fairseq_names_the_fix(tmp_path):
+    proc = _import_plugin(tmp_path, "import sys; sys.modules['fairseq'] = None")
+    assert proc.returncode != 0
+    assert "FairseqUnusableError" in proc.stderr
+    assert "fairseq is not installed" in proc.stderr or "needs fairseq" in proc.stderr
+    assert "bash scripts/bootstrap.sh" in proc.stderr
+    assert "fairseq-fixed==0.12.3.1" in proc.stderr
+
+
+def test_broken_fairseq_names_the_fix(tmp_path):
+    # A fairseq that fails at import the way 0.12.2 does on Python 3.11.
+    fake = tmp_path / "fake" / "fairseq"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ValueError('mutable default <class list> for field x')\n")
+    proc = _import_plugin(tmp_path, f"import sys; sys.path.insert(0, {str(fake.parent)!r})")
+    assert proc.returncode != 0
+    assert "does not import on Python" in proc.stderr
+    assert "mutable default" in proc.stderr
+    assert "pip uninstall -y fairseq" in proc.stderr
+
+
+def test_too_old_fairseq_names_the_missing_piece(tmp_path):
+    fake = tmp_path / "fake" / "fairseq"
+    (fake / "models").mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.9.0'\n")
+    (fake / "models" / "__init__.py").write_text("")
+    (fake / "models" / "transformer.py").write_text("TransformerModel = object\n")
+    proc = _import_plugin(tmp_path, f"import sys; sys.path.insert(0, {str(fake.parent)!r})")
+    assert proc.returncode != 0
+    assert "fairseq 0.9.0" in proc.stderr and "TransformerEncoderBase is missing" in proc.stderr
+
+
+def test_user_dir_registers_plugin_arch():
+    out = run([sys.executable, "-c", (
+        "from fairseq import options;"
+        "p = options.get_training_parser();"
+        "a = options.parse_args_and_arch(p, ['/nonexistent', '--user-dir', 'fairseq_clusterformer',"
+        " '--arch', 'plugin_smoke_transformer', '--task', 'translation']);"
+        "print('ARCH', a.arch, a.encoder_embed_dim)"
+    )])
+    assert "ARCH plugin_smoke_transformer 16" in out.stdout
+
+
+def test_bootstrap_second_run_is_the_fast_path():
+    # Point the bootstrap at the environment running this test: after one run (normally already
+    # the fast path, since test.sh ran it), a second run must skip every install step.
+    env = {"CLUSTERFORMER_VENV": sys.prefix}
+    run(["bash", REPO / "scripts" / "bootstrap.sh"], env=env)
+    out = run(["bash", REPO / "scripts" / "bootstrap.sh"], env=env)
+    assert "environment up to date" in out.stdout, out.stdout
+    assert "installing" not in out.stdout
