@@ -1,0 +1,351 @@
+"""The attention module against its float64 reference, and the properties issue #3 lists."""
+import copy
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairseq_clusterformer.modules.cluster_attention import ClusterAttention, parse_num_clusters
+from reference_cluster_attention import reference_forward
+
+MODULE_FILE = Path(__file__).resolve().parents[1] / "fairseq_clusterformer" / "modules" / "cluster_attention.py"
+
+
+def make(d=32, heads=4, k=3, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return ClusterAttention(d, heads, k, **kw).to(dtype).eval()
+
+
+def random_padding(B, N, seed):
+    """Each row gets a random length, padded on the left or the right."""
+    g = torch.Generator().manual_seed(seed)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        L = int(torch.randint(1, N + 1, (1,), generator=g))
+        if b % 2:
+            kpm[b, : N - L] = True  # left padding
+        else:
+            kpm[b, L:] = True  # right padding
+    kpm[0] = False  # one full row
+    return kpm
+
+
+SHAPES = [  # B, N, heads, k
+    (2, 7, 2, 3),  # N not divisible by k
+    (1, 1, 1, 3),  # N = 1, batch 1, N < k
+    (3, 2, 4, 5),  # N < k
+    (2, 12, 16, 4),  # 16 heads, divisible
+    (4, 17, 8, 3),
+    (2, 23, 4, "auto"),  # k = ceil(sqrt(L_b)) per sequence
+    (1, 9, 2, 1),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-4)], ids=["f64", "f32"])
+def test_matches_float64_reference(causal, shape, dtype, tol):
+    B, N, H, k = shape
+    if causal and k == "auto":
+        k = 4
+    m = make(d=32, heads=H, k=k, dtype=dtype, causal=causal, window=3, seed=N)
+    x = torch.randn(B, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(N)).to(dtype)
+    kpm = random_padding(B, N, seed=N)
+    out, info = m(x, kpm)
+    ref, ref_centroids, ref_cl, ref_sl, ref_assign = reference_forward(m, x, kpm)
+    valid = ~kpm
+    assert torch.equal(info.assignments, ref_assign)
+    torch.testing.assert_close(out.double()[valid], ref[valid], atol=tol, rtol=tol)
+    assert abs(info.clustering_loss.item() - ref_cl) < tol
+    assert abs(info.sorting_loss.item() - ref_sl) < tol
+    if not causal:
+        for b in range(B):
+            kb = ref_centroids[b].size(0)
+            torch.testing.assert_close(info.centroids[b, :kb].double(), ref_centroids[b], atol=tol, rtol=tol)
+    assert torch.isfinite(out).all()
+
+
+def test_without_previous_block_matches_reference():
+    m = make(k=3, previous_block=False)
+    x = torch.randn(3, 11, 32, dtype=torch.float64)
+    kpm = random_padding(3, 11, seed=3)
+    out, _ = m(x, kpm)
+    ref = reference_forward(m, x, kpm)[0]
+    torch.testing.assert_close(out[~kpm], ref[~kpm], atol=1e-9, rtol=1e-9)
+
+
+def test_carried_centroids_match_reference():
+    """Layer 2 takes layer 1's updated centroids instead of its own parameter."""
+    first = make(k=3)
+    second = make(k=3, learned_centroids=False, seed=1)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    kpm = random_padding(2, 9, seed=9)
+    _, info = first(x, kpm)
+    out, _ = second(x, kpm, centroids=info.centroids)
+    ref = reference_forward(second, x, kpm, centroids=info.centroids)[0]
+    torch.testing.assert_close(out[~kpm], ref[~kpm], atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="no learned centroids"):
+        second(x, kpm)
+
+
+def _fairseq_mha_like(m):
+    from fairseq.modules import MultiheadAttention
+
+    mha = MultiheadAttention(m.embed_dim, m.num_heads, self_attention=True).to(m.q_proj.weight.dtype).eval()
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        getattr(mha, name).load_state_dict(getattr(m, name).state_dict())
+    return mha
+
+
+def test_one_cluster_equals_standard_multihead_attention():
+    m = make(d=32, heads=4, k=1)
+    mha = _fairseq_mha_like(m)
+    x = torch.randn(3, 10, 32, dtype=torch.float64)
+    kpm = random_padding(3, 10, seed=1)
+    out, _ = m(x, kpm)
+    ref, _ = mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), key_padding_mask=kpm, need_weights=False)
+    torch.testing.assert_close(out[~kpm], ref.transpose(0, 1)[~kpm], atol=1e-10, rtol=1e-10)
+
+
+def test_one_cluster_causal_with_full_window_equals_causal_attention():
+    N = 10
+    m = make(d=32, heads=4, k=1, causal=True, window=N)
+    mha = _fairseq_mha_like(m)
+    x = torch.randn(2, N, 32, dtype=torch.float64)
+    future = torch.triu(torch.full((N, N), float("-inf"), dtype=torch.float64), 1)
+    out, _ = m(x)
+    ref, _ = mha(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), attn_mask=future, need_weights=False)
+    torch.testing.assert_close(out, ref.transpose(0, 1), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["encoder", "encoder-auto", "causal"])
+def test_batch_composition_invariance(variant):
+    """A sentence's output does not depend on its batch mates or on left/right padding."""
+    kw = dict(causal=True, window=4) if variant == "causal" else {}
+    k = "auto" if variant == "encoder-auto" else 3
+    m = make(d=32, heads=4, k=k, dtype=torch.float32, **kw)
+    g = torch.Generator().manual_seed(5)
+    sentence = torch.randn(1, 9, 32, generator=g)
+    alone, _ = m(sentence)
+    for pad_left, pad_right, mates in [(0, 7, 2), (7, 0, 3), (3, 4, 1), (0, 0, 4)]:
+        N = 9 + pad_left + pad_right
+        batch = torch.randn(mates + 1, N, 32, generator=g)
+        kpm = random_padding(mates + 1, N, seed=N + mates)
+        row = mates // 2
+        batch[row] = torch.randn(N, 32, generator=g)  # garbage in the padding
+        batch[row, pad_left : pad_left + 9] = sentence[0]
+        kpm[row] = True
+        kpm[row, pad_left : pad_left + 9] = False
+        out, _ = m(batch, kpm)
+        torch.testing.assert_close(out[row, pad_left : pad_left + 9], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_later_tokens_never_reach_earlier_positions():
+    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=4)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 20, 32, generator=g)
+    out, info = m(x)
+    for t in (0, 5, 13, 18):
+        y = x.clone()
+        y[:, t + 1 :] = torch.randn(2, 20 - t - 1, 32, generator=g) * 10
+        out2, info2 = m(y)
+        assert torch.equal(out2[:, : t + 1], out[:, : t + 1])  # exactly, not approximately
+        assert torch.equal(info2.assignments[:, : t + 1], info.assignments[:, : t + 1])
+    # Gradient view: d out[t] / d x[s] is exactly zero for every s > t.
+    xg = x.detach().clone().requires_grad_(True)
+    m(xg)[0][:, 7].sum().backward()
+    assert xg.grad[:, 8:].abs().max() == 0
+    assert xg.grad[:, :8].abs().max() > 0
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_incremental_decoding_with_beam_reordering_equals_full_forward(window):
+    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=window)
+    g = torch.Generator().manual_seed(window)
+    B, N = 4, 15
+    x = torch.randn(B, N, 32, generator=g)
+    reorders = {5: torch.tensor([2, 2, 0, 1]), 9: torch.tensor([3, 1, 1, 0])}
+    state, outs, history = None, [], x[:, :0]
+    for t in range(N):
+        if t in reorders:
+            state = ClusterAttention.reorder_state(state, reorders[t])
+            history = history[reorders[t]]
+            outs = [o[reorders[t]] for o in outs]
+        y, state = m.step(x[:, t : t + 1], state)
+        history = torch.cat([history, x[:, t : t + 1]], 1)
+        outs.append(y)
+        sizes = {name: tuple(v.shape) for name, v in state.items()}
+        assert sizes["cluster_key"] == (B, 3, window, 4, 8)  # O(window) per cluster, whatever t
+    full, _ = m(history)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_padding_step_leaves_state_unchanged():
+    m = make(d=16, heads=2, k=2, dtype=torch.float32, causal=True, window=3)
+    x = torch.randn(2, 6, 16)
+    state = None
+    for t in range(6):
+        pad = torch.tensor([t == 2, False])  # a padding step in row 0
+        before = None if state is None else {n: v.clone() for n, v in state.items()}
+        _, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad)
+        if t == 2:
+            assert torch.equal(state["cluster_count"][0], before["cluster_count"][0])
+    full, _ = m(x, torch.tensor([[False, False, True, False, False, False], [False] * 6]))
+    y, _ = m.step(x[:, 5:6], None)  # sanity: the step API works from an empty state
+    assert torch.isfinite(full).all() and torch.isfinite(y).all()
+
+
+def test_gradcheck_encoder_inputs_and_centroids():
+    m = make(d=8, heads=2, k=2)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 2, 8, dtype=torch.float64, requires_grad=True)
+    m2 = make(d=8, heads=2, k=2, learned_centroids=False, seed=1)
+    kpm = torch.tensor([[False] * 5, [True, False, False, False, False]])
+
+    def f(x, c):
+        out, info = m2(x, kpm, centroids=c)
+        return out * (~kpm)[:, :, None], info.clustering_loss, info.sorting_loss, info.centroids
+
+    assert torch.autograd.gradcheck(f, (x, c), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_causal():
+    m = make(d=8, heads=2, k=2, causal=True, window=2)
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        out, info = m(x)
+        return out, info.clustering_loss, info.sorting_loss
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_gradients_reach_what_they_should(causal):
+    m = make(d=16, heads=2, k=3, causal=causal, window=4)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out, info = m(x)
+    # The two losses reach the centroids, W_C and the word states...
+    (info.clustering_loss + info.sorting_loss).backward(retain_graph=True)
+    assert m.centroids.grad.abs().sum() > 0
+    assert m.centroid_proj.weight.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0
+    for p in (m.q_proj.weight, m.k_proj.weight, m.v_proj.weight):
+        assert p.grad is None  # ...and nothing else
+    # ...and the task loss reaches Q, K and V through the un-sort.
+    m.zero_grad()
+    out.pow(2).sum().backward()
+    for p in (m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight):
+        assert p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_low_precision_masks_are_finite(dtype, causal):
+    m = make(d=32, heads=4, k=3, dtype=dtype, causal=causal, window=4)
+    x = torch.randn(3, 10, 32).to(dtype) * 4
+    kpm = torch.zeros(3, 10, dtype=torch.bool)
+    kpm[1, 1:] = True  # all padding but one token
+    kpm[2, :] = True  # a fully padded row
+    out, info = m(x, kpm)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(info.clustering_loss) and torch.isfinite(info.sorting_loss)
+    if not causal:
+        assert torch.isfinite(info.centroids).all()
+    # fp32 agreement on the real tokens, at low-precision tolerance.
+    ref, _ = copy.deepcopy(m).float()(x.float(), kpm)
+    torch.testing.assert_close(out.float()[~kpm], ref[~kpm], atol=0.1, rtol=0.1)
+
+
+def _count_lines(fn):
+    counts = {"n": 0}
+    target = MODULE_FILE.name
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename.endswith(target):
+            if event == "line":
+                counts["n"] += 1
+            return tracer
+        return None
+
+    sys.settrace(tracer)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return counts["n"]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal, monkeypatch):
+    """The number of Python lines executed does not grow with batch, heads, clusters or blocks,
+    and block attention is one scaled_dot_product_attention call."""
+
+    def run(B, N, H, k):
+        m = make(d=32, heads=H, k=k, dtype=torch.float32, causal=causal, window=2)
+        x = torch.randn(B, N, 32)
+        kpm = random_padding(B, N, seed=B + N)
+        return _count_lines(lambda: m(x, kpm))
+
+    base = run(2, 8, 2, 2)
+    assert run(16, 8, 2, 2) == base  # batch
+    assert run(2, 8, 16, 2) == base  # heads
+    assert run(2, 64, 2, 2) == base  # blocks (more of them as N grows)
+    assert run(2, 8, 2, 8) == base  # clusters
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    make(d=32, heads=2, k=5, dtype=torch.float32, causal=causal)(torch.randn(3, 40, 32))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_clusters=0), "num_clusters must be >= 1"),
+        (dict(num_clusters=-2), "num_clusters must be >= 1"),
+        (dict(num_clusters="three"), "positive integer or 'auto'"),
+        (dict(num_clusters=300, max_clusters=256), "larger than max_clusters"),
+        (dict(num_clusters="auto", causal=True), "causal decoder"),
+        (dict(num_clusters=3, causal=True, window=0), "window must be >= 1"),
+        (dict(num_clusters=3, similarity="l2"), "similarity must be one of"),
+        (dict(num_clusters=3, embed_dim=30, num_heads=4), "divisible"),
+    ],
+)
+def test_bad_options_are_named(kwargs, match):
+    args = dict(embed_dim=32, num_heads=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ClusterAttention(**args)
+
+
+def test_bad_inputs_are_named():
+    m = make(d=32, heads=4, k=3)
+    with pytest.raises(ValueError, match="expected x of shape"):
+        m(torch.randn(2, 5, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        m(torch.randn(2, 5, 32, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.bool))
+    assert parse_num_clusters("auto") == "auto" and parse_num_clusters("4") == 4
+
+
+def test_module_file_needs_no_fairseq(tmp_path):
+    """Researchers copy cluster_attention.py into their models: it must run with torch alone."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        sys.modules['fairseq'] = None  # any fairseq import now fails
+        spec = importlib.util.spec_from_file_location('cluster_attention', {str(MODULE_FILE)!r})
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        import torch
+        m = mod.ClusterAttention(16, 2, 3)
+        out, info = m(torch.randn(2, 7, 16))
+        print('OK', tuple(out.shape), [k for k in sys.modules if k.startswith('fairseq')])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK (2, 7, 16) ['fairseq']" in proc.stdout
