@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairseq_helpers import preprocess, train, write_toy_corpus  # noqa: E402
+from fairseq_helpers import CLUSTER_CRITERION, TINY, preprocess, train, write_toy_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,8 +18,8 @@ def toy_bin(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_checkpoint_dir(toy_bin, tmp_path_factory):
-    """A stock transformer trained for 20 updates through the plugin's registered arch."""
+    """A tiny clusterformer_iwslt trained for 20 updates through --user-dir."""
     save = tmp_path_factory.mktemp("smoke_ckpt")
-    out = train(toy_bin, save, "plugin_smoke_transformer", max_update=20)
+    out = train(toy_bin, save, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION, max_update=20)
     assert "done training" in (out.stdout + out.stderr)
     return save

@@ -8,7 +8,7 @@ import torch
 import fairseq_clusterformer  # noqa: F401  (installs the allow-list and the guard)
 from fairseq import checkpoint_utils
 from fairseq_clusterformer.checkpoint_safety import CheckpointLoadError
-from fairseq_helpers import generate, parse_generate, run, train
+from fairseq_helpers import CLUSTER_CRITERION, TINY, generate, train
 
 
 class Payload:
@@ -44,7 +44,7 @@ def test_foreign_pickled_object_is_refused(smoke_checkpoint_dir, tmp_path):
     with pytest.raises(CheckpointLoadError, match="refusing to load checkpoint.*os.system|refusing to load checkpoint.*posix.system"):
         checkpoint_utils.load_checkpoint_to_cpu(str(evil))
     # The CLI refuses it too, with the same message, and the payload never ran.
-    out = generate(smoke_checkpoint_dir.parent / "toy0" / "bin" if False else _bin_of(smoke_checkpoint_dir), evil, check=False)
+    out = generate(_bin_of(smoke_checkpoint_dir), evil, check=False)
     assert out.returncode != 0
     assert "refusing to load checkpoint" in out.stderr
     assert not os.path.exists("/tmp/clusterformer-pwned")
@@ -71,7 +71,7 @@ def test_broken_checkpoint_is_refused_clearly(smoke_checkpoint_dir, tmp_path, da
 def test_resume_from_checkpoint_last_under_safe_loader(toy_bin, smoke_checkpoint_dir, tmp_path):
     save = tmp_path / "resume"
     shutil.copytree(smoke_checkpoint_dir, save)
-    out = train(toy_bin, save, "plugin_smoke_transformer", max_update=30)
+    out = train(toy_bin, save, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION, max_update=30)
     log = out.stdout + out.stderr
     assert "@ 20 updates" in log  # "loaded checkpoint ... (epoch E @ 20 updates)"
     state = torch.load(save / "checkpoint_last.pt", weights_only=True)

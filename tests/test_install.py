@@ -48,10 +48,10 @@ def test_user_dir_registers_plugin_arch():
         "from fairseq import options;"
         "p = options.get_training_parser();"
         "a = options.parse_args_and_arch(p, ['/nonexistent', '--user-dir', 'fairseq_clusterformer',"
-        " '--arch', 'plugin_smoke_transformer', '--task', 'translation']);"
-        "print('ARCH', a.arch, a.encoder_embed_dim)"
+        " '--arch', 'clusterformer_iwslt', '--task', 'translation']);"
+        "print('ARCH', a.arch, a.encoder_attention_heads, a.num_clusters, a.causal_window)"
     )])
-    assert "ARCH plugin_smoke_transformer 16" in out.stdout
+    assert "ARCH clusterformer_iwslt 8 3 64" in out.stdout
 
 
 def test_bootstrap_second_run_is_the_fast_path():
