@@ -25,7 +25,7 @@ BPE_OPS="${DEMO_BPE_OPS:-8000}"                 # subword-nmt merges (or sentenc
 BEAM="${DEMO_BEAM:-5}"
 SEED="${DEMO_SEED:-1}"
 WORK="${DEMO_WORK:-$ROOT/work/demo}"
-DATA="$ROOT/data/multi30k"
+DATA="${DEMO_DATA:-$ROOT/data/multi30k}"
 SRC=de
 TGT=en
 
@@ -51,7 +51,8 @@ Options:
 
 Environment: DEMO_ARCH, DEMO_CRITERION, DEMO_MODEL_ARGS, DEMO_TRAIN_ARGS, DEMO_MAX_UPDATE,
 DEMO_LR, DEMO_WARMUP, DEMO_MAX_TOKENS, DEMO_DROPOUT, DEMO_BPE_OPS, DEMO_BEAM, DEMO_SEED,
-DEMO_WORK (current: arch=$ARCH criterion=$CRITERION max_update=$MAX_UPDATE).
+DEMO_WORK, DEMO_DATA (another corpus with the same file names), DEMO_SKIP_SETUP=1 (no
+bootstrap) (current: arch=$ARCH criterion=$CRITERION max_update=$MAX_UPDATE).
 Afterwards, translate your own German: echo "Ein Hund läuft im Park." | bash scripts/translate.sh
 EOF
 }
@@ -77,7 +78,12 @@ die() {
 }
 
 # ---- 0. setup -----------------------------------------------------------------------------------
-bash "$ROOT/scripts/bootstrap.sh"
+if [[ -n "${DEMO_SKIP_SETUP:-}" ]]; then
+    say "DEMO_SKIP_SETUP is set: not running scripts/bootstrap.sh"
+    [[ -x "$VPY" ]] || die "no Python environment at $VENV (unset DEMO_SKIP_SETUP to create it)"
+else
+    bash "$ROOT/scripts/bootstrap.sh"
+fi
 cd "$ROOT"
 for f in train val test_2016_flickr; do
     for l in $SRC $TGT; do
@@ -216,7 +222,7 @@ n_hyp=$(wc -l <"$OUT/hyp.detok.$TGT")
 
 echo
 echo "Sample translations (test_2016_flickr):"
-for i in 1 2 3 500 1000; do
+for i in 1 2 3 $(((N_TEST + 1) / 2)) "$N_TEST"; do
     echo "  source:     $(sed -n "${i}p" "$OUT/src.$SRC")"
     echo "  reference:  $(sed -n "${i}p" "$OUT/ref.$TGT")"
     echo "  hypothesis: $(sed -n "${i}p" "$OUT/hyp.detok.$TGT")"

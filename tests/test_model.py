@@ -1,0 +1,170 @@
+"""The clusterformer model in-process: causality, exact incremental decoding, batch invariance."""
+import copy
+
+import pytest
+import torch
+
+import fairseq_clusterformer  # noqa: F401
+from fairseq import options, tasks
+from fairseq_clusterformer.models.clusterformer import ClusterformerModel
+from fairseq_helpers import TINY
+
+
+def build(toy_bin, extra=()):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY, *extra]
+    )
+    task = tasks.setup_task(args)
+    torch.manual_seed(0)
+    model = task.build_model(args)
+    assert isinstance(model, ClusterformerModel)
+    return task, model.eval()
+
+
+def batch(task, n=4, src_len=9, tgt_len=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = task.source_dictionary
+    src = torch.randint(d.nspecial, len(d), (n, src_len), generator=g)
+    src[:, -1] = d.eos()
+    prev = torch.randint(d.nspecial, len(d), (n, tgt_len), generator=g)
+    prev[:, 0] = d.eos()
+    return src, torch.full((n,), src_len), prev
+
+
+def test_only_self_attention_is_swapped(toy_bin):
+    _, model = build(toy_bin)
+    from fairseq.modules import MultiheadAttention
+    from fairseq_clusterformer.modules.fairseq_cluster_attention import FairseqClusterAttention
+
+    for layer in model.encoder.layers:
+        assert isinstance(layer.self_attn, FairseqClusterAttention)
+    for layer in model.decoder.layers:
+        assert isinstance(layer.self_attn, FairseqClusterAttention)
+        assert isinstance(layer.encoder_attn, MultiheadAttention)
+    # Learned centroids: the first encoder layer and every decoder layer; later encoder layers
+    # take the carried ones (and own no unused parameter).
+    names = [n for n, _ in model.named_parameters() if n.endswith(".centroids")]
+    assert names == ["encoder.layers.0.self_attn.attention.centroids"] + [
+        f"decoder.layers.{i}.self_attn.attention.centroids" for i in range(2)
+    ]
+
+
+def test_full_attention_options(toy_bin):
+    from fairseq.modules import MultiheadAttention
+
+    _, model = build(toy_bin, ["--self-attention-encoder", "full", "--self-attention-decoder", "full"])
+    assert all(isinstance(layer.self_attn, MultiheadAttention) for layer in model.encoder.layers)
+    assert all(isinstance(layer.self_attn, MultiheadAttention) for layer in model.decoder.layers)
+    src, lengths, prev = batch(build(toy_bin)[0])
+    _, extra = model(src, lengths, prev)
+    assert extra["clustering_loss"] is None
+
+
+def test_every_cluster_flag_reaches_the_module(toy_bin):
+    _, model = build(toy_bin, ["--num-clusters", "auto", "--causal-num-clusters", "5", "--causal-window", "3",
+                               "--no-previous-block", "--cluster-similarity", "dot", "--max-clusters", "16"])
+    enc = model.encoder.layers[0].self_attn.attention
+    dec = model.decoder.layers[0].self_attn.attention
+    assert (enc.num_clusters, enc.previous_block, enc.similarity, enc.max_clusters) == ("auto", False, "dot", 16)
+    assert (dec.num_clusters, dec.window, dec.causal) == (5, 3, True)
+    assert enc.centroids.shape == (16, 32)
+
+
+def test_decoder_is_causal_through_every_layer(toy_bin):
+    task, model = build(toy_bin)
+    src, lengths, prev = batch(task)
+    out, _ = model(src, lengths, prev)
+    for t in (0, 4, 9):
+        changed = prev.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % len(task.target_dictionary)
+        changed[:, t + 1 :].clamp_(min=task.target_dictionary.nspecial)
+        out2, _ = model(src, lengths, changed)
+        assert torch.equal(out2[:, : t + 1], out[:, : t + 1])
+
+
+def test_incremental_decoding_with_reordering_equals_full_forward(toy_bin):
+    task, model = build(toy_bin)
+    src, lengths, prev = batch(task, n=3, tgt_len=12)
+    # Beams of one sentence share its source (fairseq's cross-attention cache relies on that).
+    src = src[:1].expand_as(src).contiguous()
+    enc = model.encoder(src, lengths)
+    full, _ = model.decoder(prev, encoder_out=enc)
+    # Step by step, reordering the batch midway as beam search does.
+    order = torch.tensor([2, 0, 0])
+    state, steps = {}, []
+    history = prev[:, :0]
+    for t in range(prev.size(1)):
+        if t == 6:
+            model.decoder.reorder_incremental_state_scripting(state, order)
+            enc = model.encoder.reorder_encoder_out(enc, order)
+            history = history[order]
+            steps = [s[order] for s in steps]
+        tokens = torch.cat([history, prev[:, t : t + 1] if t < 6 else prev[order][:, t : t + 1]], 1)
+        history = tokens
+        y, _ = model.decoder(tokens, encoder_out=enc, incremental_state=state)
+        steps.append(y)
+    expected, _ = model.decoder(history, encoder_out=enc)
+    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected[:, :6], full[order][:, :6], atol=1e-5, rtol=1e-5)
+
+
+def test_translation_does_not_depend_on_batch_mates_or_padding(toy_bin):
+    task, model = build(toy_bin)
+    d = task.source_dictionary
+    src, lengths, prev = batch(task, n=1, src_len=7, tgt_len=6)
+    alone, _ = model(src, lengths, prev)
+    # The same sentence, left-padded in the source (fairseq's default) and right-padded in the
+    # target, among longer batch mates.
+    other_src, _, other_prev = batch(task, n=3, src_len=12, tgt_len=10, seed=3)
+    big_src = other_src.clone()
+    big_src[1] = d.pad()
+    big_src[1, -7:] = src[0]
+    big_prev = other_prev.clone()
+    big_prev[1] = d.pad()
+    big_prev[1, :6] = prev[0]
+    out, _ = model(big_src, torch.tensor([12, 7, 12]), big_prev)
+    torch.testing.assert_close(out[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_losses_are_returned_and_train_the_centroids(toy_bin):
+    task, model = build(toy_bin)
+    model.train()
+    src, lengths, prev = batch(task)
+    _, extra = model(src, lengths, prev)
+    (extra["clustering_loss"] + extra["sorting_loss"]).backward()
+    for name, p in model.named_parameters():
+        if "centroid" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip_gives_identical_outputs(toy_bin, tmp_path):
+    task, model = build(toy_bin)
+    src, lengths, prev = batch(task)
+    out, _ = model(src, lengths, prev)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    _, fresh = build(toy_bin)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    out2, _ = fresh.eval()(src, lengths, prev)
+    assert torch.equal(out, out2)
+    assert torch.equal(copy.deepcopy(model)(src, lengths, prev)[0], out)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--num-clusters", "0"], "num_clusters must be >= 1"),
+        (["--num-clusters", "-3"], "num_clusters must be >= 1"),
+        (["--num-clusters", "x"], "positive integer or 'auto'"),
+        (["--num-clusters", "300"], "larger than max_clusters"),
+        (["--num-clusters", "auto"], "--causal-num-clusters"),
+        (["--causal-window", "0"], "window must be >= 1"),
+        (["--checkpoint-activations"], "not supported by the clusterformer"),
+    ],
+)
+def test_bad_model_options_are_named(toy_bin, extra, match):
+    with pytest.raises(ValueError, match=match):
+        build(toy_bin, extra)
