@@ -41,6 +41,9 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["fairseq_clusterformer", "fairseq_clusterformer.*"]),
+    # Tiny import hook so stock fairseq commands load ClusterFormer checkpoints without
+    # --user-dir; bootstrap.sh registers it with `python -m fairseq_clusterformer_autoload --install`.
+    py_modules=["fairseq_clusterformer_autoload"],
     install_requires=install_requires,
     extras_require=extras_require,
 )
