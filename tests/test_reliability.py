@@ -144,7 +144,7 @@ LONG = textwrap.dedent("""
     from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
     torch.manual_seed(0)
     N, d, H, B = int(sys.argv[1]), 64, 4, 1
-    for causal in (False, True):
+    for causal in (sys.argv[2] == "causal",):  # one variant per process: ru_maxrss is a process peak
         m = ClusterAttention(d, H, 3 if causal else "auto", causal=causal, window=128)
         x = torch.randn(B, N, d, requires_grad=True)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -160,13 +160,15 @@ def test_long_input_runs_in_bounded_memory():
     """N = 16384 (the issue's size), forward + backward on the CPU. The bound (docs/reliability.md)
     is linear in N times the block size: far below what N x N scores would need."""
     N = 16384
-    proc = run([sys.executable, "-c", LONG, str(N)], env={"OMP_NUM_THREADS": "2"})
-    peaks = [float(v) for v in re.findall(r"PEAK_MB \w+ ([\d.]+)", proc.stdout)]
-    assert len(peaks) == 2
+    peaks = []
+    for variant in ("encoder", "causal"):
+        proc = run([sys.executable, "-c", LONG, str(N), variant], env={"OMP_NUM_THREADS": "2"})
+        peaks += [float(v) for v in re.findall(r"PEAK_MB \w+ ([\d.]+)", proc.stdout)]
+    assert len(peaks) == 2 and all(p > 0 for p in peaks), peaks
     # Encoder, k = ceil(sqrt N) = 128 blocks of w = 128: per head N x 2w scores (4 bytes), kept for
     # backward a few times over; decoder window 128 likewise. N x N scores per head would be 1 GiB.
     scores_mb = 4 * N * 2 * 128 * 4 / 2**20  # heads x N x 2w x float32 = 64 MiB
-    bound = 12 * scores_mb + 200  # + activations of B x N x d and allocator slack
+    bound = 4 * scores_mb + 200  # + activations of B x N x d and allocator slack
     nxn_mb = 4 * N * N * 4 / 2**20
     assert all(p < bound for p in peaks), (peaks, bound)
     assert bound < nxn_mb / 3
