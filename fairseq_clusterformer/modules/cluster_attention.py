@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SIMILARITIES = ("cosine", "dot")
+_COSINE_EPS = 1e-6  # cosine similarity: a.b / max(|a| |b|, eps)
 
 
 class ClusterInfo(NamedTuple):
@@ -64,6 +65,43 @@ def parse_num_clusters(value: Union[int, str]) -> Union[int, str]:
         except ValueError:
             raise ValueError(f"num_clusters must be a positive integer or 'auto', got {value!r}") from None
     return _check_positive_int("num_clusters", value)
+
+
+class _PairedBlocks(torch.autograd.Function):
+    """Queries, and the keys/values of [previous block, own block], as views of one q|k|v tensor.
+
+    qkv: (W + M W) x 3d: W filler rows, then M blocks of W rows. Returns q (M x W x H x hd) and
+    k, v (M x 2W x H x hd), where block m's keys are rows [m W, m W + 2W): the block before it (the
+    filler rows for m = 0) and its own. k and v are overlapping strided views, so each key and
+    value is stored once; the backward adds both halves of their gradients back onto the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, W: int, H: int, hd: int):
+        rows, width = qkv.shape
+        d = width // 3
+        M = rows // W - 1
+        ctx.dims = (M, W, H, hd)
+        q = qkv[W:, :d].view(M, W, H, hd)
+        pair = lambda offset: qkv.as_strided(  # noqa: E731
+            (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
+        )
+        return q, pair(d), pair(2 * d)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        M, W, H, hd = ctx.dims
+        grad = grad_q.new_empty(M + 1, W, 3, H, hd)
+        grad[0, :, 0].zero_()
+        grad[1:, :, 0].copy_(grad_q)
+        gk, gv = grad[:, :, 1], grad[:, :, 2]  # (M + 1) x W x H x hd each
+        gk[:M].copy_(grad_k[:, :W])  # rows as the previous block of block m + 1
+        gv[:M].copy_(grad_v[:, :W])
+        gk[M].zero_()
+        gv[M].zero_()
+        gk[1:].add_(grad_k[:, W:])  # rows as their own block
+        gv[1:].add_(grad_v[:, W:])
+        return grad.view((M + 1) * W, 3 * H * hd), None, None, None
 
 
 class ClusterAttention(nn.Module):
@@ -176,7 +214,8 @@ class ClusterAttention(nn.Module):
     def _sim(self, a: Tensor, b: Tensor) -> Tensor:
         """Row-wise similarity used by both losses (last dim is d)."""
         if self.similarity == "cosine":
-            return F.cosine_similarity(a, b, dim=-1, eps=1e-6)
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            return (a * b).sum(-1) / norms.clamp(min=_COSINE_EPS)
         return (a * b).sum(-1) / a.size(-1)
 
     def _cluster(self, x: Tensor, valid: Tensor, centroids: Tensor, n_clusters: Tensor, assign=None):
@@ -199,9 +238,17 @@ class ClusterAttention(nn.Module):
         weights = torch.softmax(scores.masked_fill(~valid[:, None, :], fill), dim=-1)  # B x K x N
         new_centroids = torch.matmul(weights, x)  # C': B x K x d
 
-        # Clustering loss: each real word against its own updated centroid.
-        own = new_centroids.gather(1, assign.clamp(min=0)[:, :, None].expand(B, N, d))  # B x N x d
-        word_sim = self._sim(x, own)
+        # Clustering loss: each real word against its own updated centroid. Its dot product is
+        # read off the B x N x K products (one small matmul) instead of gathering a B x N x d copy
+        # of the centroids; the cosine divides by the two norms, as _sim does.
+        own_index = assign.clamp(min=0)[:, :, None]  # B x N x 1
+        dots = torch.matmul(x, new_centroids.transpose(1, 2)).gather(2, own_index)[:, :, 0]  # B x N
+        if self.similarity == "cosine":
+            c_norm = torch.linalg.vector_norm(new_centroids, dim=-1)  # B x K
+            own_norm = c_norm.gather(1, own_index[:, :, 0])
+            word_sim = dots / (torch.linalg.vector_norm(x, dim=-1) * own_norm).clamp(min=_COSINE_EPS)
+        else:
+            word_sim = dots / d
         n_words = valid.sum().clamp(min=1)
         clustering_loss = -(word_sim * valid).sum() / n_words
         # Sorting loss: adjacent centroid pairs (i, i+1), i + 1 < k_b, averaged per sequence.
@@ -226,10 +273,45 @@ class ClusterAttention(nn.Module):
         rank = torch.empty_like(perm).scatter_(1, perm, pos.contiguous())
         return perm, rank
 
-    def _project(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        B, N, _ = x.shape
-        shape = (B, N, self.num_heads, self.head_dim)
-        return self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+    def _block_attention(self, x: Tensor, src: Tensor, key_ok: Tensor, query_ok: Tensor, paired: bool) -> Tensor:
+        """Attention inside blocks of the sorted sequence; returns the output in block layout.
+
+        x: B x N x d; src: B x M x W original position held by each block slot; key_ok:
+        B x M x W x n_keys which keys each query may see (n_keys = 2W with ``paired``: block i
+        sees block i-1 then itself; W otherwise); query_ok: B x M x W real query slots (the others
+        see every key, so that their discarded rows stay finite). Returns (B M W) x d.
+
+        The words are gathered into block order once and projected by one fused q|k|v matmul;
+        the [previous, own] keys and values of every block are overlapping views of that result
+        (_PairedBlocks), so nothing is copied twice.
+        """
+        B, N, d = x.shape
+        M, W = src.shape[1:]
+        H, hd = self.num_heads, self.head_dim
+        index = (src + torch.arange(B, device=x.device)[:, None, None] * N).view(-1)
+        if paired:  # W filler rows in front: the "previous block" of the first block (masked)
+            index = torch.cat([index.new_zeros(W), index])
+        xs = x.reshape(B * N, d).index_select(0, index)
+        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        qkv = F.linear(
+            xs,
+            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+            None if biases[0] is None else torch.cat(biases),
+        )  # rows x 3d
+        if paired:
+            q, k, v = _PairedBlocks.apply(qkv, W, H, hd)  # (B M) x W|2W x H x hd
+        else:
+            q, k, v = qkv.view(B * M, W, 3, H, hd).unbind(2)
+        n_keys = k.size(1)
+        mask = key_ok | ~query_ok[..., None]  # B x M x W x n_keys
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask.view(B * M, 1, W, n_keys),
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B M) x H x W x hd, laid out as (B M) x W x H x hd like the queries
+        return out.transpose(1, 2).reshape(B * M * W, d)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -292,35 +374,19 @@ class ClusterAttention(nn.Module):
         slot = torch.arange(W, device=x.device)[None, None, :]
         sorted_index = blk * w_b[:, None, None] + slot  # B x K x W: sorted rank held by each slot
         slot_ok = (slot < w_b[:, None, None]) & (sorted_index < lengths[:, None, None])  # B x K x W
-        src = perm.gather(1, sorted_index.clamp(max=N - 1).view(B, K * W))  # B x KW original positions
+        src = perm.gather(1, sorted_index.clamp(max=N - 1).view(B, K * W)).view(B, K, W)  # original positions
 
-        q, k, v = self._project(x)  # B x N x H x hd each
-        index = src[:, :, None, None].expand(B, K * W, H, hd)
-        sq, sk, sv = (t.gather(1, index).view(B, K, W, H, hd) for t in (q, k, v))  # s* = sorted, blocked
-
+        paired = self.previous_block and K > 1
         key_ok = slot_ok
-        if self.previous_block and K > 1:
+        if paired:
             # Keys of block i: block i-1 (none for block 0: blocks do not wrap around), then block i.
-            shift = lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)  # noqa: E731
-            sk = torch.cat([shift(sk), sk], dim=2)  # B x K x 2W x H x hd
-            sv = torch.cat([shift(sv), sv], dim=2)
-            key_ok = torch.cat([shift(slot_ok), slot_ok], dim=2)  # B x K x 2W
-        n_keys = sk.size(2)
-        # Empty query slots see every key so their (discarded) rows stay finite: no NaN anywhere.
-        mask = key_ok[:, :, None, :] | ~slot_ok[:, :, :, None]  # B x K x W x n_keys
-        out = F.scaled_dot_product_attention(
-            sq.reshape(B * K, W, H, hd).transpose(1, 2),
-            sk.reshape(B * K, n_keys, H, hd).transpose(1, 2),
-            sv.reshape(B * K, n_keys, H, hd).transpose(1, 2),
-            attn_mask=mask.reshape(B * K, 1, W, n_keys),
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B K) x H x W x hd
-        out = out.transpose(1, 2).reshape(B, K * W, d)
+            key_ok = torch.cat([F.pad(slot_ok, (0, 0, 1, -1)), slot_ok], dim=2)  # B x K x 2W
+        out = self._block_attention(x, src, key_ok[:, :, None, :], slot_ok, paired)  # (B K W) x d
 
         # Un-sort: original position j reads slot (rank_j // w_b) * W + rank_j % w_b.
         flat = torch.div(rank, w_b[:, None], rounding_mode="floor") * W + rank % w_b[:, None]  # B x N
-        flat = torch.where(valid, flat, torch.zeros_like(flat))
-        out = out.gather(1, flat[:, :, None].expand(B, N, d)) * valid[:, :, None].to(out.dtype)
+        flat = torch.where(valid, flat, torch.zeros_like(flat)) + torch.arange(B, device=x.device)[:, None] * (K * W)
+        out = out.index_select(0, flat.view(-1)).view(B, N, d).masked_fill_(~valid[:, :, None], 0.0)
         out = self.out_proj(out)
         return out, ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
 
@@ -349,7 +415,7 @@ class ClusterAttention(nn.Module):
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(
             x, valid, self._decoder_centroids(B, x.dtype), k_b, assign=self._assign_per_word(x)
         )
-        perm, _ = self._sort(assign, valid, K)
+        perm, rank = self._sort(assign, valid, K)
 
         # Sorted order puts each cluster's words together, in position order. A word at sorted
         # index r sees sorted indices (r - w, r] of its own cluster: its w most recent cluster
@@ -361,32 +427,18 @@ class ClusterAttention(nn.Module):
         sorted_assign = assign.gather(1, perm).masked_fill(~valid.gather(1, perm), -1)
         sorted_assign = F.pad(sorted_assign, (0, pad), value=-1)  # B x P (-1: padding)
 
-        q, k, v = self._project(x)
-        index = perm_p[:, :, None, None].expand(B, P, H, hd)
-        sq, sk, sv = (t.gather(1, index).view(B, n_blocks, w, H, hd) for t in (q, k, v))
         s_cluster = sorted_assign.view(B, n_blocks, w)
-        shift = lambda t, fill=0: torch.cat([torch.full_like(t[:, :1], fill), t[:, :-1]], dim=1)  # noqa: E731
-        sk = torch.cat([shift(sk), sk], dim=2)  # B x nb x 2w x H x hd
-        sv = torch.cat([shift(sv), sv], dim=2)
-        key_cluster = torch.cat([shift(s_cluster, -1), s_cluster], dim=2)  # B x nb x 2w
+        key_cluster = torch.cat([F.pad(s_cluster, (0, 0, 1, -1), value=-1), s_cluster], dim=2)  # B x nb x 2w
 
         qi = torch.arange(w, device=x.device)[:, None]  # query slot within block
         ki = torch.arange(2 * w, device=x.device)[None, :] - w  # key offset, same frame
         band = (ki <= qi) & (ki > qi - w)  # w x 2w: sorted distance in [0, w)
-        same = (key_cluster[:, :, None, :] == s_cluster[:, :, :, None]) & (s_cluster[:, :, :, None] >= 0)
-        query_pad = (s_cluster < 0)[:, :, :, None]
-        mask = (band[None, None] & same) | query_pad  # padding queries see everything: finite rows
-        out = F.scaled_dot_product_attention(
-            sq.reshape(B * n_blocks, w, H, hd).transpose(1, 2),
-            sk.reshape(B * n_blocks, 2 * w, H, hd).transpose(1, 2),
-            sv.reshape(B * n_blocks, 2 * w, H, hd).transpose(1, 2),
-            attn_mask=mask.reshape(B * n_blocks, 1, w, 2 * w),
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        out = out.transpose(1, 2).reshape(B, P, d)[:, :N]
-        # Un-sort with a scatter: sorted slot r goes back to position perm[r].
-        out = torch.zeros_like(out).scatter(1, perm[:, :, None].expand(B, N, d), out)
-        out = self.out_proj(out * valid[:, :, None].to(out.dtype))
+        same = key_cluster[:, :, None, :] == s_cluster[:, :, :, None]  # B x nb x w x 2w
+        out = self._block_attention(x, perm_p.view(B, n_blocks, w), band & same, s_cluster >= 0, paired=True)
+        # Un-sort: position j reads sorted slot rank[j]; padding positions are zeroed.
+        flat = rank + torch.arange(B, device=x.device)[:, None] * P
+        out = out.index_select(0, flat.view(-1)).view(B, N, d).masked_fill_(~valid[:, :, None], 0.0)
+        out = self.out_proj(out)
         return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Tensor]:

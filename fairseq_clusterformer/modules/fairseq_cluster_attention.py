@@ -31,6 +31,7 @@ class ClusterCarrier:
         self.centroids: Optional[Tensor] = None  # B x K x d, from the previous encoder layer
         self.clustering_losses: List[Tensor] = []
         self.sorting_losses: List[Tensor] = []
+        self.assignments: List[Tensor] = []  # per layer, B x T cluster ids (-1 at padding)
 
     def __getstate__(self):  # never pickle activations along with a model
         return {}
@@ -104,6 +105,7 @@ class FairseqClusterAttention(nn.Module):
             self.carrier.centroids = info.centroids
             self.carrier.clustering_losses.append(info.clustering_loss)
             self.carrier.sorting_losses.append(info.sorting_loss)
+            self.carrier.assignments.append(info.assignments)
         return out.transpose(0, 1), None
 
     def _forward_incremental(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
