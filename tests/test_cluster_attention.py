@@ -343,7 +343,7 @@ def test_module_file_needs_no_fairseq(tmp_path):
         import torch
         m = mod.ClusterAttention(16, 2, 3)
         out, info = m(torch.randn(2, 7, 16))
-        print('OK', tuple(out.shape), [k for k in sys.modules if k.startswith('fairseq')])
+        print('OK', tuple(out.shape), [k for k in sys.modules if k == 'fairseq' or k.startswith('fairseq.')])
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
