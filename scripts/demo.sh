@@ -10,18 +10,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 # ---- settings (environment variables override them) -----------------------------------------------
 ARCH="${DEMO_ARCH:-transformer_iwslt_de_en}"
 CRITERION="${DEMO_CRITERION:-label_smoothed_cross_entropy}"
-# Model size: small enough to train on 2 CPU cores in ~9 minutes.
-MODEL_ARGS=(${DEMO_MODEL_ARGS:---encoder-layers 3 --decoder-layers 3
+# Model size: small enough to train on 2 CPU cores in well under 9 minutes (pre-norm layers, so that
+# a high learning rate with a short warmup is stable and the model learns in few updates).
+MODEL_ARGS=(${DEMO_MODEL_ARGS:---encoder-layers 3 --decoder-layers 2
     --encoder-embed-dim 256 --decoder-embed-dim 256
     --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
-    --encoder-attention-heads 4 --decoder-attention-heads 4})
+    --encoder-attention-heads 4 --decoder-attention-heads 4
+    --encoder-normalize-before --decoder-normalize-before})
 EXTRA_TRAIN_ARGS=(${DEMO_TRAIN_ARGS:-})        # appended to fairseq-train, e.g. "--num-clusters 4"
-MAX_UPDATE="${DEMO_MAX_UPDATE:-2000}"
-LR="${DEMO_LR:-0.002}"
-WARMUP="${DEMO_WARMUP:-500}"
+MAX_UPDATE="${DEMO_MAX_UPDATE:-500}"
+MAX_MINUTES="${DEMO_MAX_MINUTES:-9}"            # safety net: training stops after this long anyway
+LR="${DEMO_LR:-0.003}"
+WARMUP="${DEMO_WARMUP:-250}"
 MAX_TOKENS="${DEMO_MAX_TOKENS:-4096}"
 DROPOUT="${DEMO_DROPOUT:-0.1}"
-BPE_OPS="${DEMO_BPE_OPS:-8000}"                 # subword-nmt merges (or sentencepiece vocabulary)
+BPE_OPS="${DEMO_BPE_OPS:-4000}"                 # subword-nmt merges (or sentencepiece vocabulary);
+                                                # a small vocabulary keeps the output layer cheap
 BEAM="${DEMO_BEAM:-5}"
 SEED="${DEMO_SEED:-1}"
 WORK="${DEMO_WORK:-$ROOT/work/demo}"
@@ -37,7 +41,7 @@ Sets up the environment (scripts/bootstrap.sh), then on the shipped Multi30k cor
   1. tokenises with the Moses tokenizer (sacremoses) and learns a joint BPE ($BPE_OPS merges,
      subword-nmt) on the training set,
   2. binarises it (fairseq-preprocess --joined-dictionary),
-  3. trains a small model on the CPU ($MAX_UPDATE updates; arch $ARCH),
+  3. trains a small model on the CPU ($MAX_UPDATE updates, at most $MAX_MINUTES minutes; arch $ARCH),
   4. translates all 1000 sentences of test_2016_flickr (beam $BEAM) and prints sacrebleu BLEU on
      the detokenised output, with a few sample translations.
 Outputs go to $WORK (ignored by git). A second run reuses every finished step.
@@ -50,6 +54,7 @@ Options:
   -h, --help       show this help
 
 Environment: DEMO_ARCH, DEMO_CRITERION, DEMO_MODEL_ARGS, DEMO_TRAIN_ARGS, DEMO_MAX_UPDATE,
+DEMO_MAX_MINUTES,
 DEMO_LR, DEMO_WARMUP, DEMO_MAX_TOKENS, DEMO_DROPOUT, DEMO_BPE_OPS, DEMO_BEAM, DEMO_SEED,
 DEMO_WORK, DEMO_DATA (another corpus with the same file names), DEMO_SKIP_SETUP=1 (no
 bootstrap) (current: arch=$ARCH criterion=$CRITERION max_update=$MAX_UPDATE).
@@ -124,6 +129,9 @@ fi
 # ---- 2. subword segmentation ---------------------------------------------------------------------
 if [[ -f "$SEGDIR/.seg.done" ]]; then
     say "2/5 $SEG segmentation exists, skipping ($SEGDIR)"
+    if [[ "$(cat "$SEGDIR/.seg.done")" != "$SEG $BPE_OPS" ]]; then
+        say "    note: it was made with '$(cat "$SEGDIR/.seg.done")', not '$SEG $BPE_OPS'; --redo-data makes it again"
+    fi
 else
     if [[ $SEG == bpe ]]; then
         say "2/5 learning a joint BPE ($BPE_OPS merges, subword-nmt) on train.$SRC + train.$TGT"
@@ -142,7 +150,7 @@ else
             done
         done
     fi
-    touch "$SEGDIR/.seg.done"
+    echo "$SEG $BPE_OPS" >"$SEGDIR/.seg.done"
 fi
 if [[ $SEG == bpe ]]; then REMOVE_BPE=(--remove-bpe); else REMOVE_BPE=(--remove-bpe sentencepiece); fi
 
@@ -168,12 +176,37 @@ TRAIN_CMD=(fairseq-train "$BIN" --user-dir fairseq_clusterformer
     --dropout "$DROPOUT" --weight-decay 0.0001
     --criterion "$CRITERION" --label-smoothing 0.1
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --required-batch-size-multiple 1
-    --save-dir "$CKPT" --no-epoch-checkpoints --save-interval-updates 500 --keep-interval-updates 1
+    --stop-time-hours "$(awk "BEGIN {print $MAX_MINUTES / 60}")"
+    --save-dir "$CKPT" --no-epoch-checkpoints --save-interval-updates 250 --keep-interval-updates 1
     --seed "$SEED" --cpu --num-workers 0
     --log-format simple --log-interval 50 --no-progress-bar
     "${EXTRA_TRAIN_ARGS[@]}")
+# fairseq's log lines -> one short progress line every 50 updates, validation results, errors.
+PROGRESS_FILTER='
+import re, sys
+for line in sys.stdin:
+    m = re.search(r"\| epoch (\d+):\s+\d+ / \d+ (.*)$", line)
+    if m:
+        kv = dict(x.split("=", 1) for x in m.group(2).split(", ") if "=" in x)
+        print("    update %s/%s  epoch %d  loss %s  ppl %s  %s updates/s  %s s" % (kv.get("num_updates"),
+              sys.argv[1], int(m.group(1)), kv.get("loss"), kv.get("ppl"), kv.get("ups"), kv.get("wall")))
+        continue
+    m = re.search(r"\| valid on .valid. subset \| (.*)$", line)
+    if m:
+        kv = dict(x.split(" ", 1) for x in m.group(1).split(" | ") if " " in x)
+        print("    validation after update %s: loss %s  ppl %s" % (kv.get("num_updates"), kv.get("loss"), kv.get("ppl")))
+    elif "done training" in line or "Stopping training" in line or re.search(r"Error|error:|Traceback", line):
+        print("    " + line.split(" | ")[-1].rstrip())
+'
+TRAIN_LOG="$CKPT/train.log"
 if [[ -f "$CKPT/.done" ]]; then
     say "4/5 trained model exists, skipping training ($CKPT/checkpoint_last.pt; --retrain trains again)"
+    if [[ "$(cat "$CKPT/.done")" != "${TRAIN_CMD[*]}" ]]; then
+        say "    note: it was trained with other settings than the current ones:"
+        echo "      then: $(cat "$CKPT/.done")"
+        echo "      now:  ${TRAIN_CMD[*]}"
+        say "    pass --retrain to train with the current settings"
+    fi
 else
     if [[ -f "$CKPT/checkpoint_last.pt" ]]; then
         say "4/5 resuming the interrupted training from $CKPT/checkpoint_last.pt"
@@ -184,17 +217,17 @@ else
     t_train=$(date +%s)
     # fairseq logs to stderr; show the progress lines, keep everything in train.log.
     set +e
-    "${TRAIN_CMD[@]}" 2>&1 | tee -a "$SEGDIR/train.log" |
-        grep --line-buffered -E "\| (epoch [0-9]+: +[0-9]+ / [0-9]+ |epoch [0-9]+ \| valid on|(end of epoch|done training))|Error|error:" |
-        sed -u -E 's/^[0-9-]+ [0-9:]+ \| [A-Z]+ \| [a-z_.]+ \| /    /'
+    "${TRAIN_CMD[@]}" 2>&1 | tee -a "$TRAIN_LOG" |
+        "$VPY" -u -c "$PROGRESS_FILTER" "$MAX_UPDATE"
     rc=${PIPESTATUS[0]}
     set -e
-    ((rc == 0)) || die "fairseq-train failed (exit $rc); the end of $SEGDIR/train.log:
-$(tail -n 25 "$SEGDIR/train.log")"
-    grep -q "done training" "$SEGDIR/train.log" || die "fairseq-train did not finish (see $SEGDIR/train.log)"
+    ((rc == 0)) || die "fairseq-train failed (exit $rc); the end of $TRAIN_LOG:
+$(tail -n 25 "$TRAIN_LOG")"
+    grep -q "done training" "$TRAIN_LOG" || die "fairseq-train did not finish (see $TRAIN_LOG)"
     [[ -f "$CKPT/checkpoint_last.pt" ]] || die "no checkpoint written in $CKPT"
     printf '%s\n' "${TRAIN_CMD[*]}" >"$CKPT/.done"
-    say "4/5 training took $(($(date +%s) - t_train))s"
+    n_upd=$(grep -oE "num_updates[ =][0-9]+" "$TRAIN_LOG" | tail -n 1 | grep -oE "[0-9]+$" || echo "?")
+    say "4/5 training took $(($(date +%s) - t_train))s (fairseq start-up included), $n_upd updates"
 fi
 
 # ---- 5. translate test_2016 and score ------------------------------------------------------------
