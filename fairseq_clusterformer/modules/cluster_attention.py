@@ -45,6 +45,15 @@ class ClusterInfo(NamedTuple):
     assignments: Tensor  # B x N long cluster index per word (-1 at padding)
 
 
+class _Words(NamedTuple):
+    """Padding information of one forward, computed once."""
+
+    pad: Optional[Tensor]  # B x N bool, True at padding; None when the batch has no padding
+    validf: Optional[Tensor]  # 1 at real words, 0 at padding, in the input dtype (None without padding)
+    lengths: Tensor  # B long: L_b
+    n_words: Tensor  # scalar (input dtype): real words in the batch, at least 1
+
+
 def _check_positive_int(name, value, allow_auto=False):
     if allow_auto and value == "auto":
         return value
@@ -67,22 +76,47 @@ def parse_num_clusters(value: Union[int, str]) -> Union[int, str]:
     return _check_positive_int("num_clusters", value)
 
 
-class _PairedBlocks(torch.autograd.Function):
-    """Queries, and the keys/values of [previous block, own block], as views of one q|k|v tensor.
+# The two row permutations around block attention (words -> block slots -> words) are one-to-one
+# on the rows that matter: every word is in exactly one block slot, and every other row (padding
+# words, filler rows, empty block slots, a real word repeated into an empty slot) has exactly zero
+# gradient (masked keys whose query outputs are never read). Their backward passes are therefore
+# gathers (``grad[inverse]``, zeroed where ``inverse_pad`` is True), not autograd's zero-fill plus
+# index_add, with the same values. Each one is fused with the projection next to it, so that the
+# permuted copy of the words (or of the attention output) is a temporary, not a saved activation.
+# ``None`` for a mask means that nothing needs zeroing (a batch without padding).
 
-    qkv: (W + M W) x 3d: W filler rows, then M blocks of W rows. Returns q (M x W x H x hd) and
-    k, v (M x 2W x H x hd), where block m's keys are rows [m W, m W + 2W): the block before it (the
-    filler rows for m = 0) and its own. k and v are overlapping strided views, so each key and
-    value is stored once; the backward adds both halves of their gradients back onto the rows.
+
+def _gather_rows(t: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
+    """t[index], with the rows where ``zero`` is True set to 0 (index must be in range everywhere)."""
+    rows = t.index_select(0, index)
+    return rows if zero is None else rows.masked_fill_(zero[:, None], 0.0)
+
+
+class _GatherProject(torch.autograd.Function):
+    """Words in block order, projected by the stacked q|k|v weight; keys/values optionally paired.
+
+    x: (B N) x d words; index: rows of x making the block layout: with ``paired``, W filler rows
+    then M blocks of W slots, else just the M W slots. inverse / inverse_pad: the block-layout
+    row of each word (see above). Returns q (M x W x H x hd) and k, v (M x n_keys x H x hd).
+    With ``paired``, block m's keys are layout rows [m W, m W + 2W): the block before it (the
+    filler rows for m = 0) and its own, as overlapping strided views of the projection, so each
+    key and value is computed and stored once; the backward folds both halves of their
+    gradients back onto the rows.
     """
 
     @staticmethod
-    def forward(ctx, qkv: Tensor, W: int, H: int, hd: int):
+    def forward(ctx, x, index, inverse, inverse_pad, weight, bias, W: int, H: int, hd: int, paired: bool):
+        qkv = F.linear(x.index_select(0, index), weight, bias)  # rows x 3d (the gathered words are freed)
         rows, width = qkv.shape
         d = width // 3
-        M = rows // W - 1
-        ctx.dims = (M, W, H, hd)
-        q = qkv[W:, :d].view(M, W, H, hd)
+        filler = W if paired else 0
+        M = (rows - filler) // W
+        ctx.save_for_backward(x, index, inverse, inverse_pad, weight)
+        ctx.dims = (M, W, H, hd, filler)
+        ctx.has_bias = bias is not None
+        q = qkv[filler:, :d].view(M, W, H, hd)
+        if not paired:
+            return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
         pair = lambda offset: qkv.as_strided(  # noqa: E731
             (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
         )
@@ -90,18 +124,166 @@ class _PairedBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
-        M, W, H, hd = ctx.dims
-        grad = grad_q.new_empty(M + 1, W, 3, H, hd)
-        grad[0, :, 0].zero_()
-        grad[1:, :, 0].copy_(grad_q)
-        gk, gv = grad[:, :, 1], grad[:, :, 2]  # (M + 1) x W x H x hd each
-        gk[:M].copy_(grad_k[:, :W])  # rows as the previous block of block m + 1
-        gv[:M].copy_(grad_v[:, :W])
-        gk[M].zero_()
-        gv[M].zero_()
-        gk[1:].add_(grad_k[:, W:])  # rows as their own block
-        gv[1:].add_(grad_v[:, W:])
-        return grad.view((M + 1) * W, 3 * H * hd), None, None, None
+        x, index, inverse, inverse_pad, weight = ctx.saved_tensors
+        M, W, H, hd, filler = ctx.dims
+        d = H * hd
+        if filler:
+            # Fold k and v: layout block r holds the previous block of block r (r < M) and the own
+            # block of block r - 1 (r >= 1).
+            grad_kv = grad_k.new_empty(M + 1, W, 2, H, hd)
+            for g, part in ((grad_k, 0), (grad_v, 1)):  # k, then v
+                dst = grad_kv[:, :, part]
+                torch.add(g[1:, :W], g[:-1, W:], out=dst[1:M])
+                dst[0].copy_(g[0, :W])
+                dst[M].copy_(g[M - 1, W:])
+            pieces = [(grad_q.reshape(M * W, d), filler, 0), (grad_kv.view((M + 1) * W, 2 * d), 0, d)]
+        else:
+            pieces = [(g.reshape(M * W, d), 0, i * d) for i, g in enumerate((grad_q, grad_k, grad_v))]
+        pieces.sort(key=lambda p: p[1])  # a piece covering every layout row first
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            g, _, col = pieces[0]
+            grad_xs = torch.mm(g, weight[col : col + g.size(1)])
+            for g, row, col in pieces[1:]:  # q (and v, unpaired)
+                grad_xs[row:].addmm_(g, weight[col : col + g.size(1)])
+            grad_x = _gather_rows(grad_xs, inverse, inverse_pad)
+        if ctx.needs_input_grad[4]:
+            xs = x.index_select(0, index)  # recomputed: cheaper than keeping it
+            grad_weight = torch.empty_like(weight)
+            for g, row, col in pieces:
+                torch.mm(g.t(), xs[row:], out=grad_weight[col : col + g.size(1)])
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = torch.cat([g.sum(0) for g, _, _ in sorted(pieces, key=lambda p: p[2])])
+        return grad_x, None, None, None, grad_weight, grad_bias, None, None, None, None
+
+
+class _ScatterProject(torch.autograd.Function):
+    """Attention output back in word order (zero at padding), then the output projection.
+
+    out: (M W) x d in block layout; slot / slot_pad: the layout row of each word (in range
+    everywhere) and where it is padding; inverse / inverse_pad: the word held by each layout
+    row (see above). The backward brings the output gradient into block order once and computes
+    both the input and the weight gradient there, so no word-order copy of the attention output
+    is kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, out, slot, slot_pad, inverse, inverse_pad, weight, bias):
+        ctx.save_for_backward(out, inverse, inverse_pad, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(_gather_rows(out, slot, slot_pad), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        out, inverse, inverse_pad, weight = ctx.saved_tensors
+        grad_blocks = _gather_rows(grad_y, inverse, inverse_pad)  # (M W) x d
+        grad_out = torch.mm(grad_blocks, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_blocks.t().mm(out) if ctx.needs_input_grad[5] else None
+        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+        return grad_out, None, None, None, None, grad_weight, grad_bias
+
+
+class _Clustering(torch.autograd.Function):
+    """Assignments, updated centroids C' and both losses, with one fused backward.
+
+    Forward (per sequence; U is kept as N x K):
+        U = X (C W_C)^T / sqrt(d);  a_j = argmax over real clusters of U_j (unless given)
+        P = softmax over real words of U;  C' = P^T X
+        clustering loss = -mean over real words of sim(x_j, c'_{a_j})
+        sorting loss = sum over adjacent pairs of pair_weight * -sim(c'_i, c'_{i+1})
+    with sim(a, b) = a.b / max(|a| |b|, eps) (cosine) or a.b / d (dot). Autograd would write four
+    N x d gradients of X (through U, C', the dot products and the norms) and add them up, with
+    a few dozen small operations around them; this backward writes one, with a single matmul
+    over the three N x K factors stacked ([P, dU, S] @ [dC', C W_C, C']) plus the norm term in
+    place. tests/test_cluster_attention.py checks it against a float64 reference and gradcheck.
+
+    pad: B x N True at padding, or None (no padding); validf: pad as 0/1 weights (None with
+    pad); n_words: number of real words (scalar); cluster_pad: B x K True for clusters beyond
+    k_b, or None (all real); pair_weight: B x K-1 weights of the pair similarities.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cw, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine):
+        B, N, d = x.shape
+        K = cw.size(1)
+        scale = 1.0 / math.sqrt(d)
+        scores = torch.baddbmm(x.new_zeros(()).expand(B, N, K), x, cw.transpose(1, 2), beta=0, alpha=scale)  # U
+        # Finite fill values: safe in fp16/bf16, and an all-padding row softmaxes to uniform, not NaN.
+        fill = torch.finfo(scores.dtype).min
+        if assign is None:
+            assign = (scores if cluster_pad is None else scores.masked_fill(cluster_pad[:, None, :], fill)).argmax(2)
+        own = assign  # B x N, in range everywhere
+        probs = torch.softmax(scores if pad is None else scores.masked_fill_(pad[:, :, None], fill), dim=1)
+        cents = torch.bmm(probs.transpose(1, 2), x)  # C': B x K x d
+        dots = torch.bmm(x, cents.transpose(1, 2)).gather(2, own[:, :, None])[:, :, 0]  # B x N
+        pair_dots = (cents[:, :-1] * cents[:, 1:]).sum(-1)  # B x K-1
+        none = x.new_empty(0)
+        if cosine:
+            x_norm = torch.linalg.vector_norm(x, dim=-1)  # B x N
+            c_norm = torch.linalg.vector_norm(cents, dim=-1)  # B x K
+            own_norm = c_norm.gather(1, own)
+            denom = x_norm * own_norm
+            inv = denom.clamp(min=_COSINE_EPS).reciprocal_() if pad is None else validf / denom.clamp(min=_COSINE_EPS)
+            word_sim = dots * inv  # zero at padding
+            pair_denom = c_norm[:, :-1] * c_norm[:, 1:]
+            pair_sim = pair_dots / pair_denom.clamp(min=_COSINE_EPS)
+            extra = (inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom)
+        else:
+            word_sim = dots / d if pad is None else dots * (validf / d)
+            pair_sim = pair_dots / d
+            extra = (none if pad is None else validf,)
+        clustering_loss = -word_sim.sum() / n_words
+        sorting_loss = -(pair_sim * pair_weight).sum()
+        ctx.save_for_backward(x, cw, probs, cents, own, n_words, pair_weight, none if pad is None else pad, *extra)
+        ctx.cosine, ctx.scale = cosine, scale
+        ctx.mark_non_differentiable(assign)
+        return (assign if pad is None else assign.masked_fill(pad, -1)), cents, clustering_loss, sorting_loss
+
+    @staticmethod
+    def backward(ctx, _grad_assign, grad_cents, grad_clustering, grad_sorting):
+        x, cw, probs, cents, own, n_words, pair_weight, pad = ctx.saved_tensors[:8]
+        B, N, d = x.shape
+        K = cw.size(1)
+        grad_c = torch.zeros_like(cents) if grad_cents is None else grad_cents.clone()
+        g = grad_clustering / n_words  # d clustering_loss / d (sum of word similarities) is -g
+        grad_pair_sim = pair_weight * -grad_sorting  # B x K-1
+        coef = None
+        if ctx.cosine:
+            inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom = ctx.saved_tensors[8:]
+            # sim = dot / max(den, eps): d/d dot = 1 / max(den, eps); d/d den = -sim / den where den >= eps.
+            grad_dots = inv * -g
+            grad_denom = (word_sim * inv * g).masked_fill_(denom < _COSINE_EPS, 0.0)
+            pair_denom_c = pair_denom.clamp(min=_COSINE_EPS)
+            grad_pair_dots = grad_pair_sim / pair_denom_c
+            grad_pair_denom = (-grad_pair_sim * pair_sim / pair_denom_c) * (pair_denom >= _COSINE_EPS)
+            grad_c_norm = torch.zeros_like(c_norm).scatter_add_(1, own, grad_denom * x_norm)  # B x K
+            grad_c_norm[:, :-1] += grad_pair_denom * c_norm[:, 1:]
+            grad_c_norm[:, 1:] += grad_pair_denom * c_norm[:, :-1]
+            # d|v|/dv = v / |v| (0 at v = 0, as autograd's norm: there v = 0 and the term vanishes)
+            grad_c.addcmul_(cents, (grad_c_norm / c_norm.clamp(min=torch.finfo(c_norm.dtype).tiny))[:, :, None])
+            coef = grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
+        else:
+            validf = ctx.saved_tensors[8]
+            grad_dots = (-g / d).expand(B, N) if validf.numel() == 0 else validf * (-g / d)
+            grad_pair_dots = grad_pair_sim / d
+        grad_c[:, :-1].addcmul_(cents[:, 1:], grad_pair_dots[:, :, None])
+        grad_c[:, 1:].addcmul_(cents[:, :-1], grad_pair_dots[:, :, None])
+        one_hot = torch.zeros_like(probs).scatter_(2, own[:, :, None], grad_dots[:, :, None])  # S: B x N x K
+        grad_c.baddbmm_(one_hot.transpose(1, 2), x)  # through the word-centroid dot products
+        grad_probs = torch.bmm(x, grad_c.transpose(1, 2))  # B x N x K
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(1, keepdim=True))
+        # Padding scores were filled: no gradient (their probabilities are 0 unless a whole
+        # sequence is padding).
+        grad_scores.mul_(ctx.scale)
+        if pad.numel():
+            grad_scores.masked_fill_(pad[:, :, None], 0.0)
+        grad_cw = torch.bmm(grad_scores.transpose(1, 2), x)  # B x K x d
+        grad_x = torch.bmm(
+            torch.cat([probs, grad_scores, one_hot], dim=2), torch.cat([grad_c, cw.expand(B, K, d), cents], dim=1)
+        )
+        if coef is not None:
+            grad_x.addcmul_(x, coef[:, :, None])
+        return grad_x, grad_cw, None, None, None, None, None, None, None
 
 
 class ClusterAttention(nn.Module):
@@ -211,107 +393,90 @@ class ClusterAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # shared pieces
-    def _sim(self, a: Tensor, b: Tensor) -> Tensor:
-        """Row-wise similarity used by both losses (last dim is d)."""
-        if self.similarity == "cosine":
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            return (a * b).sum(-1) / norms.clamp(min=_COSINE_EPS)
-        return (a * b).sum(-1) / a.size(-1)
+    def _cluster(self, x: Tensor, words: "_Words", centroids: Tensor, n_clusters: Tensor, assign=None):
+        """Assign words to clusters, update the centroids, compute both losses (_Clustering).
 
-    def _cluster(self, x: Tensor, valid: Tensor, centroids: Tensor, n_clusters: Tensor, assign=None):
-        """Assign words to clusters and update the centroids.
-
-        x: B x N x d, valid: B x N bool, centroids: B x K x d, n_clusters: B (k_b <= K).
-        assign: precomputed B x N assignments (the causal variant computes them per word).
-        Returns assignments (B x N, -1 at padding), C' (B x K x d), clustering and sorting losses.
+        x: B x N x d, centroids: B x K x d, n_clusters: B (k_b <= K). assign: precomputed B x N
+        assignments (the causal variant computes them per word). Returns assignments (B x N,
+        -1 at padding), C' (B x K x d), clustering and sorting losses.
         """
-        B, N, d = x.shape
         K = centroids.size(1)
-        scores = torch.matmul(self.centroid_proj(centroids), x.transpose(1, 2)) / math.sqrt(d)  # U: B x K x N
-        cluster_ok = torch.arange(K, device=x.device)[None, :] < n_clusters[:, None]  # B x K
-        # Finite fill values: safe in fp16/bf16, and an all-padding row softmaxes to uniform, not NaN.
-        fill = torch.finfo(scores.dtype).min
-        if assign is None:
-            with torch.no_grad():
-                assign = scores.masked_fill(~cluster_ok[:, :, None], fill).argmax(dim=1)  # B x N
-        assign = assign.masked_fill(~valid, -1)
-        weights = torch.softmax(scores.masked_fill(~valid[:, None, :], fill), dim=-1)  # B x K x N
-        new_centroids = torch.matmul(weights, x)  # C': B x K x d
-
-        # Clustering loss: each real word against its own updated centroid. Its dot product is
-        # read off the B x N x K products (one small matmul) instead of gathering a B x N x d copy
-        # of the centroids; the cosine divides by the two norms, as _sim does.
-        own_index = assign.clamp(min=0)[:, :, None]  # B x N x 1
-        dots = torch.matmul(x, new_centroids.transpose(1, 2)).gather(2, own_index)[:, :, 0]  # B x N
-        if self.similarity == "cosine":
-            c_norm = torch.linalg.vector_norm(new_centroids, dim=-1)  # B x K
-            own_norm = c_norm.gather(1, own_index[:, :, 0])
-            word_sim = dots / (torch.linalg.vector_norm(x, dim=-1) * own_norm).clamp(min=_COSINE_EPS)
-        else:
-            word_sim = dots / d
-        n_words = valid.sum().clamp(min=1)
-        clustering_loss = -(word_sim * valid).sum() / n_words
-        # Sorting loss: adjacent centroid pairs (i, i+1), i + 1 < k_b, averaged per sequence.
-        if K > 1:
-            pair_ok = (torch.arange(1, K, device=x.device)[None, :] < n_clusters[:, None]).to(x.dtype)  # B x K-1
-            pair_sim = self._sim(new_centroids[:, :-1], new_centroids[:, 1:])  # B x K-1
-            per_seq = -(pair_sim * pair_ok).sum(1) / pair_ok.sum(1).clamp(min=1)
-            has_pairs = (pair_ok.sum(1) > 0).to(x.dtype)
-            sorting_loss = (per_seq * has_pairs).sum() / has_pairs.sum().clamp(min=1)
-        else:
-            sorting_loss = x.new_zeros(())
-        return assign, new_centroids, clustering_loss, sorting_loss
+        # k_b < K only with num_clusters="auto": there, clusters beyond k_b take no words.
+        clusters = torch.arange(K, device=x.device)[None, :] < n_clusters[:, None]  # B x K
+        # Sorting loss: mean over pairs (i, i+1) with i + 1 < k_b, averaged over the sequences
+        # that have pairs.
+        pair_ok = clusters[:, 1:].to(x.dtype)  # B x K-1
+        n_pairs = pair_ok.sum(1, keepdim=True)
+        has_pairs = (n_pairs > 0).to(x.dtype)
+        pair_weight = pair_ok * (has_pairs / (n_pairs.clamp(min=1) * has_pairs.sum().clamp(min=1)))
+        return _Clustering.apply(
+            x, self.centroid_proj(centroids), words.pad, words.validf, words.n_words,
+            None if self.num_clusters != "auto" else ~clusters, pair_weight, assign, self.similarity == "cosine",
+        )
 
     @staticmethod
-    def _sort(assign: Tensor, valid: Tensor, n_clusters_total: int) -> Tuple[Tensor, Tensor]:
-        """Stable sort by (cluster, position), padding last. Returns perm (sorted -> original
-        position) and rank (original position -> sorted index), both B x N."""
+    def _sort(assign: Tensor, n_clusters_total: int, has_pad: bool) -> Tuple[Tensor, Tensor]:
+        """Sort by (cluster, position), padding (assignment -1) last. Returns perm (sorted ->
+        original position) and rank (original position -> sorted index), both B x N."""
         B, N = assign.shape
-        pos = torch.arange(N, device=assign.device)[None, :].expand(B, N)
-        key = torch.where(valid, assign, torch.full_like(assign, n_clusters_total)) * N + pos  # unique keys
-        perm = torch.argsort(key, dim=1, stable=True)
-        rank = torch.empty_like(perm).scatter_(1, perm, pos.contiguous())
+        pos = torch.arange(N, device=assign.device).expand(B, N)
+        cluster = assign.remainder(n_clusters_total + 1) if has_pad else assign  # -1 (padding) -> K
+        key = torch.add(pos, cluster, alpha=N)  # unique keys
+        perm = torch.argsort(key, dim=1)
+        rank = torch.empty_like(perm).scatter_(1, perm, pos)
         return perm, rank
 
-    def _block_attention(self, x: Tensor, src: Tensor, key_ok: Tensor, query_ok: Tensor, paired: bool) -> Tensor:
-        """Attention inside blocks of the sorted sequence; returns the output in block layout.
+    def _block_attention(
+        self, x: Tensor, words: "_Words", src: Tensor, slot: Tensor, key_ok: Tensor, query_ok: Tensor, paired: bool
+    ) -> Tensor:
+        """Attention inside blocks of the sorted sequence, back in the original order, out_proj applied.
 
-        x: B x N x d; src: B x M x W original position held by each block slot; key_ok:
-        B x M x W x n_keys which keys each query may see (n_keys = 2W with ``paired``: block i
-        sees block i-1 then itself; W otherwise); query_ok: B x M x W real query slots (the others
-        see every key, so that their discarded rows stay finite). Returns (B M W) x d.
+        x: B x N x d; src: B x M x W original position held by each block slot (in range
+        everywhere); slot: B x N the block slot (index into M W) of each real word (anything at
+        padding); key_ok: B x M x W x n_keys (or broadcastable) which keys each query may see
+        (n_keys = 2W with ``paired``: block i sees block i-1 then itself; W otherwise);
+        query_ok: B x M x W slots holding a real word (the others see every key, so that their
+        discarded rows stay finite). Returns B x N x d: out_proj of the attention output, which
+        is zero at padding.
 
         The words are gathered into block order once and projected by one fused q|k|v matmul;
-        the [previous, own] keys and values of every block are overlapping views of that result
-        (_PairedBlocks), so nothing is copied twice.
+        the [previous, own] keys and values of every block are overlapping views of that result,
+        so nothing is copied twice. Both row gathers (into block order and back) are one-to-one
+        on the real words, so their backward passes are gathers too; each is fused with the
+        projection next to it (_GatherProject, _ScatterProject).
         """
         B, N, d = x.shape
         M, W = src.shape[1:]
         H, hd = self.num_heads, self.head_dim
-        index = (src + torch.arange(B, device=x.device)[:, None, None] * N).view(-1)
-        if paired:  # W filler rows in front: the "previous block" of the first block (masked)
-            index = torch.cat([index.new_zeros(W), index])
-        xs = x.reshape(B * N, d).index_select(0, index)
+        arange_b = torch.arange(B, device=x.device)[:, None]
+        pad_rows = None if words.pad is None else words.pad.view(-1)
+        slot_pad = ~query_ok  # B|1 x M x W
+        filler = W if paired else 0  # W rows in front: the "previous block" of the first block (masked)
+        index = src.new_zeros(filler + B * M * W)  # rows of x making the block layout
+        src = torch.add(src.view(B, M * W), arange_b, alpha=N, out=index[filler:].view(B, M * W)).view(-1)
+        slot = torch.add(slot, arange_b, alpha=M * W).view(-1)  # block row of each word
+        slot = slot if pad_rows is None else slot.masked_fill_(pad_rows, 0)
         biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
-        qkv = F.linear(
-            xs,
+        q, k, v = _GatherProject.apply(
+            x.reshape(B * N, d), index, slot + filler, pad_rows,
             torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
             None if biases[0] is None else torch.cat(biases),
-        )  # rows x 3d
-        if paired:
-            q, k, v = _PairedBlocks.apply(qkv, W, H, hd)  # (B M) x W|2W x H x hd
-        else:
-            q, k, v = qkv.view(B * M, W, 3, H, hd).unbind(2)
+            W, H, hd, paired,
+        )  # (B M) x W | n_keys x H x hd
         n_keys = k.size(1)
-        mask = key_ok | ~query_ok[..., None]  # B x M x W x n_keys
+        mask = (key_ok | slot_pad[..., None]).expand(B, M, W, n_keys)  # B x M x W x n_keys
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=mask.view(B * M, 1, W, n_keys),
+            attn_mask=mask.reshape(B * M, 1, W, n_keys),
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B M) x H x W x hd, laid out as (B M) x W x H x hd like the queries
-        return out.transpose(1, 2).reshape(B * M * W, d)
+        out = out.transpose(1, 2).reshape(B * M * W, d)
+        out = _ScatterProject.apply(
+            out, slot, pad_rows, src, slot_pad.expand(B, M, W).reshape(-1), self.out_proj.weight, self.out_proj.bias
+        )
+        return out.view(B, N, d)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -334,15 +499,18 @@ class ClusterAttention(nn.Module):
         if x.dim() != 3 or x.size(-1) != self.embed_dim:
             raise ValueError(f"expected x of shape B x N x {self.embed_dim}, got {tuple(x.shape)}")
         B, N, d = x.shape
-        if key_padding_mask is None:
-            valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        else:
+        pad = None
+        if key_padding_mask is not None:
             if key_padding_mask.shape != (B, N):
                 raise ValueError(f"key_padding_mask must be B x N = {(B, N)}, got {tuple(key_padding_mask.shape)}")
-            valid = ~key_padding_mask.to(torch.bool)
+            pad = key_padding_mask.to(torch.bool)
+            pad = pad if bool(pad.any()) else None  # a batch without padding skips all masking
+        valid = None if pad is None else ~pad
+        lengths = torch.full((B,), N, device=x.device) if pad is None else valid.sum(1)  # L_b
+        words = _Words(pad, None if pad is None else valid.to(x.dtype), lengths, lengths.sum().clamp(min=1).to(x.dtype))
         if self.causal:
-            return self._forward_causal(x, valid)
-        return self._forward_blocks(x, valid, centroids)
+            return self._forward_causal(x, words)
+        return self._forward_blocks(x, words, centroids)
 
     def _cluster_counts(self, lengths: Tensor) -> Tuple[Tensor, int]:
         if self.num_clusters == "auto":
@@ -350,10 +518,9 @@ class ClusterAttention(nn.Module):
             return k, int(k.max())
         return torch.full_like(lengths, self.num_clusters), self.num_clusters
 
-    def _forward_blocks(self, x: Tensor, valid: Tensor, centroids: Optional[Tensor]):
+    def _forward_blocks(self, x: Tensor, words: "_Words", centroids: Optional[Tensor]):
         B, N, d = x.shape
-        H, hd = self.num_heads, self.head_dim
-        lengths = valid.sum(1)  # L_b
+        lengths = words.lengths
         k_b, K = self._cluster_counts(lengths)
         if centroids is None:
             if self.centroids is None:
@@ -364,30 +531,31 @@ class ClusterAttention(nn.Module):
         else:
             centroids = centroids.expand(B, K, d)
 
-        assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, valid, centroids, k_b)
-        perm, rank = self._sort(assign, valid, K)
+        assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b)
+        perm, rank = self._sort(assign, K, words.pad is not None)
 
-        # Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b.
+        # Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b. Without
+        # padding every sequence has the same layout: the index tensors below are computed once
+        # (leading dimension 1) and broadcast.
         w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)  # ceil(L_b / k_b)
         W = int(w_b.max())
+        per_seq = (w_b if words.pad is not None else w_b[:1])[:, None, None]  # B (or 1) x 1 x 1
         blk = torch.arange(K, device=x.device)[None, :, None]
         slot = torch.arange(W, device=x.device)[None, None, :]
-        sorted_index = blk * w_b[:, None, None] + slot  # B x K x W: sorted rank held by each slot
-        slot_ok = (slot < w_b[:, None, None]) & (sorted_index < lengths[:, None, None])  # B x K x W
-        src = perm.gather(1, sorted_index.clamp(max=N - 1).view(B, K * W)).view(B, K, W)  # original positions
+        sorted_index = blk * per_seq + slot  # B|1 x K x W: sorted rank held by each slot
+        slot_ok = (slot < per_seq) & (sorted_index < (lengths if words.pad is not None else lengths[:1])[:, None, None])
+        src = perm.gather(1, sorted_index.clamp(max=N - 1).view(-1, K * W).expand(B, K * W)).view(B, K, W)
 
         paired = self.previous_block and K > 1
         key_ok = slot_ok
         if paired:
             # Keys of block i: block i-1 (none for block 0: blocks do not wrap around), then block i.
-            key_ok = torch.cat([F.pad(slot_ok, (0, 0, 1, -1)), slot_ok], dim=2)  # B x K x 2W
-        out = self._block_attention(x, src, key_ok[:, :, None, :], slot_ok, paired)  # (B K W) x d
-
-        # Un-sort: original position j reads slot (rank_j // w_b) * W + rank_j % w_b.
-        flat = torch.div(rank, w_b[:, None], rounding_mode="floor") * W + rank % w_b[:, None]  # B x N
-        flat = torch.where(valid, flat, torch.zeros_like(flat)) + torch.arange(B, device=x.device)[:, None] * (K * W)
-        out = out.index_select(0, flat.view(-1)).view(B, N, d).masked_fill_(~valid[:, :, None], 0.0)
-        out = self.out_proj(out)
+            key_ok = torch.cat([F.pad(slot_ok, (0, 0, 1, -1)), slot_ok], dim=2)  # B|1 x K x 2W
+        # Original position j sits in slot (rank_j // w_b) * W + rank_j % w_b = rank_j + (rank_j // w_b) (W - w_b).
+        flat = rank if words.pad is None else torch.addcmul(
+            rank, torch.div(rank, w_b[:, None], rounding_mode="floor"), W - w_b[:, None]
+        )  # B x N
+        out = self._block_attention(x, words, src, flat, key_ok[:, :, None, :], slot_ok, paired)
         return out, ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
 
     # ------------------------------------------------------------------------------------------
@@ -399,33 +567,48 @@ class ClusterAttention(nn.Module):
     def _assign_per_word(self, x: Tensor) -> Tensor:
         """argmax_i (c_i W_C) . x_t for each word, ... x d -> ... long.
 
-        Computed as an elementwise product and a sum over d, which gives every word the same
-        floating-point result whether it comes in a full sequence or alone in a decoding step (a
-        batched matmul may block the reduction differently by shape and flip a near-tie).
+        Defined as the argmax of an elementwise product summed over d, in the input dtype: every
+        word gets the same floating-point result whether it comes in a full sequence or alone in
+        a decoding step (a batched matmul may block the reduction differently by shape and flip
+        a near-tie). Materialising that product for all words costs N x K x d, so the argmax is
+        taken from a float64 matmul instead wherever its top two scores are further apart than
+        the rounding error of either computation can bridge (then both argmaxes agree), and the
+        elementwise product is computed only for the remaining near-ties: the same result as
+        computing it everywhere.
         """
         cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
-        return (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
+        exact = lambda rows: (rows.unsqueeze(-2) * cw).sum(-1).argmax(-1)  # noqa: E731
+        if cw.size(0) == 1:
+            return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+        d = x.size(-1)
+        flat = x.reshape(-1, d)
+        top = torch.matmul(flat.double(), cw.double().t()).topk(2, dim=-1)  # rows x 2
+        # Both sums of d products are within gamma_d * sum_i |x_i c_i| <= (d + 2) eps |x| |c| of the
+        # exact dot product (any summation order; the float64 one far closer).
+        bound = 2 * (d + 2) * torch.finfo(x.dtype).eps * flat.double().norm(dim=-1) * cw.double().norm(dim=-1).max()
+        assign = top.indices[:, 0]
+        near = (top.values[:, 0] - top.values[:, 1] <= bound).nonzero()[:, 0]
+        assign[near] = exact(flat[near])
+        return assign.view(x.shape[:-1])
 
-    def _forward_causal(self, x: Tensor, valid: Tensor):
+    def _forward_causal(self, x: Tensor, words: "_Words"):
         B, N, d = x.shape
-        H, hd, w, K = self.num_heads, self.head_dim, self.window, self.num_clusters
+        w, K = self.window, self.num_clusters
         k_b = torch.full((B,), K, dtype=torch.long, device=x.device)
         # The centroids are a parameter: assignments of word t depend on x_t alone. C' (which sees
         # all words) only feeds the losses, never the forward path, so causality holds.
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(
-            x, valid, self._decoder_centroids(B, x.dtype), k_b, assign=self._assign_per_word(x)
+            x, words, self._decoder_centroids(B, x.dtype), k_b, assign=self._assign_per_word(x)
         )
-        perm, rank = self._sort(assign, valid, K)
+        perm, rank = self._sort(assign, K, words.pad is not None)
 
         # Sorted order puts each cluster's words together, in position order. A word at sorted
         # index r sees sorted indices (r - w, r] of its own cluster: its w most recent cluster
         # mates. Blocks of w sorted words; block j's queries need only blocks j-1 and j.
         n_blocks = -(-N // w)
         P = n_blocks * w
-        pad = P - N
-        perm_p = F.pad(perm, (0, pad))
-        sorted_assign = assign.gather(1, perm).masked_fill(~valid.gather(1, perm), -1)
-        sorted_assign = F.pad(sorted_assign, (0, pad), value=-1)  # B x P (-1: padding)
+        perm_p = F.pad(perm, (0, P - N))
+        sorted_assign = F.pad(assign.gather(1, perm), (0, P - N), value=-1)  # B x P (-1: padding)
 
         s_cluster = sorted_assign.view(B, n_blocks, w)
         key_cluster = torch.cat([F.pad(s_cluster, (0, 0, 1, -1), value=-1), s_cluster], dim=2)  # B x nb x 2w
@@ -434,11 +617,7 @@ class ClusterAttention(nn.Module):
         ki = torch.arange(2 * w, device=x.device)[None, :] - w  # key offset, same frame
         band = (ki <= qi) & (ki > qi - w)  # w x 2w: sorted distance in [0, w)
         same = key_cluster[:, :, None, :] == s_cluster[:, :, :, None]  # B x nb x w x 2w
-        out = self._block_attention(x, perm_p.view(B, n_blocks, w), band & same, s_cluster >= 0, paired=True)
-        # Un-sort: position j reads sorted slot rank[j]; padding positions are zeroed.
-        flat = rank + torch.arange(B, device=x.device)[:, None] * P
-        out = out.index_select(0, flat.view(-1)).view(B, N, d).masked_fill_(~valid[:, :, None], 0.0)
-        out = self.out_proj(out)
+        out = self._block_attention(x, words, perm_p.view(B, n_blocks, w), rank, band & same, s_cluster >= 0, True)
         return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Tensor]:

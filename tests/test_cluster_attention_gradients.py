@@ -1,0 +1,101 @@
+"""Gradients of ClusterAttention with respect to its inputs *and every parameter*.
+
+The module computes its backward pass by hand in three places (_Clustering, _GatherProject,
+_ScatterProject in cluster_attention.py), so gradcheck covers each of them, in both
+similarities, with padding (including a fully padded sequence and empty blocks), with and
+without the previous block, with k = "auto" and carried centroids, and in the causal variant.
+"""
+import pytest
+import torch
+from torch.func import functional_call
+
+from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+
+CASES = {
+    "cosine": dict(k=3),
+    "dot": dict(k=3, similarity="dot"),
+    "no-previous-block": dict(k=3, previous_block=False),
+    "auto": dict(k="auto", max_clusters=4),
+    "one-cluster": dict(k=1),
+    "causal": dict(k=2, causal=True, window=2),
+    "causal-dot": dict(k=3, causal=True, window=3, similarity="dot"),
+}
+
+
+def _padding(B, N):
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, :2] = True  # left padding
+    kpm[2, N - 3 :] = True  # right padding
+    kpm[3, :] = True  # a sequence that is all padding
+    return kpm
+
+
+@pytest.mark.parametrize("pad", [True, False], ids=["padding", "no-padding"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_gradcheck_inputs_and_parameters(case, pad):
+    kw = dict(CASES[case])
+    k = kw.pop("k")
+    torch.manual_seed(0)
+    m = ClusterAttention(8, 2, k, **kw).double().eval()
+    B, N = 4, 7
+    x = torch.randn(B, N, 8, dtype=torch.float64, requires_grad=True)
+    kpm = _padding(B, N) if pad else None
+    names = [n for n, _ in m.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in m.named_parameters())
+    keep = (~kpm)[:, :, None].double() if pad else 1.0
+
+    def f(x, *ps):
+        out, info = functional_call(m, dict(zip(names, ps)), (x, kpm))
+        outs = (out * keep, info.clustering_loss, info.sorting_loss)
+        return outs if info.centroids is None else outs + (info.centroids,)
+
+    # fast_mode checks random projections of the Jacobian: the same failures, far fewer passes.
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
+
+
+def test_gradcheck_carried_centroids_with_padding():
+    torch.manual_seed(1)
+    m = ClusterAttention(8, 2, 3, learned_centroids=False).double()
+    x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 3, 8, dtype=torch.float64, requires_grad=True)
+    kpm = _padding(4, 6)
+
+    def f(x, c):
+        out, info = m(x, kpm, centroids=c)
+        return out * (~kpm)[:, :, None], info.clustering_loss, info.sorting_loss, info.centroids
+
+    assert torch.autograd.gradcheck(f, (x, c), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
+
+
+def test_all_padding_mask_equals_no_mask():
+    """An all-False key_padding_mask takes the no-padding path: same outputs and gradients."""
+    torch.manual_seed(2)
+    m = ClusterAttention(16, 2, 3)
+    x = torch.randn(3, 10, 16)
+    results = []
+    for kpm in (None, torch.zeros(3, 10, dtype=torch.bool)):
+        xx = x.clone().requires_grad_(True)
+        m.zero_grad()
+        out, info = m(xx, kpm)
+        (out.pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
+        results.append([out.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_causal_assignment_matches_elementwise_definition_on_ties(dtype):
+    """The decoder's word->cluster assignment takes a float64 matmul shortcut away from near-ties;
+    it must equal the elementwise definition everywhere, exact ties and zero words included."""
+    torch.manual_seed(3)
+    m = ClusterAttention(64, 4, 5, causal=True, window=4).to(dtype)
+    with torch.no_grad():
+        m.centroids[1] = m.centroids[0]  # exact ties
+        m.centroids[3] = m.centroids[2] * (1 + 1e-7)  # near-ties
+    x = torch.randn(4, 200, 64).to(dtype)
+    x[0, :5] = 0
+    cw = m.centroid_proj(m.centroids.to(dtype)).detach()
+    definition = (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
+    assert torch.equal(m._assign_per_word(x), definition)
+    one_at_a_time = torch.stack([m._assign_per_word(x[:, t]) for t in range(x.size(1))], 1)
+    assert torch.equal(one_at_a_time, definition)
