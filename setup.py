@@ -27,7 +27,8 @@ install_requires = [
 ]
 
 extras_require = {
-    "test": ["pytest>=7"],
+    # The suite runs smoke tests of the benchmark and experiment scripts, which plot.
+    "test": ["pytest>=7", "matplotlib", "psutil"],
     "bench": ["matplotlib", "psutil"],
 }
 extras_require["all"] = sorted({dep for deps in extras_require.values() for dep in deps})
