@@ -18,7 +18,7 @@ MODEL_ARGS=(${DEMO_MODEL_ARGS:---encoder-layers 3 --decoder-layers 2
     --encoder-attention-heads 4 --decoder-attention-heads 4
     --encoder-normalize-before --decoder-normalize-before})
 EXTRA_TRAIN_ARGS=(${DEMO_TRAIN_ARGS:-})        # appended to fairseq-train, e.g. "--num-clusters 4"
-MAX_UPDATE="${DEMO_MAX_UPDATE:-500}"
+MAX_UPDATE="${DEMO_MAX_UPDATE:-400}"
 MAX_MINUTES="${DEMO_MAX_MINUTES:-9}"            # safety net: training stops after this long anyway
 LR="${DEMO_LR:-0.003}"
 WARMUP="${DEMO_WARMUP:-250}"
