@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Choose the number of clusters k on a short training budget.
+
+    python scripts/choose_k.py --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
+        [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05] [--out work/choose_k] \\
+        [-- extra fairseq-train arguments, e.g. --max-tokens 4096 --lr 5e-4]
+
+Trains one ClusterFormer per k (``--num-clusters k``; the decoder uses k too unless the extra
+arguments give --causal-num-clusters) with fairseq-train, one after the other, all with the same
+seed(s), data, model and optimiser settings. The defaults are the small model and the settings of
+scripts/experiments (3+3 layers, d 128, FFN 512, 4 heads, Adam, inverse_sqrt, 2048 tokens per
+batch); ``--model-args ''`` uses the architecture's own sizes, and arguments after ``--`` override
+anything. For each k it records the best validation nll and loss, the training wall time,
+fairseq's training throughput (target tokens/s) and the peak memory of the training process;
+writes OUT/choose_k.json and OUT/choose_k.csv, plots quality and cost against k (OUT/choose_k.png)
+and prints a recommendation.
+
+The rule: among the k whose best validation nll (mean over seeds) is within --tolerance
+(bits/token) of the best k's, recommend the largest. A larger k makes the attention cheaper on
+long inputs (each encoder word attends to 2*ceil(L/k) keys of its block and the previous one), so
+this is the cheapest setting that loses no more than the tolerance. Set the tolerance to at least
+the seed-to-seed spread of the nll at this budget (run --seeds 1,2 to see it): differences
+smaller than that are noise. On short sentences (MT), the measured speed barely depends on k; the
+choice matters for long inputs.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+import expkit  # noqa: E402
+from expkit import REPO, say  # noqa: E402
+
+
+def recommend(rows, tolerance):
+    """rows: [{"k", "valid_nll", ...}] (one per k, nll averaged over seeds). Returns (k, sentence)."""
+    scored = [r for r in rows if r.get("valid_nll") is not None]
+    if not scored:
+        raise ValueError("no k has a validation nll")
+    best = min(scored, key=lambda r: (r["valid_nll"], r["k"]))
+    within = [r for r in scored if r["valid_nll"] <= best["valid_nll"] + tolerance]
+    choice = max(within, key=lambda r: r["k"])
+    others = ", ".join(f"k={r['k']}: {r['valid_nll']:.3f}" for r in sorted(scored, key=lambda r: r["k"]))
+    if choice["k"] == best["k"]:
+        larger = [r for r in scored if r["k"] > best["k"]]
+        why = (f"k={best['k']} has the best validation nll ({best['valid_nll']:.3f} bits/token) and "
+               + (f"no larger k is within the tolerance of {tolerance:g} bits"
+                  if larger else "it is the largest k tried"))
+    else:
+        why = (f"k={choice['k']} is the largest k whose validation nll ({choice['valid_nll']:.3f}) is within "
+               f"{tolerance:g} bits/token of the best (k={best['k']}: {best['valid_nll']:.3f}); larger k means "
+               f"smaller blocks, i.e. the cheapest attention for long inputs at no more than that loss")
+    speed = [r for r in scored if r.get("tokens_per_s")]
+    if speed:
+        fastest = max(speed, key=lambda r: r["tokens_per_s"])
+        slowest = min(speed, key=lambda r: r["tokens_per_s"])
+        why += (f". Measured training speed here ranges {slowest['tokens_per_s']:.0f} (k={slowest['k']}) to "
+                f"{fastest['tokens_per_s']:.0f} (k={fastest['k']}) target tokens/s")
+    return choice["k"], f"Recommended k = {choice['k']}: {why}. (All: {others}.)"
+
+
+def aggregate(runs):
+    """Per k: mean over seeds of nll, loss, wall time, tokens/s; max peak RSS."""
+    by_k = {}
+    for r in runs:
+        by_k.setdefault(r["k"], []).append(r)
+
+    def mean(rs, key):
+        vals = [x[key] for x in rs if x.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    rows = []
+    for k in sorted(by_k):
+        rs = by_k[k]
+        rows.append({
+            "k": k, "seeds": ",".join(str(x["seed"]) for x in rs),
+            "valid_nll": mean(rs, "valid_nll"), "valid_nll_min": min(x["valid_nll"] for x in rs),
+            "valid_nll_max": max(x["valid_nll"] for x in rs), "valid_loss": mean(rs, "valid_loss"),
+            "wall_s": mean(rs, "wall_s"), "train_wall_s": mean(rs, "train_wall_s"),
+            "tokens_per_s": mean(rs, "tokens_per_s"), "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+        })
+    return rows
+
+
+def plot(rows, path, title):
+    import logging
+
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq may have set the root to DEBUG
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["k"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.2), dpi=80)
+    nll = [r["valid_nll"] for r in rows]
+    err = [[r["valid_nll"] - r["valid_nll_min"] for r in rows], [r["valid_nll_max"] - r["valid_nll"] for r in rows]]
+    ax1.errorbar(ks, nll, yerr=err, marker="o", capsize=3)
+    ax1.set_xlabel("k (clusters)")
+    ax1.set_ylabel("best valid nll (bits/token)")
+    ax1.set_title("quality (lower is better)", fontsize=9)
+    ax1.set_xticks(ks)
+    ax1.grid(alpha=0.3)
+    ax2.plot(ks, [r["tokens_per_s"] or 0 for r in rows], marker="o", color="C1", label="train tokens/s")
+    ax2.set_xlabel("k (clusters)")
+    ax2.set_ylabel("target tokens/s", color="C1")
+    ax2.set_xticks(ks)
+    ax2.grid(alpha=0.3)
+    ax3 = ax2.twinx()
+    ax3.plot(ks, [r["wall_s"] / 60 for r in rows], marker="s", color="C2", label="wall minutes")
+    ax3.set_ylabel("training wall time (min)", color="C2")
+    ax2.set_title("cost", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--data", required=True, help="binarised data (fairseq-preprocess output)")
+    p.add_argument("--ks", default="1,2,3,4,6,8", help="comma-separated k values (default: %(default)s)")
+    p.add_argument("--max-update", type=int, required=True, help="updates per k")
+    p.add_argument("--arch", default="clusterformer_iwslt")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds; the nll is averaged over them")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="bits/token of validation nll a larger k may lose (default: %(default)s)")
+    p.add_argument("--model-args", default=None,
+                   help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)}; '' for the arch's)")
+    p.add_argument("--out", type=Path, default=REPO / "work" / "choose_k", help="output folder")
+    p.add_argument("--user-dir", default=expkit.USER_DIR)
+    p.add_argument("--keep-checkpoints", action="store_true", help="save checkpoints (default: --no-save)")
+    p.add_argument("--force", action="store_true", help="train again the (k, seed) pairs already in OUT")
+    a = p.parse_args(argv)
+    try:
+        ks = [int(k) for k in a.ks.split(",") if k]
+    except ValueError:
+        p.error("--ks takes integers (for 'auto', compare it separately with --num-clusters auto)")
+    if not ks or min(ks) < 1:
+        p.error("--ks needs positive integers")
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    model_args = expkit.SMALL_MODEL if a.model_args is None else a.model_args.split()
+    a.out.mkdir(parents=True, exist_ok=True)
+    store = a.out / "choose_k.json"
+    previous = json.loads(store.read_text())["runs"] if store.exists() and not a.force else []
+    runs = [r for r in previous if r["k"] in ks and r["seed"] in seeds and r.get("data") == str(a.data)
+            and r.get("max_update") == a.max_update and r.get("extra") == extra]
+    have = {(r["k"], r["seed"]) for r in runs}
+    for seed in seeds:
+        for k in ks:
+            if (k, seed) in have:
+                say(f"k={k} seed {seed}: already in {store}, skipping (--force trains again)")
+                continue
+            run_dir = a.out / f"k{k}.s{seed}"
+            log = run_dir / "train.log"
+            if log.exists():
+                log.unlink()
+            cmd = expkit.train_command(a.data, run_dir / "checkpoints", a.arch, a.max_update, seed,
+                                       model_args=model_args, extra=["--num-clusters", str(k), *extra],
+                                       save=a.keep_checkpoints, user_dir=a.user_dir)
+            say(f"k={k} seed {seed}: training {a.max_update} updates")
+            measured = expkit.run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
+            parsed = expkit.parse_train_log(log.read_text())
+            if measured["rc"] != 0 or not parsed["done"]:
+                sys.exit(f"fairseq-train failed for k={k} (exit {measured['rc']}); see {log}")
+            best = expkit.best_valid(parsed) or {}
+            run = {"k": k, "seed": seed, "data": str(a.data), "max_update": a.max_update, "extra": extra,
+                   "valid_nll": best.get("nll_loss"), "valid_loss": best.get("loss"),
+                   "valid_updates": best.get("num_updates"), "wall_s": measured["wall_s"],
+                   "train_wall_s": parsed["train_wall_s"], "tokens_per_s": parsed["tokens_per_s"],
+                   "peak_rss_mb": measured["peak_rss_mb"], "command": expkit.shell_join(cmd)}
+            say(f"k={k} seed {seed}: valid nll {run['valid_nll']} | {run['wall_s']:.0f} s | "
+                f"{run['tokens_per_s']} tokens/s | peak RSS {run['peak_rss_mb']:.0f} MB")
+            runs.append(run)
+            store.write_text(json.dumps({"runs": runs}, indent=2) + "\n")  # keep partial progress
+    rows = aggregate(runs)
+    k, sentence = recommend(rows, a.tolerance)
+    result = {"runs": runs, "per_k": rows, "tolerance": a.tolerance, "recommended_k": k,
+              "recommendation": sentence, "arch": a.arch, "max_update": a.max_update, "seeds": seeds,
+              "machine": expkit.machine_info()}
+    store.write_text(json.dumps(result, indent=2) + "\n")
+    with open(a.out / "choose_k.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, a.out / "choose_k.png", f"{a.arch}, {a.max_update} updates, seeds {a.seeds}: {Path(a.data).name}")
+    print()
+    print(f"{'k':>3} {'valid nll':>10} {'loss':>8} {'wall s':>8} {'tok/s':>8} {'RSS MB':>8}")
+    for r in rows:
+        print(f"{r['k']:>3} {r['valid_nll']:>10.3f} {r['valid_loss'] or float('nan'):>8.3f} {r['wall_s']:>8.0f} "
+              f"{(r['tokens_per_s'] or 0):>8.0f} {r['peak_rss_mb']:>8.0f}")
+    print(f"\nwrote {store}, {a.out / 'choose_k.csv'}, {a.out / 'choose_k.png'}")
+    print(sentence)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

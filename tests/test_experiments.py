@@ -1,0 +1,186 @@
+"""Smoke tests of the experiment scripts: scripts/show_clusters.py, scripts/choose_k.py and
+scripts/experiments/run_side_by_side.py, on the toy corpus with tiny models and a few updates.
+The real runs (minutes to hours) and their results are in docs/results.md."""
+import json
+import subprocess
+import sys
+
+from fairseq_helpers import REPO, run
+
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts" / "experiments"))
+
+import choose_k  # noqa: E402
+import expkit  # noqa: E402
+import run_side_by_side  # noqa: E402
+
+PY = sys.executable
+TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+              "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 "
+              "--decoder-attention-heads 2 --share-all-embeddings")
+
+
+def test_show_clusters_text_and_png(smoke_checkpoint_dir, toy_bin, tmp_path, capsys):
+    import show_clusters
+
+    out = tmp_path / "clusters.png"
+    assert show_clusters.main(["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin),
+                               "--sentence", "s1 s2 s3 s4 s5 s6 s7", "--target", "t1 t2 t3 t4 t5 t6 t7",
+                               "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for side in ("encoder", "decoder"):
+        for layer in (1, 2):
+            assert f"{side} layer {layer}:" in text
+
+    def listed(block):
+        return sorted(w for line in block.splitlines() if line.strip().startswith("cluster")
+                      for w in line.split(":", 1)[1].split())
+
+    # every token is listed once per layer, under exactly one cluster
+    enc1 = text.split("encoder layer 1:")[1].split("encoder layer 2:")[0]
+    assert listed(enc1) == sorted("s1 s2 s3 s4 s5 s6 s7 </s>".split())
+    dec1 = text.split("decoder layer 1:")[1].split("decoder layer 2:")[0]
+    assert listed(dec1) == sorted("</s> t1 t2 t3 t4 t5 t6 t7".split())  # the decoder's input
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size < 200_000
+
+
+def test_show_clusters_unknown_tokens_stdin_and_stats(smoke_checkpoint_dir, toy_bin, monkeypatch, capsys):
+    import io
+
+    import show_clusters
+
+    model, task = show_clusters.load(smoke_checkpoint_dir / "checkpoint_last.pt", toy_bin)
+    assignments, warnings = show_clusters.cluster_assignments(model, task, "s1 s2 zzz")
+    words, layers = assignments["encoder"]
+    assert words == ["s1", "s2", "zzz", "</s>"] and len(layers) == 2
+    assert all(len(ids) == 4 and all(0 <= c < 3 for c in ids) for ids in layers)
+    assert "decoder" not in assignments
+    assert any("zzz" in w for w in warnings)  # unknown tokens are reported
+    stats = show_clusters.cluster_stats(model, task, ["s1 s2 s3", "s4 s5", ""], ["t1 t2 t3", "t4 t5", ""])
+    assert list(stats) == [("encoder", 1), ("encoder", 2), ("decoder", 1), ("decoder", 2)]
+    for st in stats.values():
+        assert st["n"] == 2 and 1 <= st["clusters_used"] <= 3 and 0 < st["largest_share"] <= 1
+    # the sentence (and target, on a second line) from stdin
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3 s4\nt3 t4\n"))
+    assert show_clusters.main(["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin),
+                               "--out", ""]) == 0
+    text = capsys.readouterr().out
+    assert "encoder layer 2:" in text and "decoder layer 2:" in text and "t4" in text
+
+
+def test_choose_k_rule():
+    rows = [{"k": 1, "valid_nll": 3.00}, {"k": 2, "valid_nll": 3.02}, {"k": 4, "valid_nll": 3.04},
+            {"k": 8, "valid_nll": 3.30}]
+    k, why = choose_k.recommend(rows, tolerance=0.05)
+    assert k == 4 and "largest k" in why and "k=1" in why
+    k, why = choose_k.recommend(rows, tolerance=0.01)
+    assert k == 1 and "best validation nll" in why
+    k, _ = choose_k.recommend([{"k": 3, "valid_nll": 2.0}, {"k": 6, "valid_nll": 1.9}], tolerance=0.0)
+    assert k == 6
+
+
+def test_parse_train_log():
+    log = "\n".join([
+        "2026-01-01 00:00:01 | INFO | train_inner | epoch 001:     10 / 20 loss=5.1, nll_loss=5.0",
+        "2026-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 4.9 | nll_loss 4.5 "
+        "| ppl 22.6 | num_updates 20",
+        "2026-01-01 00:00:02 | INFO | train | epoch 001 | loss 5.0 | nll_loss 4.8 | wpb 100 | num_updates 20 "
+        "| train_wall 4 | wall 5",
+        "2026-01-01 00:00:04 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 4.7 | nll_loss 4.6 "
+        "| num_updates 30",
+        "2026-01-01 00:00:04 | INFO | train | epoch 002 | loss 4.8 | wpb 50 | num_updates 30 | train_wall 6",
+        "2026-01-01 00:00:04 | INFO | fairseq_cli.train | done training in 5.0 seconds",
+    ])
+    parsed = expkit.parse_train_log(log)
+    assert parsed["done"] and parsed["updates"] == 30
+    assert [v["nll_loss"] for v in parsed["valid"]] == [4.5, 4.6]
+    assert expkit.best_valid(parsed)["num_updates"] == 20
+    assert parsed["train_tokens"] == 100 * 20 + 50 * 10 and parsed["tokens_per_s"] == 250.0
+    assert parsed["train_wall_s"] == 10  # fairseq's per-epoch train_wall, summed
+
+
+def test_repetition_rate():
+    hyps = ["a b c a b c a b c", "a group of a group of a group of men", "a dog runs .", ""]
+    assert expkit.repetition_rate(hyps) == 50.0
+
+
+def test_choose_k_smoke(toy_bin, tmp_path, capsys):
+    out = tmp_path / "ck"
+    proc = run([PY, "scripts/choose_k.py", "--data", toy_bin, "--ks", "1,2", "--max-update", "3",
+                "--model-args", TINY_MODEL, "--out", out, "--", "--max-tokens", "500", "--causal-window", "8"],
+               timeout=300)
+    assert "Recommended k = " in proc.stdout
+    result = json.loads((out / "choose_k.json").read_text())
+    assert [r["k"] for r in result["per_k"]] == [1, 2]
+    assert result["recommended_k"] in (1, 2)
+    assert all(r["valid_nll"] > 0 and r["peak_rss_mb"] > 0 for r in result["per_k"])
+    assert (out / "choose_k.csv").read_text().startswith("k,")
+    assert (out / "choose_k.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call reuses the recorded runs instead of training again
+    assert choose_k.main(["--data", str(toy_bin), "--ks", "1,2", "--max-update", "3", "--model-args", TINY_MODEL,
+                          "--out", str(out), "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert capsys.readouterr().out.count("already in") == 2
+
+
+def test_side_by_side_plan_ablations():
+    plan = run_side_by_side.plan_runs(["clusterformer", "transformer"], ["base", "no-sorting-loss"], [1, 4],
+                                      [1, 2])
+    names = [(m, v, s) for m, v, _, _, s in plan]
+    assert names[:5] == [("clusterformer", "base", 1), ("clusterformer", "no-sorting-loss", 1),
+                         ("clusterformer", "k=1", 1), ("clusterformer", "k=4", 1), ("transformer", "base", 1)]
+    assert len(plan) == 10  # the ablations run for clusterformer only
+    args = {v: a for _, v, a, _, _ in plan}
+    assert args["no-sorting-loss"] == ["--sorting-loss-weight", "0"] and args["k=4"] == ["--num-clusters", "4"]
+    labelled = run_side_by_side.plan_runs(["clusterformer"], ["base", "no-clustering-loss"], [2], [1],
+                                          label="w8", extra=["--causal-window", "8"])
+    assert [(v, a) for _, v, a, _, _ in labelled] == [
+        ("w8", ["--causal-window", "8"]),
+        ("no-clustering-loss+w8", ["--clustering-loss-weight", "0", "--causal-window", "8"]),
+        ("k=2+w8", ["--num-clusters", "2", "--causal-window", "8"])]
+
+
+def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
+    ds = tmp_path / "toyds"
+    ds.mkdir()
+    (ds / "dataset.json").write_text(json.dumps({
+        "name": "toy", "src": "src", "tgt": "tgt", "data_bin": str(toy_bin), "remove_bpe": "subword_nmt",
+        "detok_lang": "en", "tests": [{"subset": "test", "label": "test", "ref": str(toy_bin.parent / "raw" / "test.tgt")}],
+    }))
+    work = tmp_path / "work"
+    proc = run([PY, "scripts/experiments/run_side_by_side.py", "run", "--dataset", ds, "--work", work,
+                "--code", "worktree", "--max-update", "3", "--max-tokens", "500", "--beam", "1",
+                "--model-args", TINY_MODEL], timeout=300)
+    assert proc.stdout.count("sacrebleu") >= 2
+    records = expkit.read_jsonl(work / "results.jsonl")
+    assert [(r["model"], r["variant"]) for r in records] == [("clusterformer", "base"), ("transformer", "base")]
+    for r in records:
+        assert r["updates"] == 3 and r["peak_rss_mb"] > 0 and r["train_wall_clock_s"] > 0
+        assert r["curve"] and r["best_valid_nll"] is not None
+        (t,) = r["tests"]
+        assert t["n"] == 20 and t["sacrebleu"] >= 0 and t["bleu_tok"] is not None and t["repeat_pct"] >= 0
+        assert "fairseq-generate" in t["command"] and "--required-batch-size-multiple 1" in t["command"]
+    assert (work / "results.csv").read_text().startswith("run_id,")
+    # recorded runs are skipped
+    run_side_by_side.main(["run", "--dataset", str(ds), "--work", str(work), "--code", "worktree", "--max-update",
+                           "3", "--models", "transformer", "--max-tokens", "500", "--beam", "1", "--model-args",
+                           TINY_MODEL])
+    assert "already in" in capsys.readouterr().out and len(expkit.read_jsonl(work / "results.jsonl")) == 2
+    md = tmp_path / "results.md"
+    md.write_text("# hand-written intro\n\n" + run_side_by_side.BEGIN + "\nold\n" + run_side_by_side.END
+                  + "\n\nhand-written conclusion\n")
+    run_side_by_side.main(["report", "--results", str(work / "results.jsonl"), "--md", str(md),
+                           "--img-dir", str(tmp_path / "img")])
+    text = md.read_text()
+    assert text.startswith("# hand-written intro") and text.rstrip().endswith("hand-written conclusion")
+    assert "old" not in text.split(run_side_by_side.BEGIN)[1].split(run_side_by_side.END)[0].split()
+    assert "| clusterformer | base | 3 | 1 |" in text and "| transformer | base | 3 | 1 |" in text
+    assert "ClusterFormer minus Transformer (3 updates, seeds 1" in text
+    assert "fairseq-train" in text and (tmp_path / "img" / "curves_toy.png").exists()
+
+
+def test_scripts_help():
+    for script in ("scripts/show_clusters.py", "scripts/choose_k.py", "scripts/experiments/run_side_by_side.py",
+                   "scripts/experiments/prepare_data.py"):
+        proc = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (script, proc.stderr[-2000:])
