@@ -184,3 +184,33 @@ def test_scripts_help():
                    "scripts/experiments/prepare_data.py"):
         proc = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (script, proc.stderr[-2000:])
+
+
+def test_k1_cluster_attention_is_fairseq_multihead_attention():
+    """The k = 1 ablation reads as "full attention": with one cluster (and a window longer than the
+    sentence), ClusterAttention computes what fairseq's MultiheadAttention computes with the same
+    weights, for the encoder (left padding, as fairseq pads sources) and the causal decoder."""
+    import torch
+    from fairseq.modules import MultiheadAttention
+
+    from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+
+    torch.manual_seed(0)
+    d, heads, batch, n = 32, 4, 3, 11
+    for causal in (False, True):
+        mha = MultiheadAttention(d, heads, self_attention=True).eval()
+        ca = ClusterAttention(d, heads, 1, causal=causal, window=16).eval()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            getattr(ca, name).weight.data.copy_(getattr(mha, name).weight.data)
+            getattr(ca, name).bias.data.copy_(getattr(mha, name).bias.data)
+        x = torch.randn(batch, n, d)
+        pad, mask = torch.zeros(batch, n, dtype=torch.bool), None
+        if causal:
+            pad, mask = None, torch.triu(torch.full((n, n), float("-inf")), 1)
+        else:
+            pad[1, :4] = True
+        xt = x.transpose(0, 1)
+        ref = mha(xt, xt, xt, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0].transpose(0, 1)
+        out, _ = ca(x, pad)
+        real = ~pad if pad is not None else torch.ones(batch, n, dtype=torch.bool)
+        assert torch.allclose(out[real], ref[real], atol=1e-5), (causal, (out - ref)[real].abs().max())
