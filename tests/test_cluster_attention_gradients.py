@@ -19,6 +19,7 @@ CASES = {
     "one-cluster": dict(k=1),
     "causal": dict(k=2, causal=True, window=2),
     "causal-dot": dict(k=3, causal=True, window=3, similarity="dot"),
+    "causal-one-block": dict(k=2, causal=True, window=8),
 }
 
 

@@ -604,28 +604,49 @@ class ClusterAttention(nn.Module):
 
         # Sorted order puts each cluster's words together, in position order. A word at sorted
         # index r sees sorted indices (r - w, r] of its own cluster: its w most recent cluster
-        # mates. Blocks of w sorted words; block j's queries need only blocks j-1 and j.
-        n_blocks = -(-N // w)
-        P = n_blocks * w
+        # mates. Blocks of w sorted words; block j's queries need only blocks j-1 and j. A
+        # sequence no longer than w is one block of N words that needs no previous block.
+        b = min(w, N)  # block size
+        paired = N > w
+        n_blocks = -(-N // b)
+        P = n_blocks * b
         perm_p = F.pad(perm, (0, P - N))
         sorted_assign = F.pad(assign.gather(1, perm), (0, P - N), value=-1)  # B x P (-1: padding)
 
-        s_cluster = sorted_assign.view(B, n_blocks, w)
-        key_cluster = torch.cat([F.pad(s_cluster, (0, 0, 1, -1), value=-1), s_cluster], dim=2)  # B x nb x 2w
+        s_cluster = sorted_assign.view(B, n_blocks, b)
+        prev_cluster = F.pad(s_cluster, (0, 0, 1, -1), value=-1)  # block j-1 (none before block 0)
+        key_cluster = torch.cat([prev_cluster, s_cluster], dim=2) if paired else s_cluster  # B x nb x n_keys
 
-        qi = torch.arange(w, device=x.device)[:, None]  # query slot within block
-        ki = torch.arange(2 * w, device=x.device)[None, :] - w  # key offset, same frame
-        band = (ki <= qi) & (ki > qi - w)  # w x 2w: sorted distance in [0, w)
-        same = key_cluster[:, :, None, :] == s_cluster[:, :, :, None]  # B x nb x w x 2w
-        out = self._block_attention(x, words, perm_p.view(B, n_blocks, w), rank, band & same, s_cluster >= 0, True)
+        qi = torch.arange(b, device=x.device)[:, None]  # query slot within block
+        ki = torch.arange(key_cluster.size(2), device=x.device)[None, :] - (b if paired else 0)  # same frame
+        band = (ki <= qi) & (ki > qi - w)  # b x n_keys: sorted distance in [0, w)
+        same = key_cluster[:, :, None, :] == s_cluster[:, :, :, None]  # B x nb x b x n_keys
+        out = self._block_attention(x, words, perm_p.view(B, n_blocks, b), rank, band & same, s_cluster >= 0, paired)
         return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> Dict[str, Tensor]:
-        """An empty per-cluster cache for incremental decoding (batch on dim 0)."""
+    def init_state(self, batch_size: int, device=None, dtype=None, mode: str = "ring") -> Dict[str, Tensor]:
+        """An empty cache for incremental decoding (batch on dim 0).
+
+        ``mode="ring"``: per sequence and cluster, a ring buffer of the last ``window`` keys and
+        values (K x window slots from the first step on): O(window * d) per step whatever the
+        length. ``mode="auto"``: first the keys, values and clusters of the whole prefix, as a
+        standard decoder keeps them (O(t * d) per step), switched to the ring buffers once the
+        prefix reaches K x window positions. Both give the same outputs; "auto" keeps far less
+        while the output is short, which matters in beam search, where the whole cache is
+        reordered at every step (fairseq's adapter uses it).
+        """
         K, w, H, hd = self.num_clusters, self.window, self.num_heads, self.head_dim
         p = self.q_proj.weight
         device = device or p.device
         dtype = dtype or p.dtype
+        if mode == "auto":
+            return {
+                "prefix_key": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
+                "prefix_value": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
+                "prefix_cluster": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            }
+        if mode != "ring":
+            raise ValueError(f"mode must be 'ring' or 'auto', got {mode!r}")
         return {
             "cluster_key": torch.zeros(batch_size, K, w, H, hd, device=device, dtype=dtype),
             "cluster_value": torch.zeros(batch_size, K, w, H, hd, device=device, dtype=dtype),
@@ -637,11 +658,12 @@ class ClusterAttention(nn.Module):
     ) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Decode one position (causal variant): x is B x 1 x d (or B x d).
 
-        The state holds, per sequence and cluster, a ring buffer of the last ``window`` keys and
-        values and the number of words seen; the cost is O(window * d) whatever the prefix length.
-        A padding step (``key_padding_mask`` True) leaves the state unchanged and outputs zero
-        before ``out_proj``. Returns (B x 1 x d output, new state); the state tensors are updated
-        in place.
+        The state (``init_state``; None starts a ring-buffer one) holds per sequence and cluster
+        the last ``window`` keys and values and the number of words seen, or (``mode="auto"``)
+        the whole prefix until it reaches K x window positions. A padding step
+        (``key_padding_mask`` True) changes nothing that later steps see and outputs zero
+        before ``out_proj``. Returns (B x 1 x d output, new state); ring buffers are updated in
+        place.
         """
         if not self.causal:
             raise RuntimeError("step() is for the causal variant; the encoder variant sees the whole sequence")
@@ -660,30 +682,66 @@ class ClusterAttention(nn.Module):
 
         x0 = x[:, 0]  # B x d
         cluster = self._assign_per_word(x0)  # B
-        q, k, v = (proj(x0).view(B, H, hd) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        qkv = F.linear(
+            x0,
+            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+            None if biases[0] is None else torch.cat(biases),
+        ).view(B, 3, H, hd)
+        q, k, v = qkv.unbind(1)
 
-        keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
-        batch = torch.arange(B, device=x.device)
-        seen = count[batch, cluster]  # B: words of this cluster so far
-        slot = seen % w
-        # Write this word's key/value into its cluster's ring buffer (padding steps write nothing).
-        old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
-        keys[batch, cluster, slot] = torch.where(real[:, None, None], k, old_k)
-        values[batch, cluster, slot] = torch.where(real[:, None, None], v, old_v)
-        count[batch, cluster] = seen + real.long()
+        if "prefix_key" in state:
+            # Whole prefix: attend to the last w words of this word's cluster, itself included.
+            keys = torch.cat([state["prefix_key"], k[:, None]], 1)  # B x t+1 x H x hd
+            values = torch.cat([state["prefix_value"], v[:, None]], 1)
+            clusters = torch.cat([state["prefix_cluster"], cluster.masked_fill(~real, -1)[:, None]], 1)  # -1: padding
+            same = clusters == cluster[:, None]  # B x t+1
+            recent = same.flip(1).cumsum(1).flip(1) <= w  # at most w same-cluster words from here on
+            visible = (same & recent) | ~real[:, None]  # a padding step's (discarded) row stays finite
+            state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
+            if keys.size(1) >= self.num_clusters * w:
+                state = self._prefix_to_ring(keys, values, clusters)
+        else:
+            keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
+            batch = torch.arange(B, device=x.device)
+            seen = count[batch, cluster]  # B: words of this cluster so far
+            slot = seen % w
+            # Write this word's key/value into its cluster's ring buffer (padding steps write nothing).
+            old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
+            keys[batch, cluster, slot] = torch.where(real[:, None, None], k, old_k)
+            values[batch, cluster, slot] = torch.where(real[:, None, None], v, old_v)
+            count[batch, cluster] = seen + real.long()
 
-        ck, cv = keys[batch, cluster], values[batch, cluster]  # B x w x H x hd
-        filled = torch.arange(w, device=x.device)[None, :] < count[batch, cluster].clamp(max=w)[:, None]  # B x w
-        filled = filled | ~real[:, None]  # a padding step's (discarded) row stays finite
+            keys, values = keys[batch, cluster], values[batch, cluster]  # B x w x H x hd
+            visible = torch.arange(w, device=x.device)[None, :] < count[batch, cluster].clamp(max=w)[:, None]  # B x w
+            visible = visible | ~real[:, None]  # a padding step's (discarded) row stays finite
         out = F.scaled_dot_product_attention(
             q[:, :, None, :],  # B x H x 1 x hd
-            ck.transpose(1, 2),
-            cv.transpose(1, 2),
-            attn_mask=filled[:, None, None, :],
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=visible[:, None, None, :],
         )  # B x H x 1 x hd
         out = out.reshape(B, 1, d) * real[:, None, None].to(out.dtype)
         out = self.out_proj(out)
         return (out[:, 0] if squeeze else out), state
+
+    def _prefix_to_ring(self, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
+        """The ring-buffer state equal to a whole-prefix one: the n-th word of cluster c (n from 0)
+        sits in slot n % w of c's buffer, if it is among c's last w words."""
+        B, T = clusters.shape
+        K, w = self.num_clusters, self.window
+        real = clusters >= 0
+        c = clusters.clamp(min=0)
+        seen = (F.one_hot(c, K) * real[..., None]).cumsum(1)  # B x T x K: words of each cluster so far
+        count = seen[:, -1]  # B x K
+        n = seen.gather(2, c[..., None])[..., 0] - 1  # B x T: index of each word within its cluster
+        keep = real & (count.gather(1, c) - n <= w)
+        b, j = keep.nonzero(as_tuple=True)
+        state = self.init_state(B, keys.device, keys.dtype)
+        state["cluster_key"][b, c[b, j], n[b, j] % w] = keys[b, j]
+        state["cluster_value"][b, c[b, j], n[b, j] % w] = values[b, j]
+        state["cluster_count"] = count
+        return state
 
     @staticmethod
     def reorder_state(state: Dict[str, Tensor], new_order: Tensor) -> Dict[str, Tensor]:
