@@ -111,7 +111,7 @@ class FairseqClusterAttention(nn.Module):
     def _forward_incremental(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
         if not state:
-            state = self.attention.init_state(x.size(0), x.device, x.dtype)
+            state = self.attention.init_state(x.size(0), x.device, x.dtype, mode="auto")
         outs = []
         # fairseq's generator feeds one position per call; a longer chunk (e.g. a forced prefix
         # replayed at once) is decoded position by position so the cache stays exact.
