@@ -238,7 +238,7 @@ else
     say "5/5 translating all $N_TEST sentences of test_2016_flickr (beam $BEAM)"
     fairseq-generate "$BIN" --user-dir fairseq_clusterformer --path "$CKPT/checkpoint_last.pt" \
         --gen-subset test --source-lang $SRC --target-lang $TGT --beam "$BEAM" "${REMOVE_BPE[@]}" \
-        --batch-size 128 --required-batch-size-multiple 1 --cpu --num-workers 0 \
+        --max-len-a 1.2 --max-len-b 10 --batch-size 128 --required-batch-size-multiple 1 --cpu --num-workers 0 \
         >"$OUT/generate.out" 2>"$OUT/generate.log" ||
         { tail -n 25 "$OUT/generate.log" >&2; die "fairseq-generate failed (log: $OUT/generate.log)"; }
     n_h=$(grep -c '^H-' "$OUT/generate.out" || true)

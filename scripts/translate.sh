@@ -47,7 +47,7 @@ cat >"$tmp/input.de"
 n=$(wc -l <"$tmp/input.seg")
 ((n > 0)) || exit 0
 fairseq-interactive "$BIN" --user-dir fairseq_clusterformer --path "$CKPT" \
-    --source-lang de --target-lang en --beam "$BEAM" "${REMOVE_BPE[@]}" \
+    --source-lang de --target-lang en --beam "$BEAM" "${REMOVE_BPE[@]}" --max-len-a 1.2 --max-len-b 10 \
     --buffer-size 64 --batch-size 32 --cpu --input "$tmp/input.seg" \
     >"$tmp/interactive.out" 2>"$tmp/interactive.log" ||
     { tail -n 20 "$tmp/interactive.log" >&2; die "fairseq-interactive failed"; }
