@@ -1,0 +1,101 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: structure and sanity, never timing ratios."""
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+
+
+def _run(args, timeout):
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _rows(path):
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    out_csv = tmp_path / "attn.csv"
+    stdout = _run([
+        SCRIPTS / "benchmark_attention.py", "--lengths", "64,128", "--impl", "cluster,cluster-causal,full,sdpa,naive",
+        "--k", "sqrt,3", "--mode", "train", "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4",
+        "--batch", "2", "--threads", "1", "--fit", "64,128", "--csv", out_csv, "--plot", tmp_path / "img",
+    ], timeout=80)
+    columns, rows = _rows(out_csv)
+    assert columns == ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
+    seen = {(r["impl"], r["n"], r["k"], r["mode"]) for r in rows}
+    for n in ("64", "128"):
+        k_sqrt = str(math.ceil(math.sqrt(int(n))))
+        for impl in ("cluster", "cluster-causal"):
+            assert {(impl, n, k_sqrt, "train"), (impl, n, "3", "train")} <= seen
+        for impl in ("full", "sdpa", "naive"):
+            assert (impl, n, "", "train") in seen
+    assert len(rows) == 2 * (4 + 3)
+    for r in rows:
+        assert r["device"] == "cpu" and r["batch"] == "2"
+        assert float(r["time_ms"]) > 0 and math.isfinite(float(r["time_ms"]))
+        assert float(r["peak_mb"]) >= 0
+    # `full` really is fairseq's MultiheadAttention on torch's scaled_dot_product_attention.
+    assert "# full (train) runs:" in stdout and "scaled_dot_product" in stdout
+    # one fitted exponent per series (5 impl/k series with k=sqrt and k=3 distinct at both N, + 3)
+    exps = [line for line in stdout.splitlines() if line.startswith("# time exponent")]
+    assert len(exps) == 4 + 3, exps
+    assert all(math.isfinite(float(line.split("(N")[0].split()[-1])) for line in exps), exps
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == ["attn_train_cpu.png"]
+
+
+def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory(tmp_path):
+    """naive at N=2048 needs more than a 0.1 GiB cap: reported as OOM, skipped above; the
+    others go on."""
+    out_csv = tmp_path / "oom.csv"
+    stdout = _run([
+        SCRIPTS / "benchmark_attention.py", "--lengths", "64,2048,4096", "--impl", "sdpa,naive", "--mode", "forward",
+        "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4", "--batch", "4", "--threads", "1",
+        "--mem-cap-gb", "0.1", "--csv", out_csv,
+    ], timeout=60)
+    _, rows = _rows(out_csv)
+    assert {r["mode"] for r in rows} == {"forward"}
+    assert sorted(int(r["n"]) for r in rows if r["impl"] == "naive") == [64]
+    assert sorted(int(r["n"]) for r in rows if r["impl"] == "sdpa") == [64, 2048, 4096]
+    assert "OOM" in stdout and "skip" in stdout
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "iwslt14" / "test.de").exists(), reason="no IWSLT14 data")
+def test_translation_benchmark_smoke(tmp_path):
+    """Both settings kinds at tiny sizes: real IWSLT14 data (binarised by the script) and
+    synthetic pairs of a fixed length."""
+    out_csv = tmp_path / "mt.csv"
+    stdout = _run([
+        SCRIPTS / "benchmark_translation.py", "--settings", "mt,48", "--train-lines", "60", "--gen-sentences", "6",
+        "--layers", "1", "--embed-dim", "32", "--ffn-dim", "64", "--heads", "4", "--train-steps", "2",
+        "--warmup", "1", "--gen-batches", "1", "--gen-warmup", "1", "--gen-batch-size", "3", "--gen-len", "5",
+        "--max-tokens", "400", "--threads", "1", "--cluster-args", "--causal-window 8",
+        "--work-dir", tmp_path / "work", "--csv", out_csv,
+    ], timeout=80)
+    columns, rows = _rows(out_csv)
+    assert columns == ["setting", "phase", "arch", "steps", "sentences", "tokens", "time_s", "rate", "unit", "ratio"]
+    archs = ("clusterformer_iwslt", "transformer_iwslt_de_en")
+    for setting in ("mt", "48"):
+        got = {(r["phase"], r["arch"]) for r in rows if r["setting"] == setting}
+        assert got == {(phase, arch) for phase in ("train", "generate") for arch in archs}
+    for r in rows:
+        assert float(r["rate"]) > 0 and float(r["time_s"]) > 0 and float(r["ratio"]) > 0
+    for setting, out_len in (("mt", 5), ("48", 48)):
+        train = [r for r in rows if r["setting"] == setting and r["phase"] == "train"]
+        assert len({r["tokens"] for r in train}) == 1  # the same batches for both models
+        gen = [r for r in rows if r["setting"] == setting and r["phase"] == "generate"]
+        assert {r["tokens"] for r in gen} == {str(3 * (out_len + 1))}  # forced length, + eos, for both
+    assert (tmp_path / "work" / "mt-bin-60-6" / "dict.de.txt").exists()
+    assert "load average" in stdout
