@@ -1,7 +1,8 @@
 """A slow, obviously correct float64 reference for ClusterAttention (tests only; loops allowed).
 
 Each sequence is handled alone: its real tokens are taken out of the padding, clustered, sorted,
-cut into blocks (encoder) or given their causal within-cluster window (decoder), attended to with
+cut into blocks (encoder) or given their causal within-cluster window (decoder; local heads: the
+last `window` words of any cluster), attended to with
 explicit per-head, per-query softmax, and put back in their positions.
 """
 import math
@@ -77,6 +78,12 @@ def reference_forward(module, x, key_padding_mask=None, centroids=None):
                 rows_k.append([K_[i] for i in mates])
                 rows_v.append([V[i] for i in mates])
             O = _attend(module, [Q[j] for j in range(L)], rows_k, rows_v)
+            Hl = getattr(module, "local_heads", 0)
+            if Hl:  # local heads: the last `window` real words, any cluster
+                recent = [list(range(max(0, j + 1 - module.window), j + 1)) for j in range(L)]
+                O_local = _attend(module, [Q[j] for j in range(L)], [[K_[i] for i in r] for r in recent],
+                                  [[V[i] for i in r] for r in recent])
+                O[:, : Hl * module.head_dim] = O_local[:, : Hl * module.head_dim]
         else:
             w = max(1, math.ceil(L / k))
             blocks = [order[i * w : (i + 1) * w] for i in range(k)]

@@ -69,6 +69,25 @@ def test_matches_float64_reference(causal, shape, dtype, tol):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("local_heads", [1, 2, 4])
+@pytest.mark.parametrize("window", [1, 3, 40])
+def test_causal_local_heads_match_reference(local_heads, window):
+    """Local heads see the last `window` real words of any cluster; the others their cluster."""
+    B, N = 4, 17
+    m = make(d=32, heads=4, k=3, causal=True, window=window, local_heads=local_heads, seed=window)
+    x = torch.randn(B, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(window))
+    kpm = random_padding(B, N, seed=window)
+    out, info = m(x, kpm)
+    ref, _, ref_cl, ref_sl, ref_assign = reference_forward(m, x, kpm)
+    valid = ~kpm
+    assert torch.equal(info.assignments, ref_assign)
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-9, rtol=1e-9)
+    assert abs(info.clustering_loss.item() - ref_cl) < 1e-9 and abs(info.sorting_loss.item() - ref_sl) < 1e-9
+    if local_heads < 4 and window > 1:  # the local heads change the output (window 1: both see only the word)
+        m.local_heads = 0
+        assert (reference_forward(m, x, kpm)[0][valid] - ref[valid]).abs().max() > 1e-3
+
+
 def test_without_previous_block_matches_reference():
     m = make(k=3, previous_block=False)
     x = torch.randn(3, 11, 32, dtype=torch.float64)
@@ -144,8 +163,9 @@ def test_batch_composition_invariance(variant):
         torch.testing.assert_close(out[row, pad_left : pad_left + 9], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_causal_later_tokens_never_reach_earlier_positions():
-    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=4)
+@pytest.mark.parametrize("local_heads", [0, 2])
+def test_causal_later_tokens_never_reach_earlier_positions(local_heads):
+    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=4, local_heads=local_heads)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 20, 32, generator=g)
     out, info = m(x)
@@ -162,9 +182,10 @@ def test_causal_later_tokens_never_reach_earlier_positions():
     assert xg.grad[:, :8].abs().max() > 0
 
 
+@pytest.mark.parametrize("local_heads", [0, 1])
 @pytest.mark.parametrize("window", [1, 3, 8])
-def test_incremental_decoding_with_beam_reordering_equals_full_forward(window):
-    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=window)
+def test_incremental_decoding_with_beam_reordering_equals_full_forward(window, local_heads):
+    m = make(d=32, heads=4, k=3, dtype=torch.float32, causal=True, window=window, local_heads=local_heads)
     g = torch.Generator().manual_seed(window)
     B, N = 4, 15
     x = torch.randn(B, N, 32, generator=g)
@@ -179,13 +200,15 @@ def test_incremental_decoding_with_beam_reordering_equals_full_forward(window):
         history = torch.cat([history, x[:, t : t + 1]], 1)
         outs.append(y)
         sizes = {name: tuple(v.shape) for name, v in state.items()}
-        assert sizes["cluster_key"] == (B, 3, window, 4, 8)  # O(window) per cluster, whatever t
+        assert sizes["cluster_key"] == (B, 3, window, 4 - local_heads, 8)  # O(window) per cluster, whatever t
+        assert sizes["local_key"] == (B, window, local_heads, 8)
     full, _ = m(history)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_incremental_padding_step_leaves_state_unchanged():
-    m = make(d=16, heads=2, k=2, dtype=torch.float32, causal=True, window=3)
+@pytest.mark.parametrize("local_heads", [0, 1])
+def test_incremental_padding_step_leaves_state_unchanged(local_heads):
+    m = make(d=16, heads=2, k=2, dtype=torch.float32, causal=True, window=3, local_heads=local_heads)
     x = torch.randn(2, 6, 16)
     state = None
     for t in range(6):
@@ -193,7 +216,8 @@ def test_incremental_padding_step_leaves_state_unchanged():
         before = None if state is None else {n: v.clone() for n, v in state.items()}
         _, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad)
         if t == 2:
-            assert torch.equal(state["cluster_count"][0], before["cluster_count"][0])
+            for name in state:
+                assert torch.equal(state[name][0], before[name][0]), name
     full, _ = m(x, torch.tensor([[False, False, True, False, False, False], [False] * 6]))
     y, _ = m.step(x[:, 5:6], None)  # sanity: the step API works from an empty state
     assert torch.isfinite(full).all() and torch.isfinite(y).all()
@@ -213,8 +237,9 @@ def test_gradcheck_encoder_inputs_and_centroids():
     assert torch.autograd.gradcheck(f, (x, c), eps=1e-6, atol=1e-5)
 
 
-def test_gradcheck_causal():
-    m = make(d=8, heads=2, k=2, causal=True, window=2)
+@pytest.mark.parametrize("local_heads", [0, 1])
+def test_gradcheck_causal(local_heads):
+    m = make(d=8, heads=2, k=2, causal=True, window=2, local_heads=local_heads)
     x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
 
     def f(x):
@@ -312,6 +337,9 @@ def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal,
         (dict(num_clusters=300, max_clusters=256), "larger than max_clusters"),
         (dict(num_clusters="auto", causal=True), "causal decoder"),
         (dict(num_clusters=3, causal=True, window=0), "window must be >= 1"),
+        (dict(num_clusters=3, causal=True, local_heads=5), "local_heads must be an integer in"),
+        (dict(num_clusters=3, causal=True, local_heads=-1), "local_heads must be an integer in"),
+        (dict(num_clusters=3, local_heads=1), "local_heads is for the causal"),
         (dict(num_clusters=3, similarity="l2"), "similarity must be one of"),
         (dict(num_clusters=3, embed_dim=30, num_heads=4), "divisible"),
     ],

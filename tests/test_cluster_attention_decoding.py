@@ -6,9 +6,10 @@ import torch
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
 
+@pytest.mark.parametrize("local_heads", [0, 1, 4], ids=["clustered", "1-local-head", "all-local"])
 @pytest.mark.parametrize("window,k", [(1, 3), (3, 3), (4, 1), (16, 3)])
-def test_auto_cache_equals_full_forward_and_ring_cache(window, k):
-    m = ClusterAttention(32, 4, k, causal=True, window=window).eval()
+def test_auto_cache_equals_full_forward_and_ring_cache(window, k, local_heads):
+    m = ClusterAttention(32, 4, k, causal=True, window=window, local_heads=local_heads).eval()
     g = torch.Generator().manual_seed(window * 10 + k)
     B, N = 4, 30
     x = torch.randn(B, N, 32, generator=g)

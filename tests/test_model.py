@@ -63,11 +63,13 @@ def test_full_attention_options(toy_bin):
 
 def test_every_cluster_flag_reaches_the_module(toy_bin):
     _, model = build(toy_bin, ["--num-clusters", "auto", "--causal-num-clusters", "5", "--causal-window", "3",
+                               "--causal-local-heads", "1",
                                "--no-previous-block", "--cluster-similarity", "dot", "--max-clusters", "16"])
     enc = model.encoder.layers[0].self_attn.attention
     dec = model.decoder.layers[0].self_attn.attention
     assert (enc.num_clusters, enc.previous_block, enc.similarity, enc.max_clusters) == ("auto", False, "dot", 16)
-    assert (dec.num_clusters, dec.window, dec.causal) == (5, 3, True)
+    assert (dec.num_clusters, dec.window, dec.causal, dec.local_heads) == (5, 3, True, 1)
+    assert enc.local_heads == 0
     assert enc.centroids.shape == (16, 32)
 
 
@@ -83,8 +85,9 @@ def test_decoder_is_causal_through_every_layer(toy_bin):
         assert torch.equal(out2[:, : t + 1], out[:, : t + 1])
 
 
-def test_incremental_decoding_with_reordering_equals_full_forward(toy_bin):
-    task, model = build(toy_bin)
+@pytest.mark.parametrize("local_heads", ["0", "1"])
+def test_incremental_decoding_with_reordering_equals_full_forward(toy_bin, local_heads):
+    task, model = build(toy_bin, ["--causal-local-heads", local_heads])
     src, lengths, prev = batch(task, n=3, tgt_len=12)
     # Beams of one sentence share its source (fairseq's cross-attention cache relies on that).
     src = src[:1].expand_as(src).contiguous()

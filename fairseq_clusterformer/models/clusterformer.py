@@ -51,6 +51,12 @@ class ClusterformerConfig(FairseqDataclass):
         metadata={"help": "decoder: each word attends to the most recent W words of its own cluster "
                   "(itself included). Fixed, so incremental decoding is exact; costs O(W) per word"},
     )
+    causal_local_heads: int = field(
+        default=0,
+        metadata={"help": "decoder: how many of each layer's heads attend to the most recent W words "
+                  "of any cluster (a sliding causal window) instead of the word's own cluster; the "
+                  "other heads stay clustered (0: all heads clustered)"},
+    )
     no_previous_block: bool = field(
         default=False,
         metadata={"help": "encoder: blocks attend only to themselves (w keys) instead of also to the "
@@ -97,6 +103,7 @@ def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -
         num_clusters,
         causal=causal,
         window=safe_getattr(cfg, "causal_window", CLUSTER_DEFAULTS.causal_window),
+        local_heads=safe_getattr(cfg, "causal_local_heads", CLUSTER_DEFAULTS.causal_local_heads) if causal else 0,
         previous_block=not safe_getattr(cfg, "no_previous_block", False),
         max_clusters=safe_getattr(cfg, "max_clusters", CLUSTER_DEFAULTS.max_clusters),
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
@@ -228,7 +235,7 @@ class ClusterformerModel(TransformerModel):
 
 
 def _set_cluster_defaults(args):
-    for name in ("num_clusters", "causal_num_clusters", "causal_window", "no_previous_block",
+    for name in ("num_clusters", "causal_num_clusters", "causal_window", "causal_local_heads", "no_previous_block",
                  "cluster_similarity", "max_clusters", "self_attention_encoder", "self_attention_decoder"):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))

@@ -23,7 +23,10 @@ on no token), words are sorted by (cluster, position), and each word attends to 
 width ``window`` inside the word's cluster, computed blockwise with 2*window keys per query block.
 Nothing after position t reaches t, and decoding one token at a time with a per-cluster ring
 buffer of the last ``window`` keys/values gives the same result as the full forward at O(window*d)
-per step, without knowing the final length. docs/attention.md has the derivation and costs.
+per step, without knowing the final length. With ``local_heads`` = h > 0, the first h heads
+instead attend to the ``window`` most recent words whatever their cluster (a sliding causal
+window, as the local heads of the Routing Transformer): every word then sees its own recent
+context, and the other heads its cluster. docs/attention.md has the derivation and costs.
 """
 import math
 from typing import Dict, NamedTuple, Optional, Tuple, Union
@@ -296,6 +299,8 @@ class ClusterAttention(nn.Module):
         causal: the decoder variant (see the module docstring).
         window: causal only: how many most-recent words of its own cluster a word sees (itself
             included). Fixed by configuration, so incremental decoding is exact.
+        local_heads: causal only: how many heads (the first ones) attend to the ``window`` most
+            recent words of any cluster instead of the word's own cluster (0: all heads clustered).
         previous_block: encoder only: blocks also attend to the previous block (the paper's
             2w keys). False gives w keys per block.
         max_clusters: how many learned centroids exist for ``num_clusters="auto"`` (k_b is
@@ -317,6 +322,7 @@ class ClusterAttention(nn.Module):
         *,
         causal: bool = False,
         window: int = 64,
+        local_heads: int = 0,
         previous_block: bool = True,
         max_clusters: int = 256,
         learned_centroids: bool = True,
@@ -345,6 +351,10 @@ class ClusterAttention(nn.Module):
             _check_positive_int("window", window)
             if not learned_centroids:
                 raise ValueError("the causal variant needs learned_centroids=True (its centroids may not depend on tokens)")
+        if isinstance(local_heads, bool) or not isinstance(local_heads, int) or not 0 <= local_heads <= num_heads:
+            raise ValueError(f"local_heads must be an integer in [0, num_heads={num_heads}], got {local_heads!r}")
+        if local_heads and not causal:
+            raise ValueError("local_heads is for the causal (decoder) variant; the encoder's blocks already see their neighbours")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if not 0.0 <= dropout < 1.0:
@@ -356,6 +366,7 @@ class ClusterAttention(nn.Module):
         self.num_clusters = num_clusters
         self.causal = causal
         self.window = window
+        self.local_heads = local_heads
         self.previous_block = previous_block
         self.max_clusters = max_clusters
         self.similarity = similarity
@@ -388,6 +399,7 @@ class ClusterAttention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, "
             f"causal={self.causal}, window={self.window if self.causal else None}, "
+            f"local_heads={self.local_heads if self.causal else None}, "
             f"previous_block={self.previous_block if not self.causal else None}, similarity={self.similarity}"
         )
 
@@ -427,7 +439,15 @@ class ClusterAttention(nn.Module):
         return perm, rank
 
     def _block_attention(
-        self, x: Tensor, words: "_Words", src: Tensor, slot: Tensor, key_ok: Tensor, query_ok: Tensor, paired: bool
+        self,
+        x: Tensor,
+        words: "_Words",
+        src: Tensor,
+        slot: Tensor,
+        key_ok: Tensor,
+        query_ok: Tensor,
+        paired: bool,
+        heads: Optional[Tuple[int, int]] = None,
     ) -> Tensor:
         """Attention inside blocks of the sorted sequence, back in the original order, out_proj applied.
 
@@ -444,10 +464,16 @@ class ClusterAttention(nn.Module):
         so nothing is copied twice. Both row gathers (into block order and back) are one-to-one
         on the real words, so their backward passes are gathers too; each is fused with the
         projection next to it (_GatherProject, _ScatterProject).
+
+        heads: (first, end) computes only those heads: their rows of the q/k/v projections and
+        their columns of out_proj (whose bias is added only by the part holding head 0), so the
+        parts of a layer whose heads attend differently add up to the whole layer's output.
         """
         B, N, d = x.shape
         M, W = src.shape[1:]
-        H, hd = self.num_heads, self.head_dim
+        hd = self.head_dim
+        h0, h1 = heads if heads is not None else (0, self.num_heads)
+        H, cols = h1 - h0, slice(h0 * hd, h1 * hd)
         arange_b = torch.arange(B, device=x.device)[:, None]
         pad_rows = None if words.pad is None else words.pad.view(-1)
         slot_pad = ~query_ok  # B|1 x M x W
@@ -459,8 +485,8 @@ class ClusterAttention(nn.Module):
         biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
         q, k, v = _GatherProject.apply(
             x.reshape(B * N, d), index, slot + filler, pad_rows,
-            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
-            None if biases[0] is None else torch.cat(biases),
+            torch.cat([p.weight[cols] for p in (self.q_proj, self.k_proj, self.v_proj)]),
+            None if biases[0] is None else torch.cat([b[cols] for b in biases]),
             W, H, hd, paired,
         )  # (B M) x W | n_keys x H x hd
         n_keys = k.size(1)
@@ -472,9 +498,10 @@ class ClusterAttention(nn.Module):
             attn_mask=mask.reshape(B * M, 1, W, n_keys),
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B M) x H x W x hd, laid out as (B M) x W x H x hd like the queries
-        out = out.transpose(1, 2).reshape(B * M * W, d)
+        out = out.transpose(1, 2).reshape(B * M * W, H * hd)
+        out_weight = self.out_proj.weight if heads is None else self.out_proj.weight[:, cols]
         out = _ScatterProject.apply(
-            out, slot, pad_rows, src, slot_pad.expand(B, M, W).reshape(-1), self.out_proj.weight, self.out_proj.bias
+            out, slot, pad_rows, src, slot_pad.expand(B, M, W).reshape(-1), out_weight, self.out_proj.bias if h0 == 0 else None
         )
         return out.view(B, N, d)
 
@@ -593,13 +620,30 @@ class ClusterAttention(nn.Module):
 
     def _forward_causal(self, x: Tensor, words: "_Words"):
         B, N, d = x.shape
-        w, K = self.window, self.num_clusters
+        K = self.num_clusters
         k_b = torch.full((B,), K, dtype=torch.long, device=x.device)
         # The centroids are a parameter: assignments of word t depend on x_t alone. C' (which sees
         # all words) only feeds the losses, never the forward path, so causality holds.
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(
             x, words, self._decoder_centroids(B, x.dtype), k_b, assign=self._assign_per_word(x)
         )
+        H, Hl = self.num_heads, self.local_heads
+        out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
+        if Hl < H:
+            out = self._causal_band_attention(x, words, assign, K, (Hl, H))
+        if Hl > 0:
+            # Local heads: the same band with every real word in one cluster (padding -1).
+            everyone = assign.clamp(max=0)
+            local = self._causal_band_attention(x, words, everyone, 1, (0, Hl))
+            out = local if out is None else local + out
+        return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
+
+    def _causal_band_attention(self, x: Tensor, words: "_Words", assign: Tensor, K: int, heads: Tuple[int, int]):
+        """Heads [heads[0], heads[1]) of the causal variant: each word attends to the most recent
+        ``window`` words of its cluster under ``assign`` (B x N, -1 at padding), itself included.
+        Returns their share of out_proj's output, B x N x d."""
+        B, N, _ = x.shape
+        w = self.window
         perm, rank = self._sort(assign, K, words.pad is not None)
 
         # Sorted order puts each cluster's words together, in position order. A word at sorted
@@ -621,8 +665,10 @@ class ClusterAttention(nn.Module):
         ki = torch.arange(key_cluster.size(2), device=x.device)[None, :] - (b if paired else 0)  # same frame
         band = (ki <= qi) & (ki > qi - w)  # b x n_keys: sorted distance in [0, w)
         same = key_cluster[:, :, None, :] == s_cluster[:, :, :, None]  # B x nb x b x n_keys
-        out = self._block_attention(x, words, perm_p.view(B, n_blocks, b), rank, band & same, s_cluster >= 0, paired)
-        return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
+        return self._block_attention(
+            x, words, perm_p.view(B, n_blocks, b), rank, band & same, s_cluster >= 0, paired,
+            None if heads == (0, self.num_heads) else heads,
+        )
 
     def init_state(self, batch_size: int, device=None, dtype=None, mode: str = "ring") -> Dict[str, Tensor]:
         """An empty cache for incremental decoding (batch on dim 0).
@@ -636,6 +682,7 @@ class ClusterAttention(nn.Module):
         reordered at every step (fairseq's adapter uses it).
         """
         K, w, H, hd = self.num_clusters, self.window, self.num_heads, self.head_dim
+        Hl = self.local_heads
         p = self.q_proj.weight
         device = device or p.device
         dtype = dtype or p.dtype
@@ -647,10 +694,13 @@ class ClusterAttention(nn.Module):
             }
         if mode != "ring":
             raise ValueError(f"mode must be 'ring' or 'auto', got {mode!r}")
-        return {
-            "cluster_key": torch.zeros(batch_size, K, w, H, hd, device=device, dtype=dtype),
-            "cluster_value": torch.zeros(batch_size, K, w, H, hd, device=device, dtype=dtype),
+        return {  # clustered heads (Hl..H-1): per cluster; local heads (0..Hl-1): one ring of any cluster
+            "cluster_key": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
+            "cluster_value": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
             "cluster_count": torch.zeros(batch_size, K, dtype=torch.long, device=device),
+            "local_key": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
+            "local_value": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
+            "local_count": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
     def step(
@@ -690,37 +740,60 @@ class ClusterAttention(nn.Module):
         ).view(B, 3, H, hd)
         q, k, v = qkv.unbind(1)
 
+        Hl = self.local_heads
         if "prefix_key" in state:
-            # Whole prefix: attend to the last w words of this word's cluster, itself included.
+            # Whole prefix: a clustered head attends to the last w words of this word's cluster, a
+            # local head to the last w real words; both include the word itself.
             keys = torch.cat([state["prefix_key"], k[:, None]], 1)  # B x t+1 x H x hd
             values = torch.cat([state["prefix_value"], v[:, None]], 1)
             clusters = torch.cat([state["prefix_cluster"], cluster.masked_fill(~real, -1)[:, None]], 1)  # -1: padding
             same = clusters == cluster[:, None]  # B x t+1
-            recent = same.flip(1).cumsum(1).flip(1) <= w  # at most w same-cluster words from here on
-            visible = (same & recent) | ~real[:, None]  # a padding step's (discarded) row stays finite
+            visible = (same & (same.flip(1).cumsum(1).flip(1) <= w))[:, None, :]  # at most w from here on
+            if Hl:
+                seen = clusters >= 0
+                recent = (seen & (seen.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
+                is_local = torch.arange(H, device=x.device)[None, :, None] < Hl
+                visible = torch.where(is_local, recent, visible)  # B x H x t+1
+            visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
             state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
             if keys.size(1) >= self.num_clusters * w:
                 state = self._prefix_to_ring(keys, values, clusters)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, :, None, :]
+            )  # B x H x 1 x hd
         else:
-            keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
             batch = torch.arange(B, device=x.device)
-            seen = count[batch, cluster]  # B: words of this cluster so far
-            slot = seen % w
-            # Write this word's key/value into its cluster's ring buffer (padding steps write nothing).
-            old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
-            keys[batch, cluster, slot] = torch.where(real[:, None, None], k, old_k)
-            values[batch, cluster, slot] = torch.where(real[:, None, None], v, old_v)
-            count[batch, cluster] = seen + real.long()
+            slots = torch.arange(w, device=x.device)[None, :]
+            parts = []
+            if Hl:
+                # Local heads: one ring buffer of the last w real words.
+                seen = state["local_count"]  # B
+                slot = seen % w
+                lk, lv = state["local_key"], state["local_value"]
+                lk[batch, slot] = torch.where(real[:, None, None], k[:, :Hl], lk[batch, slot])
+                lv[batch, slot] = torch.where(real[:, None, None], v[:, :Hl], lv[batch, slot])
+                state["local_count"] = seen + real.long()
+                visible = (slots < state["local_count"].clamp(max=w)[:, None]) | ~real[:, None]  # B x w
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, :Hl, None, :], lk.transpose(1, 2), lv.transpose(1, 2), attn_mask=visible[:, None, None, :]
+                ))
+            if Hl < H:
+                keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
+                seen = count[batch, cluster]  # B: words of this cluster so far
+                slot = seen % w
+                # Write this word's key/value into its cluster's ring buffer (padding steps write nothing).
+                old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
+                keys[batch, cluster, slot] = torch.where(real[:, None, None], k[:, Hl:], old_k)
+                values[batch, cluster, slot] = torch.where(real[:, None, None], v[:, Hl:], old_v)
+                count[batch, cluster] = seen + real.long()
 
-            keys, values = keys[batch, cluster], values[batch, cluster]  # B x w x H x hd
-            visible = torch.arange(w, device=x.device)[None, :] < count[batch, cluster].clamp(max=w)[:, None]  # B x w
-            visible = visible | ~real[:, None]  # a padding step's (discarded) row stays finite
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :],  # B x H x 1 x hd
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=visible[:, None, None, :],
-        )  # B x H x 1 x hd
+                keys, values = keys[batch, cluster], values[batch, cluster]  # B x w x H-Hl x hd
+                visible = slots < count[batch, cluster].clamp(max=w)[:, None]  # B x w
+                visible = visible | ~real[:, None]  # a padding step's (discarded) row stays finite
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, Hl:, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :]
+                ))
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
         out = out.reshape(B, 1, d) * real[:, None, None].to(out.dtype)
         out = self.out_proj(out)
         return (out[:, 0] if squeeze else out), state
@@ -738,9 +811,17 @@ class ClusterAttention(nn.Module):
         keep = real & (count.gather(1, c) - n <= w)
         b, j = keep.nonzero(as_tuple=True)
         state = self.init_state(B, keys.device, keys.dtype)
-        state["cluster_key"][b, c[b, j], n[b, j] % w] = keys[b, j]
-        state["cluster_value"][b, c[b, j], n[b, j] % w] = values[b, j]
+        Hl = self.local_heads
+        state["cluster_key"][b, c[b, j], n[b, j] % w] = keys[b, j, Hl:]
+        state["cluster_value"][b, c[b, j], n[b, j] % w] = values[b, j, Hl:]
         state["cluster_count"] = count
+        # Local heads: the m-th real word (from 0) sits in slot m % w if it is among the last w.
+        m = real.long().cumsum(1) - 1  # B x T
+        total = m[:, -1] + 1
+        b, j = (real & (total[:, None] - m <= w)).nonzero(as_tuple=True)
+        state["local_key"][b, m[b, j] % w] = keys[b, j, :Hl]
+        state["local_value"][b, m[b, j] % w] = values[b, j, :Hl]
+        state["local_count"] = total
         return state
 
     @staticmethod
