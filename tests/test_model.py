@@ -73,6 +73,13 @@ def test_every_cluster_flag_reaches_the_module(toy_bin):
     assert enc.centroids.shape == (16, 32)
 
 
+def test_decoder_local_heads_default_to_half_the_heads(toy_bin):
+    _, model = build(toy_bin)
+    assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [2, 2]
+    _, model = build(toy_bin, ["--causal-local-heads", "0"])
+    assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [0, 0]
+
+
 def test_decoder_is_causal_through_every_layer(toy_bin):
     task, model = build(toy_bin)
     src, lengths, prev = batch(task)
@@ -165,6 +172,7 @@ def test_state_dict_round_trip_gives_identical_outputs(toy_bin, tmp_path):
         (["--num-clusters", "300"], "larger than max_clusters"),
         (["--num-clusters", "auto"], "--causal-num-clusters"),
         (["--causal-window", "0"], "window must be >= 1"),
+        (["--causal-local-heads", "5"], "--causal-local-heads must be in \\[0, 4\\]"),
         (["--checkpoint-activations"], "not supported by the clusterformer"),
     ],
 )

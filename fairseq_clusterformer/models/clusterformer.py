@@ -51,11 +51,12 @@ class ClusterformerConfig(FairseqDataclass):
         metadata={"help": "decoder: each word attends to the most recent W words of its own cluster "
                   "(itself included). Fixed, so incremental decoding is exact; costs O(W) per word"},
     )
-    causal_local_heads: int = field(
-        default=0,
+    causal_local_heads: Optional[int] = field(
+        default=None,
         metadata={"help": "decoder: how many of each layer's heads attend to the most recent W words "
                   "of any cluster (a sliding causal window) instead of the word's own cluster; the "
-                  "other heads stay clustered (0: all heads clustered)"},
+                  "other heads stay clustered. Default: half of the decoder heads (without local "
+                  "heads the decoder loops at generation, docs/results.md); 0: all heads clustered"},
     )
     no_previous_block: bool = field(
         default=False,
@@ -83,6 +84,15 @@ class ClusterformerConfig(FairseqDataclass):
 CLUSTER_DEFAULTS = ClusterformerConfig()
 
 
+def _local_heads(cfg, num_heads: int) -> int:
+    local = safe_getattr(cfg, "causal_local_heads", None)
+    if local is None:
+        return num_heads // 2
+    if not 0 <= int(local) <= num_heads:
+        raise ValueError(f"--causal-local-heads must be in [0, {num_heads}] (the decoder heads), got {local}")
+    return int(local)
+
+
 def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -> FairseqClusterAttention:
     num_clusters = parse_num_clusters(str(safe_getattr(cfg, "num_clusters", CLUSTER_DEFAULTS.num_clusters)))
     if causal:
@@ -103,7 +113,7 @@ def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -
         num_clusters,
         causal=causal,
         window=safe_getattr(cfg, "causal_window", CLUSTER_DEFAULTS.causal_window),
-        local_heads=safe_getattr(cfg, "causal_local_heads", CLUSTER_DEFAULTS.causal_local_heads) if causal else 0,
+        local_heads=_local_heads(cfg, num_heads) if causal else 0,
         previous_block=not safe_getattr(cfg, "no_previous_block", False),
         max_clusters=safe_getattr(cfg, "max_clusters", CLUSTER_DEFAULTS.max_clusters),
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
