@@ -732,13 +732,9 @@ class ClusterAttention(nn.Module):
 
         x0 = x[:, 0]  # B x d
         cluster = self._assign_per_word(x0)  # B
-        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
-        qkv = F.linear(
-            x0,
-            torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
-            None if biases[0] is None else torch.cat(biases),
-        ).view(B, 3, H, hd)
-        q, k, v = qkv.unbind(1)
+        # Three matmuls, not one on concatenated weights: a step has few rows, and concatenating
+        # the 3 d x d weights would copy more memory than the matmuls read.
+        q, k, v = (p(x0).view(B, H, hd) for p in (self.q_proj, self.k_proj, self.v_proj))
 
         Hl = self.local_heads
         if "prefix_key" in state:
