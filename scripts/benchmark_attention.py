@@ -15,6 +15,10 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
                   nn.Linear projections.
   naive           softmax(Q K^T / sqrt(hd)) V written with matmuls: materialises the N x N scores
                   (what a 2022 Transformer baseline did).
+  proj            not attention: the same four nn.Linear projections with no attention between
+                  them: out_proj(v), with q and k summed into the loss at weight 0 so that all
+                  four projections run forward and backward. The floor every method above pays; not in the
+                  default --impl list.
 
 Every implementation gets a key_padding_mask (all False: every token is real).
 
@@ -50,7 +54,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive")
+IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj")
+DEFAULT_IMPLS = IMPLS[:5]
 CLUSTER_IMPLS = ("cluster", "cluster-causal")
 CSV_COLUMNS = ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
 MiB = 1024 * 1024
@@ -175,6 +180,13 @@ def build(impl, d, heads, k, n, window, device):
             scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
             out = torch.matmul(torch.softmax(scores, dim=-1), v)
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
+
+        return step, False, m
+    if impl == "proj":
+
+        def step(x, kpm):
+            q, k_, v = (p(x) for p in (m.q_proj, m.k_proj, m.v_proj))
+            return m.out_proj(v), 0.0 * (q.sum() + k_.sum())
 
         return step, False, m
     raise ValueError(f"unknown impl {impl!r}; choose from {', '.join(IMPLS)}")
@@ -385,7 +397,7 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    styles = {"cluster": "-", "cluster-causal": "--", "full": "-", "sdpa": ":", "naive": "-."}
+    styles = {"cluster": "-", "cluster-causal": "--", "full": "-", "sdpa": ":", "naive": "-.", "proj": ":"}
     for mode, device in sorted({(r["mode"], r["device"]) for r in rows}):
         sub = [r for r in rows if r["mode"] == mode and r["device"] == device]
         batches = sorted({(r["n"], r["batch"]) for r in sub})
@@ -517,7 +529,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384", help="comma-separated N")
-    p.add_argument("--impl", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    p.add_argument("--impl", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
     p.add_argument("--mode", default="train", help="train (forward+backward), forward, or both: train,forward")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--csv", default="attention_benchmark.csv", help="output CSV (overwritten)")

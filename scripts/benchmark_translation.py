@@ -25,8 +25,10 @@ Settings (``--settings``):
   <L>       synthetic pairs of exactly L tokens per side (random words from a 1000-word
             vocabulary), e.g. 512,1024,2048; max positions raised to fit.
 
-Example (the numbers in docs/benchmarks.md):
+Example (all settings at the defaults):
   python scripts/benchmark_translation.py --settings mt,512,1024,2048 --csv /tmp/mt.csv
+docs/benchmarks.md ran shorter versions of these (fewer steps, smaller generation batches,
+--phases to run one phase); its Commands section has the exact lines.
 A tiny smoke run:
   python scripts/benchmark_translation.py --settings 64 --layers 1 --embed-dim 32 --ffn-dim 64 \\
       --heads 4 --train-steps 2 --gen-batches 1 --csv /tmp/mt.csv
@@ -207,6 +209,15 @@ def run_setting(setting, args, writer, f):
     task = built[ARCHS[0]][0]
     models = {a: (m, c) for a, (_, m, c) in built.items()}
 
+    if "train" in args.phases:
+        run_training(task, models, args, max_positions, setting, writer, f)
+    if "generate" in args.phases:
+        run_generation(task, models, args, max_positions, out_len, setting, writer, f)
+    del built, models
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def run_training(task, models, args, max_positions, setting, writer, f):
     train_samples = batches(task, "train", args.max_tokens, None, max_positions, args.train_steps + args.warmup)
     times = time_training(models, train_samples, args.warmup)
     timed = train_samples[args.warmup:]
@@ -222,6 +233,8 @@ def run_setting(setting, args, writer, f):
             f"ratio {ratio:.3f}")
     f.flush()
 
+
+def run_generation(task, models, args, max_positions, out_len, setting, writer, f):
     gen_samples = batches(task, "test", None, args.gen_batch_size, max_positions, args.gen_batches + args.gen_warmup)
     times, lengths = time_generation(models, task.target_dictionary, gen_samples, args.beam, out_len, args.gen_warmup)
     timed = gen_samples[args.gen_warmup:]
@@ -235,8 +248,6 @@ def run_setting(setting, args, writer, f):
         log(f"{setting:6s} generate {arch:26s} {rates[arch]:9.3f} sentences/s  ({len(timed)} batches, {sents} "
             f"sentences, beam {args.beam}, {out_len} output steps; {out_tokens} tokens incl. eos)  ratio {ratio:.3f}")
     f.flush()
-    del built, models
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def main(argv=None):
@@ -257,6 +268,7 @@ def main(argv=None):
     p.add_argument("--gen-len", type=int, default=30, help="mt: output tokens per hypothesis (forced)")
     p.add_argument("--gen-len-long", type=int, default=256,
                    help="synthetic: output tokens per hypothesis (forced), at most the length")
+    p.add_argument("--phases", default="train,generate", help="train and/or generate (comma-separated)")
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="override encoder/decoder layers (both models)")
     p.add_argument("--embed-dim", type=int, default=0)
@@ -268,6 +280,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.gen_batch_size < 1 or args.gen_batches < 1 or args.train_steps < 1:
         p.error("--gen-batch-size, --gen-batches and --train-steps must be >= 1")
+    args.phases = [v.strip() for v in args.phases.split(",") if v.strip()]
+    if not args.phases or any(v not in ("train", "generate") for v in args.phases):
+        p.error("--phases must be train, generate or train,generate")
     if "mt" in args.settings.split(",") and args.gen_sentences < args.gen_batch_size * (args.gen_batches + args.gen_warmup):
         p.error("--gen-sentences must cover --gen-batch-size x (--gen-batches + --gen-warmup)")
 

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts at tiny sizes: structure and sanity, never timing ratios."""
 import csv
+import importlib.util
 import math
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def test_attention_benchmark_smoke(tmp_path):
         SCRIPTS / "benchmark_attention.py", "--lengths", "64,128", "--impl", "cluster,cluster-causal,full,sdpa,naive",
         "--k", "sqrt,3", "--mode", "train", "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4",
         "--batch", "2", "--threads", "1", "--fit", "64,128", "--csv", out_csv, "--plot", tmp_path / "img",
-    ], timeout=80)
+    ], timeout=240)
     columns, rows = _rows(out_csv)
     assert columns == ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
     seen = {(r["impl"], r["n"], r["k"], r["mode"]) for r in rows}
@@ -64,7 +65,7 @@ def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory
         SCRIPTS / "benchmark_attention.py", "--lengths", "64,2048,4096", "--impl", "sdpa,naive", "--mode", "forward",
         "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4", "--batch", "4", "--threads", "1",
         "--mem-cap-gb", "0.1", "--csv", out_csv,
-    ], timeout=60)
+    ], timeout=120)
     _, rows = _rows(out_csv)
     assert {r["mode"] for r in rows} == {"forward"}
     assert sorted(int(r["n"]) for r in rows if r["impl"] == "naive") == [64]
@@ -83,7 +84,7 @@ def test_translation_benchmark_smoke(tmp_path):
         "--warmup", "1", "--gen-batches", "1", "--gen-warmup", "1", "--gen-batch-size", "3", "--gen-len", "5",
         "--max-tokens", "400", "--threads", "1", "--cluster-args", "--causal-window 8",
         "--work-dir", tmp_path / "work", "--csv", out_csv,
-    ], timeout=80)
+    ], timeout=240)
     columns, rows = _rows(out_csv)
     assert columns == ["setting", "phase", "arch", "steps", "sentences", "tokens", "time_s", "rate", "unit", "ratio"]
     archs = ("clusterformer_iwslt", "transformer_iwslt_de_en")
@@ -99,3 +100,30 @@ def test_translation_benchmark_smoke(tmp_path):
         assert {r["tokens"] for r in gen} == {str(3 * (out_len + 1))}  # forced length, + eos, for both
     assert (tmp_path / "work" / "mt-bin-60-6" / "dict.de.txt").exists()
     assert "load average" in stdout
+
+
+def test_attention_benchmark_proj_floor_is_opt_in(tmp_path):
+    """`proj` (the four projections without attention: the floor every impl pays) runs when asked
+    for, and is not part of the default --impl list."""
+    out_csv = tmp_path / "proj.csv"
+    _run([
+        SCRIPTS / "benchmark_attention.py", "--lengths", "64", "--impl", "proj,sdpa", "--mode", "train,forward",
+        "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4", "--batch", "2", "--threads", "1",
+        "--csv", out_csv,
+    ], timeout=120)
+    _, rows = _rows(out_csv)
+    assert sorted((r["impl"], r["mode"]) for r in rows) == [
+        ("proj", "forward"), ("proj", "train"), ("sdpa", "forward"), ("sdpa", "train")]
+    assert all(float(r["time_ms"]) > 0 for r in rows)
+    spec = importlib.util.spec_from_file_location("bench_attn", SCRIPTS / "benchmark_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "proj" in module.IMPLS and "proj" not in module.DEFAULT_IMPLS
+
+
+def test_translation_benchmark_rejects_unknown_phase():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "benchmark_translation.py"), "--phases", "train,score", "--csv", "/dev/null"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "--phases" in proc.stderr
