@@ -80,6 +80,21 @@ def test_decoder_local_heads_default_to_half_the_heads(toy_bin):
     assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [0, 0]
 
 
+def test_checkpoints_from_before_local_heads_keep_a_fully_clustered_decoder(toy_bin):
+    """Their saved args have no causal_local_heads at all (fairseq-train records it, "half" by
+    default): they must load with the decoder they were trained with, not the new default."""
+    from fairseq import models
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY]
+    )
+    assert args.causal_local_heads == "half"
+    del args.causal_local_heads
+    model = models.build_model(args, tasks.setup_task(args))  # as a checkpoint load does: arch first
+    assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [0, 0]
+
+
 def test_decoder_is_causal_through_every_layer(toy_bin):
     task, model = build(toy_bin)
     src, lengths, prev = batch(task)
@@ -173,6 +188,7 @@ def test_state_dict_round_trip_gives_identical_outputs(toy_bin, tmp_path):
         (["--num-clusters", "auto"], "--causal-num-clusters"),
         (["--causal-window", "0"], "window must be >= 1"),
         (["--causal-local-heads", "5"], "--causal-local-heads must be in \\[0, 4\\]"),
+        (["--causal-local-heads", "most"], "--causal-local-heads must be an integer or 'half'"),
         (["--checkpoint-activations"], "not supported by the clusterformer"),
     ],
 )

@@ -6,6 +6,7 @@ layer; decoder layers use their own learned centroids (so decoding stays causal 
 decoding exact, see docs/attention.md). The forward's extra output carries the two clustering
 losses, averaged over the clustering layers, for the criterion.
 """
+import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,12 +52,12 @@ class ClusterformerConfig(FairseqDataclass):
         metadata={"help": "decoder: each word attends to the most recent W words of its own cluster "
                   "(itself included). Fixed, so incremental decoding is exact; costs O(W) per word"},
     )
-    causal_local_heads: Optional[int] = field(
-        default=None,
+    causal_local_heads: str = field(
+        default="half",
         metadata={"help": "decoder: how many of each layer's heads attend to the most recent W words "
                   "of any cluster (a sliding causal window) instead of the word's own cluster; the "
-                  "other heads stay clustered. Default: half of the decoder heads (without local "
-                  "heads the decoder loops at generation, docs/results.md); 0: all heads clustered"},
+                  "other heads stay clustered. An integer, or 'half' (default: without local heads "
+                  "the decoder loops at generation, docs/results.md); 0: all heads clustered"},
     )
     no_previous_block: bool = field(
         default=False,
@@ -86,11 +87,15 @@ CLUSTER_DEFAULTS = ClusterformerConfig()
 
 def _local_heads(cfg, num_heads: int) -> int:
     local = safe_getattr(cfg, "causal_local_heads", None)
-    if local is None:
+    if local is None or str(local).strip().lower() == "half":
         return num_heads // 2
-    if not 0 <= int(local) <= num_heads:
+    try:
+        local = int(local)
+    except ValueError:
+        raise ValueError(f"--causal-local-heads must be an integer or 'half', got {local!r}") from None
+    if not 0 <= local <= num_heads:
         raise ValueError(f"--causal-local-heads must be in [0, {num_heads}] (the decoder heads), got {local}")
-    return int(local)
+    return local
 
 
 def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -> FairseqClusterAttention:
@@ -200,6 +205,9 @@ class ClusterformerModel(TransformerModel):
     def add_args(cls, parser):
         super().add_args(parser)
         gen_parser_from_dataclass(parser, ClusterformerConfig(), delete_default=True, with_prefix="")
+        # Recorded in every new model's args, so that its absence marks a checkpoint from before
+        # the option existed (see _set_cluster_defaults).
+        parser.set_defaults(causal_local_heads=CLUSTER_DEFAULTS.causal_local_heads)
 
     @classmethod
     def build_model(cls, args, task):
@@ -245,6 +253,11 @@ class ClusterformerModel(TransformerModel):
 
 
 def _set_cluster_defaults(args):
+    if isinstance(args, argparse.Namespace) and "causal_local_heads" not in vars(args):
+        # fairseq-train always records this option ("half" unless given), so its absence means a
+        # checkpoint saved before the option existed, whose decoder had no local heads. (The arch
+        # functions run on a loaded checkpoint's args before build_model does.)
+        args.causal_local_heads = "0"
     for name in ("num_clusters", "causal_num_clusters", "causal_window", "causal_local_heads", "no_previous_block",
                  "cluster_similarity", "max_clusters", "self_attention_encoder", "self_attention_decoder"):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
