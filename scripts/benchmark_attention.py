@@ -429,6 +429,12 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
     return written
 
 
+def _write_row(writer, f, impl, n, k, batch, mode, device, time_ms, peak_mb):
+    """One CSV row (CSV_COLUMNS), flushed so that a crash later keeps it."""
+    writer.writerow([impl, n, "" if k is None else k, batch, mode, device, f"{time_ms:.3f}", f"{peak_mb:.1f}"])
+    f.flush()
+
+
 def _time_pending(pending, base, args, writer, f, stopped, mode):
     """Time the configurations that passed their memory step, side by side, and write their rows."""
     if not pending:
@@ -447,9 +453,7 @@ def _time_pending(pending, base, args, writer, f, stopped, mode):
             print(f"{res['status'].upper():5s} {mode:7s} N={n:6d} {label:22s} batch {batch} (timing): "
                   f"{res.get('error', '')}", flush=True)
             continue
-        writer.writerow([impl, n, "" if k is None else k, batch, mode, args.device,
-                         f"{res['time_ms']:.3f}", f"{mem['peak_mb']:.1f}"])
-        f.flush()
+        _write_row(writer, f, impl, n, k, batch, mode, args.device, res["time_ms"], mem["peak_mb"])
         print(f"ok    {mode:7s} N={n:6d} {label:22s} batch {batch:2d}: {res['time_ms']:10.1f} ms "
               f"{mem['peak_mb']:9.1f} MiB  (median of {len(res['times_ms'])}: {res['times_ms']}; "
               f"{timed['threads']} threads, {mem['mem_method']}; load average {load})", flush=True)
@@ -511,9 +515,7 @@ def run_benchmark(args, p):
                         continue
                     if res["step_s"] > args.time_cap:
                         stopped[(impl, ks)] = f"one step took {res['step_s']:.0f} s > {args.time_cap:g} s at N={n}"
-                        writer.writerow([impl, n, "" if k is None else k, batch, mode, args.device,
-                                         f"{res['step_s'] * 1000:.3f}", f"{res['peak_mb']:.1f}"])
-                        f.flush()
+                        _write_row(writer, f, impl, n, k, batch, mode, args.device, res["step_s"] * 1000, res["peak_mb"])
                         print(f"cap   {mode:7s} N={n:6d} {name:22s} batch {batch:2d}: {res['step_s'] * 1000:10.1f} ms "
                               f"{res['peak_mb']:9.1f} MiB  (ONE cold step: over the {args.time_cap:g} s time cap; "
                               f"not run at larger N)", flush=True)

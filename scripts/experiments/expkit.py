@@ -96,6 +96,15 @@ def code_env(code_dir):
     return {"PYTHONPATH": os.pathsep.join([str(code_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
+def split_extra_args(argv=None):
+    """(our arguments, extra fairseq-train arguments): everything after a lone "--" is passed on."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def say(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
