@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fairseq_clusterformer.modules import cluster_attention
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention, parse_num_clusters
 from reference_cluster_attention import reference_forward
 
@@ -321,11 +322,17 @@ def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal,
     assert run(2, 8, 16, 2) == base  # heads
     assert run(2, 64, 2, 2) == base  # blocks (more of them as N grows)
     assert run(2, 8, 2, 8) == base  # clusters
-    calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    make(d=32, heads=2, k=5, dtype=torch.float32, causal=causal)(torch.randn(3, 40, 32))
-    assert len(calls) == 1
+    for flash in (True, False):  # torch's CPU flash kernel, or F.scaled_dot_product_attention
+        monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", flash)
+        calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        if cluster_attention._FLASH_CPU_OPS is not None:
+            fwd, bwd = cluster_attention._FLASH_CPU_OPS
+            monkeypatch.setattr(cluster_attention, "_FLASH_CPU_OPS", (lambda *a, **k: calls.append(1) or fwd(*a, **k), bwd))
+        make(d=32, heads=2, k=5, dtype=torch.float32, causal=causal)(torch.randn(3, 40, 32))
+        assert len(calls) == 1
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
 """Gradients of ClusterAttention with respect to its inputs *and every parameter*.
 
-The module computes its backward pass by hand in three places (_Clustering, _GatherProject,
-_ScatterProject in cluster_attention.py), so gradcheck covers each of them, in both
-similarities, with padding (including a fully padded sequence and empty blocks), with and
-without the previous block, with k = "auto" and carried centroids, and in the causal variant.
+The module computes its backward pass by hand in five places (_Clustering, _GatherProject,
+_FlashBlockAttention, _PairedViews, _ScatterProject in cluster_attention.py), so gradcheck covers each of them, in
+both similarities, with padding (including a fully padded sequence and empty blocks), with and
+without the previous block, with k = "auto" and carried centroids, and in the causal variant,
+with block attention on torch's CPU flash kernel (chunked backward) and on
+F.scaled_dot_product_attention.
 """
 import pytest
 import torch
 from torch.func import functional_call
 
+from fairseq_clusterformer.modules import cluster_attention
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
 CASES = {
@@ -23,6 +26,20 @@ CASES = {
 }
 
 
+KERNELS = ["flash", "sdpa"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Block attention on torch's CPU flash kernel (its backward in several chunks) or on sdpa."""
+    if request.param == "flash":
+        if cluster_attention._FLASH_CPU_OPS is None:
+            pytest.skip("this torch has no CPU flash-attention op with masks")  # pragma: no cover
+        monkeypatch.setattr(cluster_attention, "_BACKWARD_CHUNK_BYTES", 1)  # as many chunks as allowed
+    monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", request.param == "flash")
+    return request.param
+
+
 def _padding(B, N):
     kpm = torch.zeros(B, N, dtype=torch.bool)
     kpm[1, :2] = True  # left padding
@@ -33,7 +50,7 @@ def _padding(B, N):
 
 @pytest.mark.parametrize("pad", [True, False], ids=["padding", "no-padding"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_gradcheck_inputs_and_parameters(case, pad):
+def test_gradcheck_inputs_and_parameters(case, pad, kernel):
     kw = dict(CASES[case])
     k = kw.pop("k")
     torch.manual_seed(0)
@@ -100,3 +117,51 @@ def test_causal_assignment_matches_elementwise_definition_on_ties(dtype):
     assert torch.equal(m._assign_per_word(x), definition)
     one_at_a_time = torch.stack([m._assign_per_word(x[:, t]) for t in range(x.size(1))], 1)
     assert torch.equal(one_at_a_time, definition)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(k=4), dict(k=4, previous_block=False), dict(k="auto", max_clusters=8), dict(k=3, causal=True, window=5),
+     dict(k=3, causal=True, window=5, local_heads=1)],
+    ids=["encoder", "no-previous-block", "auto", "causal", "causal-local-heads"],
+)
+def test_flash_kernel_and_sdpa_give_the_same_outputs_and_gradients(kw, monkeypatch):
+    """The chunked flash backward (several chunks, chunk edges inside sequences) against sdpa's
+    autograd, on every gradient, with left and right padding."""
+    if cluster_attention._FLASH_CPU_OPS is None:
+        pytest.skip("this torch has no CPU flash-attention op with masks")  # pragma: no cover
+    kw = dict(kw)
+    k = kw.pop("k")
+    torch.manual_seed(4)
+    m = ClusterAttention(32, 4, k, **kw).double()
+    x = torch.randn(5, 29, 32, dtype=torch.float64)
+    kpm = torch.zeros(5, 29, dtype=torch.bool)
+    kpm[1, :7] = kpm[2, 20:] = kpm[4, 1:] = True
+    results = {}
+    monkeypatch.setattr(cluster_attention, "_BACKWARD_CHUNK_BYTES", 4096)  # 16 chunks, most mid-sequence
+    for flash in (True, False):
+        monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", flash)
+        xx = x.clone().requires_grad_(True)
+        m.zero_grad()
+        out, info = m(xx, kpm)
+        (out.sin().sum() + info.clustering_loss + info.sorting_loss).backward()
+        results[flash] = [out.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_attention_dropout_in_training(causal):
+    """With dropout (sdpa's path), training outputs differ from evaluation, and gradients reach
+    every projection and are finite."""
+    torch.manual_seed(5)
+    m = ClusterAttention(16, 2, 3, dropout=0.5, causal=causal, window=4)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    out, _ = m(x)
+    out.pow(2).sum().backward()
+    with torch.no_grad():
+        evaluated, _ = m.eval()(x)
+    assert not torch.allclose(out, evaluated)
+    for p in (m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight):
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    assert torch.isfinite(x.grad).all()

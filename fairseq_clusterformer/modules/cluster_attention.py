@@ -96,68 +96,195 @@ def _gather_rows(t: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
 
 
 class _GatherProject(torch.autograd.Function):
-    """Words in block order, projected by the stacked q|k|v weight; keys/values optionally paired.
+    """Words in block order, projected by the stacked q|k|v weight.
 
-    x: (B N) x d words; index: rows of x making the block layout: with ``paired``, W filler rows
-    then M blocks of W slots, else just the M W slots. inverse / inverse_pad: the block-layout
-    row of each word (see above). Returns q (M x W x H x hd) and k, v (M x n_keys x H x hd).
-    With ``paired``, block m's keys are layout rows [m W, m W + 2W): the block before it (the
-    filler rows for m = 0) and its own, as overlapping strided views of the projection, so each
-    key and value is computed and stored once; the backward folds both halves of their
-    gradients back onto the rows.
+    x: (B N) x d words; index: rows of x making the block layout (with ``paired``, W filler rows
+    first; see _block_attention); inverse / inverse_pad: the block-layout row of each word (see
+    above). Returns the layout rows x 3d projection. Its backward receives the gradient in the
+    same rows x 3d form (_FlashBlockAttention and _PairedViews write it so), which takes one matmul for the input
+    gradient and one for the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, index, inverse, inverse_pad, weight, bias, W: int, H: int, hd: int, paired: bool):
-        qkv = F.linear(x.index_select(0, index), weight, bias)  # rows x 3d (the gathered words are freed)
-        rows, width = qkv.shape
-        d = width // 3
-        filler = W if paired else 0
-        M = (rows - filler) // W
+    def forward(ctx, x, index, inverse, inverse_pad, weight, bias):
         ctx.save_for_backward(x, index, inverse, inverse_pad, weight)
-        ctx.dims = (M, W, H, hd, filler)
         ctx.has_bias = bias is not None
-        q = qkv[filler:, :d].view(M, W, H, hd)
-        if not paired:
-            return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
-        pair = lambda offset: qkv.as_strided(  # noqa: E731
-            (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
+        return F.linear(x.index_select(0, index), weight, bias)  # rows x 3d (the gathered words are freed)
+
+    @staticmethod
+    def backward(ctx, grad_qkv: Tensor):
+        x, index, inverse, inverse_pad, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gather_rows(torch.mm(grad_qkv, weight), inverse, inverse_pad)
+        if ctx.needs_input_grad[4]:
+            grad_weight = torch.mm(grad_qkv.t(), x.index_select(0, index))  # recomputed: cheaper than keeping it
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_qkv.sum(0)
+        return grad_x, None, None, None, grad_weight, grad_bias
+
+
+def _find_flash_cpu_ops():
+    """torch's CPU flash-attention forward and backward ops, if this torch has them with masks."""
+    try:
+        ops = (
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
         )
-        return q, pair(d), pair(2 * d)
+        if all("attn_mask" in str(op.default._schema) for op in ops):
+            return ops
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_FLASH_CPU_OPS = _find_flash_cpu_ops()
+# False: always compute block attention with F.scaled_dot_product_attention (and its autograd).
+# The tests run both paths.
+USE_FLASH_CPU_KERNEL = True
+# The flash path's backward runs over chunks of blocks of about this many bytes of q|k|v
+# gradient (at most _MAX_BACKWARD_CHUNKS chunks): only one chunk's kernel output is alive beside
+# the rows x 3d gradient. Small chunks also keep the allocator's heap from growing: measured at
+# N = 2048, batch 20, d 512 (424 MB of block gradients), the peak resident memory of a training
+# step was 772 / 782 / 828 / 908 MiB with chunks of 1 / 4 / 16 / 64 MiB, and the time the same.
+_BACKWARD_CHUNK_BYTES = 4 << 20
+_MAX_BACKWARD_CHUNKS = 256
+
+
+def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """q (M x W x H x hd) and k, v (M x n_keys x H x hd) as views of the rows x 3d projection.
+
+    With ``paired``, the first W rows are filler and block m's keys are rows [m W, m W + 2W): the
+    block before it (the filler for m = 0) and its own, as overlapping strided views, so each key
+    and value is computed and stored once.
+    """
+    rows, width = qkv.shape
+    d = width // 3
+    filler = W if paired else 0
+    M = (rows - filler) // W
+    q = qkv[filler:, :d].view(M, W, H, hd)
+    if not paired:
+        return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
+    pair = lambda offset: qkv.as_strided(  # noqa: E731
+        (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
+    )
+    return q, pair(d), pair(2 * d)
+
+
+def _additive_mask(allowed: Tensor, dtype) -> Tensor:
+    """bool mask (True: may attend) -> 0 / -inf in ``dtype``, the form the flash kernel takes."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _new_qkv_grad(qkv: Tensor, W: int, paired: bool) -> Tensor:
+    """An uninitialised gradient for qkv, but for the filler rows, which only _add_block_grads
+    adds to (the previous-block keys of block 0, all masked), and which are zeroed here."""
+    grad = torch.empty_like(qkv)
+    if paired:
+        grad[:W].zero_()
+    return grad
+
+
+def _add_block_grads(grad_qkv: Tensor, first: int, gq: Tensor, gk: Tensor, gv: Tensor, W: int, paired: bool):
+    """Writes the q, k, v gradients of query blocks [first, first + c) into grad_qkv (rows x 3d,
+    from _new_qkv_grad; call it for consecutive chunks of blocks in order).
+
+    gq: c x W x H x hd; gk, gv: c x n_keys x H x hd. A paired query block m's keys are layout
+    blocks m (its previous block) and m + 1 (its own): the own halves are copied to layout blocks
+    [first + 1, first + c], then the previous halves added to [first, first + c). Every layout
+    block is so written once and then added to once (layout block 0: only added to), so the
+    overlapping keys are summed without a 2x-sized copy, and without zeroing the gradient first.
+    """
+    c = gq.size(0)
+    d = grad_qkv.size(1) // 3
+    layout = grad_qkv.view(-1, W, 3, d)  # layout blocks x W x {q, k, v} x d
+    own = first + 1 if paired else first  # layout block of the first query block
+    layout[own : own + c, :, 0].copy_(gq.reshape(c, W, d))
+    for part, g in ((1, gk), (2, gv)):
+        g = g.reshape(c, -1, d)
+        layout[own : own + c, :, part].copy_(g[:, -W:])
+        if paired:
+            layout[first : first + c, :, part] += g[:, :W]
+
+
+class _PairedViews(torch.autograd.Function):
+    """q, k, v as views of the rows x 3d projection (_qkv_views), for F.scaled_dot_product_attention.
+
+    Its backward folds the gradients of the overlapping key/value views (each M x 2W, twice the
+    size of k and v) into one rows x 3d gradient. Used where _FlashBlockAttention is not: on CUDA,
+    with attention dropout, or with a torch that lacks the CPU flash op.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, W: int, H: int, hd: int, paired: bool):
+        ctx.dims = (W, paired)
+        ctx.save_for_backward(qkv)
+        return _qkv_views(qkv, W, H, hd, paired)
 
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
-        x, index, inverse, inverse_pad, weight = ctx.saved_tensors
-        M, W, H, hd, filler = ctx.dims
-        d = H * hd
-        if filler:
-            # Fold k and v: layout block r holds the previous block of block r (r < M) and the own
-            # block of block r - 1 (r >= 1).
-            grad_kv = grad_k.new_empty(M + 1, W, 2, H, hd)
-            for g, part in ((grad_k, 0), (grad_v, 1)):  # k, then v
-                dst = grad_kv[:, :, part]
-                torch.add(g[1:, :W], g[:-1, W:], out=dst[1:M])
-                dst[0].copy_(g[0, :W])
-                dst[M].copy_(g[M - 1, W:])
-            pieces = [(grad_q.reshape(M * W, d), filler, 0), (grad_kv.view((M + 1) * W, 2 * d), 0, d)]
-        else:
-            pieces = [(g.reshape(M * W, d), 0, i * d) for i, g in enumerate((grad_q, grad_k, grad_v))]
-        pieces.sort(key=lambda p: p[1])  # a piece covering every layout row first
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            g, _, col = pieces[0]
-            grad_xs = torch.mm(g, weight[col : col + g.size(1)])
-            for g, row, col in pieces[1:]:  # q (and v, unpaired)
-                grad_xs[row:].addmm_(g, weight[col : col + g.size(1)])
-            grad_x = _gather_rows(grad_xs, inverse, inverse_pad)
-        if ctx.needs_input_grad[4]:
-            xs = x.index_select(0, index)  # recomputed: cheaper than keeping it
-            grad_weight = torch.empty_like(weight)
-            for g, row, col in pieces:
-                torch.mm(g.t(), xs[row:], out=grad_weight[col : col + g.size(1)])
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = torch.cat([g.sum(0) for g, _, _ in sorted(pieces, key=lambda p: p[2])])
-        return grad_x, None, None, None, grad_weight, grad_bias, None, None, None, None
+        W, paired = ctx.dims
+        grad_qkv = _new_qkv_grad(ctx.saved_tensors[0], W, paired)
+        _add_block_grads(grad_qkv, 0, grad_q, grad_k, grad_v, W, paired)
+        return grad_qkv, None, None, None, None
+
+
+class _FlashBlockAttention(torch.autograd.Function):
+    """Attention of every block's queries to its keys on the rows x 3d q|k|v projection, with
+    torch's CPU flash-attention kernels and a backward that runs in chunks of blocks.
+
+    qkv: rows x 3d (see _qkv_views); allowed: M x 1 x W x n_keys bool, True where a query may see
+    a key. Returns the attention output, (M W) x (H hd), rows in block-slot order.
+
+    Why: with paired keys, k and v are overlapping views, and F.scaled_dot_product_attention's
+    autograd returns their gradients as separate M x 2W tensors, twice the size of k and v, all
+    at once; beside qkv, the saved output and the incoming gradient, that made the attention
+    backward the layer's memory peak (about 11 B N d floats, against about 9 for full attention
+    with sdpa). Here the backward runs the same flash backward kernel on chunks of blocks and
+    adds each chunk's gradients straight into one rows x 3d gradient: the same arithmetic, and
+    one chunk of extra memory instead of two copies of k and v.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool):
+        q, k, v = (t.transpose(1, 2) for t in _qkv_views(qkv, W, H, hd, paired))  # M x H x W|n_keys x hd
+        out, lse = _FLASH_CPU_OPS[0](q, k, v, 0.0, False, attn_mask=_additive_mask(allowed, qkv.dtype))
+        ctx.dims = (W, H, hd, paired)
+        ctx.save_for_backward(qkv, allowed, out, lse)
+        # out: M x H x W x hd, laid out as M x W x H x hd like the queries, so this is a view.
+        return out.transpose(1, 2).reshape(-1, H * hd)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        W, H, hd, paired = ctx.dims
+        qkv, allowed, out, lse = ctx.saved_tensors
+        q, k, v = (t.transpose(1, 2) for t in _qkv_views(qkv, W, H, hd, paired))
+        grad_out = grad_out.reshape(-1, W, H, hd).transpose(1, 2)  # M x H x W x hd
+        grad_qkv = _new_qkv_grad(qkv, W, paired)
+        M = q.size(0)
+        block_bytes = (q.size(2) + 2 * k.size(2)) * H * hd * qkv.element_size()  # one block's gradients
+        n_chunks = min(_MAX_BACKWARD_CHUNKS, max(1, (M * block_bytes) // _BACKWARD_CHUNK_BYTES))
+        size = -(-M // n_chunks)
+        # A loop over memory-sized chunks (each one kernel call over many blocks), not over blocks.
+        for first in range(0, M, size):
+            c = slice(first, first + size)
+            gq, gk, gv = _FLASH_CPU_OPS[1](
+                grad_out[c], q[c], k[c], v[c], out[c], lse[c], 0.0, False,
+                attn_mask=_additive_mask(allowed[c], qkv.dtype),
+            )  # M_c x H x W|n_keys x hd
+            _add_block_grads(grad_qkv, first, gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), W, paired)
+        return grad_qkv, None, None, None, None, None
+
+
+def _block_sdpa(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool, dropout_p: float) -> Tensor:
+    """Block attention on the rows x 3d projection -> (M W) x (H hd), rows in block-slot order."""
+    if USE_FLASH_CPU_KERNEL and _FLASH_CPU_OPS is not None and qkv.device.type == "cpu" and dropout_p == 0.0:
+        return _FlashBlockAttention.apply(qkv, allowed, W, H, hd, paired)
+    q, k, v = _PairedViews.apply(qkv, W, H, hd, paired)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, dropout_p=dropout_p
+    )  # M x H x W x hd, laid out as M x W x H x hd like the queries
+    return out.transpose(1, 2).reshape(-1, H * hd)
 
 
 class _ScatterProject(torch.autograd.Function):
@@ -483,22 +610,14 @@ class ClusterAttention(nn.Module):
         slot = torch.add(slot, arange_b, alpha=M * W).view(-1)  # block row of each word
         slot = slot if pad_rows is None else slot.masked_fill_(pad_rows, 0)
         biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
-        q, k, v = _GatherProject.apply(
+        qkv = _GatherProject.apply(
             x.reshape(B * N, d), index, slot + filler, pad_rows,
             torch.cat([p.weight[cols] for p in (self.q_proj, self.k_proj, self.v_proj)]),
             None if biases[0] is None else torch.cat([b[cols] for b in biases]),
-            W, H, hd, paired,
-        )  # (B M) x W | n_keys x H x hd
-        n_keys = k.size(1)
-        mask = (key_ok | slot_pad[..., None]).expand(B, M, W, n_keys)  # B x M x W x n_keys
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask.reshape(B * M, 1, W, n_keys),
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B M) x H x W x hd, laid out as (B M) x W x H x hd like the queries
-        out = out.transpose(1, 2).reshape(B * M * W, H * hd)
+        )  # layout rows x 3 H hd
+        n_keys = 2 * W if paired else W
+        allowed = (key_ok | slot_pad[..., None]).expand(B, M, W, n_keys).reshape(B * M, 1, W, n_keys)
+        out = _block_sdpa(qkv, allowed, W, H, hd, paired, self.dropout if self.training else 0.0)  # (B M W) x H hd
         out_weight = self.out_proj.weight if heads is None else self.out_proj.weight[:, cols]
         out = _ScatterProject.apply(
             out, slot, pad_rows, src, slot_pad.expand(B, M, W).reshape(-1), out_weight, self.out_proj.bias if h0 == 0 else None
