@@ -6,7 +6,8 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
   cluster         ClusterAttention, encoder variant: k clusters, blocks of w = ceil(N/k) sorted
                   words attending to their own and the previous block; the clustering and
                   sorting losses are part of the backward pass.
-  cluster-causal  ClusterAttention, causal (decoder) variant, window = ceil(N/k) unless --window.
+  cluster-causal  ClusterAttention, causal (decoder) variant, window = ceil(N/k) unless --window,
+                  with --local-heads local heads (default half, as the fairseq decoder's default).
   full            fairseq.modules.MultiheadAttention(d, heads, self_attention=True), called as
                   fairseq-train calls it: time-first T x B x C, key_padding_mask,
                   need_weights=False. This goes to torch's F.multi_head_attention_forward and on
@@ -124,7 +125,18 @@ def _limit_memory(cap_gb):
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
 
-def build(impl, d, heads, k, n, window, device):
+def local_head_count(spec, heads):
+    """--local-heads: 'half' (heads // 2, the fairseq decoder's default) or an integer in [0, heads]."""
+    try:
+        count = heads // 2 if spec == "half" else int(spec)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= heads:
+        raise ValueError(f"--local-heads must be 'half' or an integer in [0, {heads}], got {spec!r}")
+    return count
+
+
+def build(impl, d, heads, k, n, window, device, local_heads="half"):
     """Returns (step(x, kpm) -> (out, extra loss or None), time_first, module)."""
     import torch
     import torch.nn.functional as F
@@ -133,7 +145,9 @@ def build(impl, d, heads, k, n, window, device):
     if impl in CLUSTER_IMPLS:
         ClusterAttention = _cluster_attention_module().ClusterAttention
 
-        kwargs = dict(causal=True, window=window or -(-n // k)) if impl == "cluster-causal" else {}
+        kwargs = {}
+        if impl == "cluster-causal":
+            kwargs = dict(causal=True, window=window or -(-n // k), local_heads=local_head_count(local_heads, heads))
         m = ClusterAttention(d, heads, k, max_clusters=max(256, k), **kwargs).to(device)
 
         def step(x, kpm):
@@ -203,7 +217,7 @@ class Runner:
         self.train = cfg["mode"] == "train"
         torch.manual_seed(0)
         B, N, d = batch or cfg["batch"], n or cfg["n"], cfg["d"]
-        self.step_fn, time_first, self.module = build(impl, d, cfg["heads"], k, N, cfg["window"], self.device)
+        self.step_fn, time_first, self.module = build(impl, d, cfg["heads"], k, N, cfg["window"], self.device, cfg.get("local_heads", "half"))
         self.module.train(self.train)
         self.x = torch.randn(*((N, B, d) if time_first else (B, N, d)), device=self.device).requires_grad_(self.train)
         self.kpm = torch.zeros(B, N, dtype=torch.bool, device=self.device)
@@ -464,6 +478,10 @@ def run_benchmark(args, p):
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         p.error(f"unknown impl {bad}; choose from {', '.join(IMPLS)}")
+    try:
+        local_head_count(args.local_heads, args.heads)
+    except ValueError as e:
+        p.error(str(e))
     modes = [m.strip() for m in args.mode.split(",")]
     if any(m not in ("train", "forward") for m in modes):
         p.error("--mode must be train, forward or train,forward")
@@ -472,7 +490,8 @@ def run_benchmark(args, p):
     import torch
 
     print(f"# torch {torch.__version__}, device {args.device}, threads {args.threads} "
-          f"(os.cpu_count {os.cpu_count()}), d {args.d}, heads {args.heads}, warmup {args.warmup}, "
+          f"(os.cpu_count {os.cpu_count()}), d {args.d}, heads {args.heads}, cluster-causal local heads "
+          f"{local_head_count(args.local_heads, args.heads)}, warmup {args.warmup}, "
           f"repeats <= {args.repeats}, time cap {args.time_cap:g} s/step, budget {args.budget:g} s of timed "
           f"rounds per (mode, N), mem cap {args.mem_cap_gb:g} GiB", flush=True)
     t_all = time.perf_counter()
@@ -492,7 +511,7 @@ def run_benchmark(args, p):
             for n in lengths:
                 batch = auto_batch(n, args)
                 base = dict(n=n, batch=batch, mode=mode, device=args.device, d=args.d, heads=args.heads,
-                            window=args.window, threads=args.threads)
+                            window=args.window, local_heads=args.local_heads, threads=args.threads)
                 done = set()
                 for impl, ks in series:
                     k = k_value(ks, n) if ks else None
@@ -538,6 +557,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=0, help="fixed batch (default: 20, lowered above N=2048, see docs)")
     p.add_argument("--k", default="sqrt,3", help="clusters for the cluster impls: sqrt (= ceil(sqrt N)) and/or integers")
     p.add_argument("--window", type=int, default=0, help="cluster-causal window (default ceil(N/k))")
+    p.add_argument("--local-heads", default="half",
+                   help="cluster-causal: heads that attend to the last window words of any cluster: 'half' "
+                        "(the fairseq decoder's default, --causal-local-heads) or an integer (0: all clustered)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds at most")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--d", type=int, default=512)

@@ -127,3 +127,25 @@ def test_translation_benchmark_rejects_unknown_phase():
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "--phases" in proc.stderr
+
+
+def _benchmark_attention_module():
+    spec = importlib.util.spec_from_file_location("benchmark_attention", SCRIPTS / "benchmark_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_benchmark_cluster_causal_local_heads():
+    """cluster-causal gets the fairseq decoder's default (half the heads local) unless told."""
+    module = _benchmark_attention_module()
+    _, _, m = module.build("cluster-causal", 32, 4, 4, 64, 0, "cpu")
+    assert m.causal and m.local_heads == 2 and m.window == 16
+    _, _, m = module.build("cluster-causal", 32, 4, 4, 64, 0, "cpu", local_heads="0")
+    assert m.local_heads == 0
+    for bad in ("5", "-1", "some"):
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPTS / "benchmark_attention.py"), "--heads", "4", "--local-heads", bad,
+             "--csv", "/dev/null"], cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2 and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
