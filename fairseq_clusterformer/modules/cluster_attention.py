@@ -204,7 +204,7 @@ def _add_block_grads(grad_qkv: Tensor, first: int, gq: Tensor, gk: Tensor, gv: T
         g = g.reshape(c, -1, d)
         layout[own : own + c, :, part].copy_(g[:, -W:])
         if paired:
-            layout[first : first + c, :, part] += g[:, :W]
+            layout[first : first + c, :, part].add_(g[:, :W])  # not +=, whose setitem copies the view onto itself
 
 
 class _PairedViews(torch.autograd.Function):
