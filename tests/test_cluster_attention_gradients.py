@@ -1,11 +1,11 @@
 """Gradients of ClusterAttention with respect to its inputs *and every parameter*.
 
 The module computes its backward pass by hand in five places (_Clustering, _GatherProject,
-_FlashBlockAttention, _PairedViews, _ScatterProject in cluster_attention.py), so gradcheck covers each of them, in
-both similarities, with padding (including a fully padded sequence and empty blocks), with and
-without the previous block, with k = "auto" and carried centroids, and in the causal variant,
-with block attention on torch's CPU flash kernel (chunked backward) and on
-F.scaled_dot_product_attention.
+_FlashBlockAttention, _PairedViews, _ScatterProject in cluster_attention.py), so gradcheck
+covers each of them, in both similarities, with padding (including a fully padded sequence and
+empty blocks), with and without the previous block, with k = "auto" and carried centroids, and
+in the causal variant, with block attention on torch's CPU flash kernel (chunked backward) and
+on F.scaled_dot_product_attention.
 """
 import pytest
 import torch

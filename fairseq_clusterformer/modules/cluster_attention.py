@@ -101,8 +101,8 @@ class _GatherProject(torch.autograd.Function):
     x: (B N) x d words; index: rows of x making the block layout (with ``paired``, W filler rows
     first; see _block_attention); inverse / inverse_pad: the block-layout row of each word (see
     above). Returns the layout rows x 3d projection. Its backward receives the gradient in the
-    same rows x 3d form (_FlashBlockAttention and _PairedViews write it so), which takes one matmul for the input
-    gradient and one for the weight gradient.
+    same rows x 3d form (_FlashBlockAttention and _PairedViews write it so): one matmul for the
+    input gradient and one for the weight gradient.
     """
 
     @staticmethod
