@@ -364,6 +364,10 @@ def test_bad_inputs_are_named():
         m(torch.randn(2, 5, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         m(torch.randn(2, 5, 32, dtype=torch.float64), torch.zeros(2, 6, dtype=torch.bool))
+    for shape in [(0, 5, 32), (2, 0, 32)]:
+        for module in (m, make(d=32, heads=4, k=3, causal=True, window=4)):
+            with pytest.raises(ValueError, match="at least one sequence of at least one word"):
+                module(torch.randn(*shape, dtype=torch.float64))
     assert parse_num_clusters("auto") == "auto" and parse_num_clusters("4") == 4
 
 

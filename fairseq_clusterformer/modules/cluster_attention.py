@@ -644,6 +644,8 @@ class ClusterAttention(nn.Module):
         """
         if x.dim() != 3 or x.size(-1) != self.embed_dim:
             raise ValueError(f"expected x of shape B x N x {self.embed_dim}, got {tuple(x.shape)}")
+        if x.size(0) == 0 or x.size(1) == 0:
+            raise ValueError(f"x must hold at least one sequence of at least one word, got shape {tuple(x.shape)}")
         B, N, d = x.shape
         pad = None
         if key_padding_mask is not None:
