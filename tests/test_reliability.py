@@ -106,7 +106,18 @@ def test_sigkill_mid_epoch_then_restart_finishes_with_the_same_updates(toy_bin, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(save.glob("checkpoint_*_20.pt")) and proc.poll() is None:
+
+    def last_is_update_20():
+        # fairseq writes checkpoint_E_20.pt, then copies it to checkpoint_last.pt: kill only once
+        # the copy is complete, or (on a loaded machine) checkpoint_last.pt may still be the
+        # previous, end-of-epoch one.
+        written, last = list(save.glob("checkpoint_*_20.pt")), save / "checkpoint_last.pt"
+        if not written or not last.exists():
+            return False
+        a, b = written[0].stat(), last.stat()
+        return b.st_size == a.st_size and b.st_mtime >= a.st_mtime
+
+    while time.time() < deadline and not last_is_update_20() and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
