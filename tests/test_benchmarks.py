@@ -115,9 +115,7 @@ def test_attention_benchmark_proj_floor_is_opt_in(tmp_path):
     assert sorted((r["impl"], r["mode"]) for r in rows) == [
         ("proj", "forward"), ("proj", "train"), ("sdpa", "forward"), ("sdpa", "train")]
     assert all(float(r["time_ms"]) > 0 for r in rows)
-    spec = importlib.util.spec_from_file_location("bench_attn", SCRIPTS / "benchmark_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark_attention_module()
     assert "proj" in module.IMPLS and "proj" not in module.DEFAULT_IMPLS
 
 
@@ -149,3 +147,15 @@ def test_attention_benchmark_cluster_causal_local_heads():
              "--csv", "/dev/null"], cwd=REPO, capture_output=True, text=True, timeout=60,
         )
         assert proc.returncode == 2 and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
+
+
+def test_profile_attention_smoke():
+    """The profile table's groups and the --memory mode, at a tiny size."""
+    common = [SCRIPTS / "profile_attention.py", "--n", "64", "--batch", "2", "--d", "32", "--heads", "4",
+              "--steps", "1", "--warmup", "0"]
+    table = _run(common, timeout=120)
+    for group in ("projection GEMMs", "flash kernel", "row gathers", "everything else", "total"):
+        assert f"| {group} |" in table
+    memory = _run(common + ["--memory", "--backward-chunk-mib", "0.01"], timeout=120)
+    assert "backward chunks of 0.01 MiB" in memory
+    assert float(memory.split("peak memory of one step: ")[1].split()[0]) >= 0

@@ -146,7 +146,8 @@ USE_FLASH_CPU_KERNEL = True
 # gradient (at most _MAX_BACKWARD_CHUNKS chunks): only one chunk's kernel output is alive beside
 # the rows x 3d gradient. Small chunks also keep the allocator's heap from growing: measured at
 # N = 2048, batch 20, d 512 (424 MB of block gradients), the peak resident memory of a training
-# step was 772 / 782 / 828 / 908 MiB with chunks of 1 / 4 / 16 / 64 MiB, and the time the same.
+# step was 774 / 782 / 820 / 925 MiB with chunks of 1 / 4 / 16 / 64 MiB
+# (scripts/profile_attention.py --memory --batch 20 --backward-chunk-mib C).
 _BACKWARD_CHUNK_BYTES = 4 << 20
 _MAX_BACKWARD_CHUNKS = 256
 
