@@ -28,7 +28,17 @@ install_requires = [
 
 extras_require = {
     # The suite runs smoke tests of the benchmark and experiment scripts, which plot.
-    "test": ["pytest>=7", "matplotlib", "psutil"],
+    # Exact pins where a new release could change what the suite checks or how it formats.
+    "test": [
+        "pytest>=7",
+        "pytest-xdist==3.8.0",
+        "hypothesis==6.170.15",
+        "ruff==0.17.5",
+        "matplotlib",
+        "psutil",
+        # fairseq's --tensorboard-logdir logs nothing without it (docs/scaling.md).
+        "tensorboardX==2.6.5",
+    ],
     "bench": ["matplotlib", "psutil"],
 }
 extras_require["all"] = sorted({dep for deps in extras_require.values() for dep in deps})
