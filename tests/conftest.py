@@ -23,3 +23,25 @@ def smoke_checkpoint_dir(toy_bin, tmp_path_factory):
     out = train(toy_bin, save, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION, max_update=20)
     assert "done training" in (out.stdout + out.stderr)
     return save
+
+
+# Hypothesis profiles (tests/test_properties.py). "ci", the default: derandomised (the
+# same examples on every run), about 200 examples per property, no per-example deadline
+# (the machine may be loaded). "thorough", for a developer's machine:
+# `pytest --hypothesis-profile=thorough` (fresh randomness, 10x more examples).
+from hypothesis import HealthCheck, settings
+
+_SLOW_OK = [
+    HealthCheck.too_slow,
+    HealthCheck.data_too_large,
+    HealthCheck.filter_too_much,
+]
+_COMMON = {
+    "deadline": None,
+    "database": None,
+    "suppress_health_check": _SLOW_OK,
+    "print_blob": True,
+}
+settings.register_profile("ci", derandomize=True, max_examples=200, **_COMMON)
+settings.register_profile("thorough", max_examples=2000, **_COMMON)
+settings.load_profile("ci")
