@@ -1,25 +1,27 @@
 """fairseq-clusterformer: ClusterFormer neural clustering attention as a fairseq plugin.
 
-Use it with ``--user-dir fairseq_clusterformer`` (from the repository root) or ``import
-fairseq_clusterformer``. Importing it checks the installed fairseq, allow-lists the globals that
-fairseq checkpoints need under torch's safe loader, and registers the models and criterions.
-
-The attention module itself, ``fairseq_clusterformer/modules/cluster_attention.py``, imports only
-torch: copy that one file to use neural clustering attention outside fairseq.
+``from fairseq_clusterformer.modules import ClusterAttention`` needs only torch. Where fairseq
+is installed, importing this package also registers the ``clusterformer`` model, its
+architectures and the ``label_smoothed_cross_entropy_with_clustering`` criterion (as
+``--user-dir fairseq_clusterformer`` does), after checking that the fairseq found can run them;
+a fairseq that is installed but unusable is a FairseqUnusableError naming the fix.
 """
+
+from importlib.util import find_spec
+
 from ._fairseq_check import FairseqUnusableError, check_fairseq
 
 __version__ = "0.1.0"
+__all__ = ["FairseqUnusableError", "check_fairseq", "fairseq_available"]
 
-check_fairseq()
 
-from .checkpoint_safety import (  # noqa: E402
-    allow_fairseq_checkpoint_globals,
-    guard_fairseq_checkpoint_loading,
-)
+def fairseq_available() -> bool:
+    """Whether a fairseq distribution is installed (importable or not)."""
+    try:
+        return find_spec("fairseq") is not None
+    except ValueError:  # sys.modules["fairseq"] without a spec
+        return False
 
-allow_fairseq_checkpoint_globals()
-guard_fairseq_checkpoint_loading()
 
-# fairseq's import_user_module auto-imports models/ (and tasks/) only; criterions are ours to load.
-from . import criterions, models  # noqa: E402,F401
+if fairseq_available():
+    from . import fairseq_plugin  # noqa: E402,F401  (checks fairseq, safe loading, registration)

@@ -1,6 +1,5 @@
 """The attention module against its float64 reference, and the properties issue #3 lists."""
 import copy
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -9,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_clusterformer.modules import cluster_attention
+from fairseq_clusterformer.modules import kernels
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention, parse_num_clusters
 from reference_cluster_attention import reference_forward
 
-MODULE_FILE = Path(__file__).resolve().parents[1] / "fairseq_clusterformer" / "modules" / "cluster_attention.py"
+MODULES = Path(__file__).resolve().parents[1] / "fairseq_clusterformer" / "modules"
+FAST_PATH_FILES = tuple(str(MODULES / f) for f in ("cluster_attention.py", "kernels.py"))
 
 
 def make(d=32, heads=4, k=3, dtype=torch.float64, seed=0, **kw):
@@ -289,10 +289,8 @@ def test_low_precision_masks_are_finite(dtype, causal):
 
 def _count_lines(fn):
     counts = {"n": 0}
-    target = MODULE_FILE.name
-
     def tracer(frame, event, arg):
-        if frame.f_code.co_filename.endswith(target):
+        if frame.f_code.co_filename in FAST_PATH_FILES:
             if event == "line":
                 counts["n"] += 1
             return tracer
@@ -323,13 +321,13 @@ def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal,
     assert run(2, 64, 2, 2) == base  # blocks (more of them as N grows)
     assert run(2, 8, 2, 8) == base  # clusters
     for flash in (True, False):  # torch's CPU flash kernel, or F.scaled_dot_product_attention
-        monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", flash)
+        monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", flash)
         calls = []
         real = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-        if cluster_attention._FLASH_CPU_OPS is not None:
-            fwd, bwd = cluster_attention._FLASH_CPU_OPS
-            monkeypatch.setattr(cluster_attention, "_FLASH_CPU_OPS", (lambda *a, **k: calls.append(1) or fwd(*a, **k), bwd))
+        if kernels.FLASH_CPU_OPS is not None:
+            fwd, bwd = kernels.FLASH_CPU_OPS
+            monkeypatch.setattr(kernels, "FLASH_CPU_OPS", (lambda *a, **k: calls.append(1) or fwd(*a, **k), bwd))
         make(d=32, heads=2, k=5, dtype=torch.float32, causal=causal)(torch.randn(3, 40, 32))
         assert len(calls) == 1
         monkeypatch.undo()
@@ -371,20 +369,23 @@ def test_bad_inputs_are_named():
     assert parse_num_clusters("auto") == "auto" and parse_num_clusters("4") == 4
 
 
-def test_module_file_needs_no_fairseq(tmp_path):
-    """Researchers copy cluster_attention.py into their models: it must run with torch alone."""
+def test_the_attention_package_works_without_fairseq(tmp_path):
+    """ClusterAttention in a plain PyTorch project: fairseq absent, forward, backward, decoding."""
     code = textwrap.dedent(
-        f"""
-        import importlib.util, sys
-        sys.modules['fairseq'] = None  # any fairseq import now fails
-        spec = importlib.util.spec_from_file_location('cluster_attention', {str(MODULE_FILE)!r})
-        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        """
+        import sys
+        sys.modules['fairseq'] = None  # fairseq absent: any import of it fails
         import torch
-        m = mod.ClusterAttention(16, 2, 3)
-        out, info = m(torch.randn(2, 7, 16))
-        print('OK', tuple(out.shape), [k for k in sys.modules if k == 'fairseq' or k.startswith('fairseq.')])
+        from fairseq_clusterformer.modules import ClusterAttention
+        enc = ClusterAttention(16, 2, 3)
+        out, info = enc(torch.randn(2, 7, 16, requires_grad=True))
+        (out.sum() + info.clustering_loss).backward()
+        dec = ClusterAttention(16, 2, 3, causal=True, window=4, local_heads=1)
+        y, state = dec.step(torch.randn(2, 1, 16))
+        loaded = sorted(k for k in sys.modules if k == 'fairseq' or k.startswith('fairseq.'))
+        print('OK', tuple(out.shape), tuple(y.shape), loaded, sys.modules['fairseq'])
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "OK (2, 7, 16) ['fairseq']" in proc.stdout
+    assert "OK (2, 7, 16) (2, 1, 16) ['fairseq'] None" in proc.stdout

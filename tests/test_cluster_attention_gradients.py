@@ -1,7 +1,7 @@
 """Gradients of ClusterAttention with respect to its inputs *and every parameter*.
 
 The module computes its backward pass by hand in five places (_Clustering, _GatherProject,
-_FlashBlockAttention, _PairedViews, _ScatterProject in cluster_attention.py), so gradcheck
+FlashBlockAttention, PairedViews, ScatterProject in kernels.py), so gradcheck
 covers each of them, in both similarities, with padding (including a fully padded sequence and
 empty blocks), with and without the previous block, with k = "auto" and carried centroids, and
 in the causal variant, with block attention on torch's CPU flash kernel (chunked backward) and
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fairseq_clusterformer.modules import cluster_attention
+from fairseq_clusterformer.modules import kernels
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
 CASES = {
@@ -33,10 +33,10 @@ KERNELS = ["flash", "sdpa"]
 def kernel(request, monkeypatch):
     """Block attention on torch's CPU flash kernel (its backward in several chunks) or on sdpa."""
     if request.param == "flash":
-        if cluster_attention._FLASH_CPU_OPS is None:
+        if kernels.FLASH_CPU_OPS is None:
             pytest.skip("this torch has no CPU flash-attention op with masks")  # pragma: no cover
-        monkeypatch.setattr(cluster_attention, "_BACKWARD_CHUNK_BYTES", 1)  # as many chunks as allowed
-    monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", request.param == "flash")
+        monkeypatch.setattr(kernels, "_BACKWARD_CHUNK_BYTES", 1)  # as many chunks as allowed
+    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", request.param == "flash")
     return request.param
 
 
@@ -114,8 +114,8 @@ def test_causal_assignment_matches_elementwise_definition_on_ties(dtype):
     x[0, :5] = 0
     cw = m.centroid_proj(m.centroids.to(dtype)).detach()
     definition = (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
-    assert torch.equal(m._assign_per_word(x), definition)
-    one_at_a_time = torch.stack([m._assign_per_word(x[:, t]) for t in range(x.size(1))], 1)
+    assert torch.equal(m.assign_per_word(x), definition)
+    one_at_a_time = torch.stack([m.assign_per_word(x[:, t]) for t in range(x.size(1))], 1)
     assert torch.equal(one_at_a_time, definition)
 
 
@@ -128,7 +128,7 @@ def test_causal_assignment_matches_elementwise_definition_on_ties(dtype):
 def test_flash_kernel_and_sdpa_give_the_same_outputs_and_gradients(kw, monkeypatch):
     """The chunked flash backward (several chunks, chunk edges inside sequences) against sdpa's
     autograd, on every gradient, with left and right padding."""
-    if cluster_attention._FLASH_CPU_OPS is None:
+    if kernels.FLASH_CPU_OPS is None:
         pytest.skip("this torch has no CPU flash-attention op with masks")  # pragma: no cover
     kw = dict(kw)
     k = kw.pop("k")
@@ -138,9 +138,9 @@ def test_flash_kernel_and_sdpa_give_the_same_outputs_and_gradients(kw, monkeypat
     kpm = torch.zeros(5, 29, dtype=torch.bool)
     kpm[1, :7] = kpm[2, 20:] = kpm[4, 1:] = True
     results = {}
-    monkeypatch.setattr(cluster_attention, "_BACKWARD_CHUNK_BYTES", 4096)  # 16 chunks, most mid-sequence
+    monkeypatch.setattr(kernels, "_BACKWARD_CHUNK_BYTES", 4096)  # 16 chunks, most mid-sequence
     for flash in (True, False):
-        monkeypatch.setattr(cluster_attention, "USE_FLASH_CPU_KERNEL", flash)
+        monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", flash)
         xx = x.clone().requires_grad_(True)
         m.zero_grad()
         out, info = m(xx, kpm)

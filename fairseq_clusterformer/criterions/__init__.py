@@ -1,7 +1,7 @@
 """Criterions registered by the plugin."""
-import importlib
-import os
 
-for _file in sorted(os.listdir(os.path.dirname(__file__))):
-    if _file.endswith(".py") and not _file.startswith("_"):
-        importlib.import_module(f"{__name__}.{_file[:-3]}")
+from .._fairseq_check import check_fairseq
+
+check_fairseq()
+
+from . import label_smoothed_cross_entropy_with_clustering  # noqa: E402,F401

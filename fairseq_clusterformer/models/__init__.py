@@ -1,7 +1,7 @@
-"""Models registered by the plugin (fairseq also imports every file here for --user-dir)."""
-import importlib
-import os
+"""Models registered by the plugin (fairseq's --user-dir also imports every file here)."""
 
-for _file in sorted(os.listdir(os.path.dirname(__file__))):
-    if _file.endswith(".py") and not _file.startswith("_"):
-        importlib.import_module(f"{__name__}.{_file[:-3]}")
+from .._fairseq_check import check_fairseq
+
+check_fairseq()  # a clear error where fairseq is missing or unusable
+
+from . import clusterformer  # noqa: E402,F401

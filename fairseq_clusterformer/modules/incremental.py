@@ -1,0 +1,194 @@
+"""Exact incremental decoding for the causal variant: the cache, one step, beam reordering.
+
+The functions take the ClusterAttention layer (``attn``) as their first argument;
+``ClusterAttention.init_state`` / ``step`` / ``reorder_state`` call them.
+
+Two cache layouts, because beam search reorders the whole cache at every step:
+    ring    per sequence and cluster, a ring buffer of the last ``window`` keys and values
+            (and one ring of the last ``window`` words for the local heads): O(window d) per
+            step and a fixed size, K window slots from the first step on;
+    auto    the keys, values and clusters of the whole prefix, as a standard decoder keeps
+            them, switched to the ring layout once the prefix reaches K window positions. It
+            holds far less while outputs are short (most translations never switch), so beam
+            search copies less. fairseq's adapter uses it.
+Both give the same outputs as the full causal forward (tests/test_cluster_attention_decoding.py).
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring") -> Dict[str, Tensor]:
+    """An empty cache for incremental decoding (batch on dim 0).
+
+    ``mode="ring"``: per sequence and cluster, a ring buffer of the last ``window`` keys and
+    values (K x window slots from the first step on): O(window * d) per step whatever the
+    length. ``mode="auto"``: first the keys, values and clusters of the whole prefix, as a
+    standard decoder keeps them (O(t * d) per step), switched to the ring buffers once the
+    prefix reaches K x window positions. Both give the same outputs; "auto" keeps far less
+    while the output is short, which matters in beam search, where the whole cache is
+    reordered at every step (fairseq's adapter uses it).
+    """
+    K, w, H, hd = attn.num_clusters, attn.window, attn.num_heads, attn.head_dim
+    Hl = attn.local_heads
+    p = attn.q_proj.weight
+    device = device or p.device
+    dtype = dtype or p.dtype
+    if mode == "auto":
+        return {
+            "prefix_key": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
+            "prefix_value": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
+            "prefix_cluster": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+        }
+    if mode != "ring":
+        raise ValueError(f"mode must be 'ring' or 'auto', got {mode!r}")
+    return {  # clustered heads (Hl..H-1): per cluster; local heads (0..Hl-1): one ring of any cluster
+        "cluster_key": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
+        "cluster_value": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
+        "cluster_count": torch.zeros(batch_size, K, dtype=torch.long, device=device),
+        "local_key": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
+        "local_value": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
+        "local_count": torch.zeros(batch_size, dtype=torch.long, device=device),
+    }
+
+def step(
+    attn, x: Tensor, state: Optional[Dict[str, Tensor]] = None, key_padding_mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Decode one position (causal variant): x is B x 1 x d (or B x d).
+
+    The state (``init_state``; None starts a ring-buffer one) holds per sequence and cluster
+    the last ``window`` keys and values and the number of words seen, or (``mode="auto"``)
+    the whole prefix until it reaches K x window positions. A padding step
+    (``key_padding_mask`` True) changes nothing that later steps see and outputs zero
+    before ``out_proj``. Returns (B x 1 x d output, new state); ring buffers are updated in
+    place.
+    """
+    if not attn.causal:
+        raise RuntimeError("step() is for the causal variant; the encoder variant sees the whole sequence")
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[:, None]
+    if x.dim() != 3 or x.size(1) != 1 or x.size(-1) != attn.embed_dim:
+        raise ValueError(f"step() takes one position, B x 1 x {attn.embed_dim}; got {tuple(x.shape)}")
+    B, _, d = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    if state is None:
+        state = init_state(attn, B, x.device, x.dtype)
+    real = torch.ones(B, dtype=torch.bool, device=x.device)
+    if key_padding_mask is not None:
+        real = ~key_padding_mask.reshape(B).to(torch.bool)
+
+    x0 = x[:, 0]  # B x d
+    cluster = attn.assign_per_word(x0)  # B
+    # Three matmuls, not one on concatenated weights: a step has few rows, and concatenating
+    # the 3 d x d weights would copy more memory than the matmuls read.
+    q, k, v = (p(x0).view(B, H, hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    if "prefix_key" in state:
+        out, state = _attend_prefix(attn, state, q, k, v, cluster, real)
+    else:
+        out = _attend_rings(attn, state, q, k, v, cluster, real)  # updates the rings in place
+    out = out.reshape(B, 1, d) * real[:, None, None].to(out.dtype)  # B x H x 1 x hd -> B x 1 x d
+    out = attn.out_proj(out)
+    return (out[:, 0] if squeeze else out), state
+
+
+def _attend_prefix(attn, state, q, k, v, cluster, real):
+    """The "auto" cache while it holds the whole prefix. q, k, v: B x H x hd of this word;
+    cluster: B; real: B (False at a padding step). Returns (B x H x 1 x hd, new state)."""
+    H, w, Hl = attn.num_heads, attn.window, attn.local_heads
+    # A clustered head attends to the last w words of this word's cluster, a local head to the
+    # last w real words; both include the word itself.
+    keys = torch.cat([state["prefix_key"], k[:, None]], 1)  # B x t+1 x H x hd
+    values = torch.cat([state["prefix_value"], v[:, None]], 1)
+    clusters = torch.cat([state["prefix_cluster"], cluster.masked_fill(~real, -1)[:, None]], 1)  # -1: padding
+    same = clusters == cluster[:, None]  # B x t+1
+    visible = (same & (same.flip(1).cumsum(1).flip(1) <= w))[:, None, :]  # at most w from here on
+    if Hl:
+        seen = clusters >= 0
+        recent = (seen & (seen.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
+        is_local = torch.arange(H, device=q.device)[None, :, None] < Hl
+        visible = torch.where(is_local, recent, visible)  # B x H x t+1
+    visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
+    state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
+    if keys.size(1) >= attn.num_clusters * w:
+        state = prefix_to_ring(attn, keys, values, clusters)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, :, None, :]
+    )  # B x H x 1 x hd
+    return out, state
+
+
+def _attend_rings(attn, state, q, k, v, cluster, real):
+    """The ring-buffer cache: writes this word into its rings (padding steps write nothing) and
+    attends to them. Returns B x H x 1 x hd."""
+    B, H, _ = q.shape
+    w, Hl = attn.window, attn.local_heads
+    batch = torch.arange(B, device=q.device)
+    ring_slot = torch.arange(w, device=q.device)[None, :]
+    parts = []
+    if Hl:
+        # Local heads: one ring buffer of the last w real words.
+        seen = state["local_count"]  # B
+        slot = seen % w
+        lk, lv = state["local_key"], state["local_value"]
+        lk[batch, slot] = torch.where(real[:, None, None], k[:, :Hl], lk[batch, slot])
+        lv[batch, slot] = torch.where(real[:, None, None], v[:, :Hl], lv[batch, slot])
+        state["local_count"] = seen + real.long()
+        visible = (ring_slot < state["local_count"].clamp(max=w)[:, None]) | ~real[:, None]  # B x w
+        parts.append(
+            F.scaled_dot_product_attention(
+                q[:, :Hl, None, :], lk.transpose(1, 2), lv.transpose(1, 2), attn_mask=visible[:, None, None, :]
+            )
+        )
+    if Hl < H:
+        keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
+        seen = count[batch, cluster]  # B: words of this cluster so far
+        slot = seen % w
+        old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
+        keys[batch, cluster, slot] = torch.where(real[:, None, None], k[:, Hl:], old_k)
+        values[batch, cluster, slot] = torch.where(real[:, None, None], v[:, Hl:], old_v)
+        count[batch, cluster] = seen + real.long()
+
+        keys, values = keys[batch, cluster], values[batch, cluster]  # B x w x H-Hl x hd
+        visible = ring_slot < count[batch, cluster].clamp(max=w)[:, None]  # B x w
+        visible = visible | ~real[:, None]  # a padding step's (discarded) row stays finite
+        parts.append(
+            F.scaled_dot_product_attention(
+                q[:, Hl:, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :]
+            )
+        )
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
+
+def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
+    """The ring-buffer state equal to a whole-prefix one: the n-th word of cluster c (n from 0)
+    sits in slot n % w of c's buffer, if it is among c's last w words."""
+    B, T = clusters.shape
+    K, w = attn.num_clusters, attn.window
+    real = clusters >= 0
+    c = clusters.clamp(min=0)
+    seen = (F.one_hot(c, K) * real[..., None]).cumsum(1)  # B x T x K: words of each cluster so far
+    count = seen[:, -1]  # B x K
+    n = seen.gather(2, c[..., None])[..., 0] - 1  # B x T: index of each word within its cluster
+    keep = real & (count.gather(1, c) - n <= w)
+    b, j = keep.nonzero(as_tuple=True)
+    state = init_state(attn, B, keys.device, keys.dtype)
+    Hl = attn.local_heads
+    state["cluster_key"][b, c[b, j], n[b, j] % w] = keys[b, j, Hl:]
+    state["cluster_value"][b, c[b, j], n[b, j] % w] = values[b, j, Hl:]
+    state["cluster_count"] = count
+    # Local heads: the m-th real word (from 0) sits in slot m % w if it is among the last w.
+    m = real.long().cumsum(1) - 1  # B x T
+    total = m[:, -1] + 1
+    b, j = (real & (total[:, None] - m <= w)).nonzero(as_tuple=True)
+    state["local_key"][b, m[b, j] % w] = keys[b, j, :Hl]
+    state["local_value"][b, m[b, j] % w] = values[b, j, :Hl]
+    state["local_count"] = total
+    return state
+
+def reorder_state(state: Dict[str, Tensor], new_order: Tensor) -> Dict[str, Tensor]:
+    """Beam search: select/reorder the batch entries of a decoding state."""
+    return {name: t.index_select(0, new_order) for name, t in state.items()}

@@ -1,0 +1,381 @@
+"""The fast path's kernels: custom autograd Functions around block attention and clustering.
+
+ClusterAttention (cluster_attention.py) states the algorithm and calls these; reference.py
+computes the same with plain autograd. Each Function here exists for memory or speed, and each
+is checked against the reference path, a float64 oracle and gradcheck in tests/.
+
+Terms used throughout:
+    layout      the block layout of the sorted words: M blocks of W rows (M = B K for the encoder),
+                optionally preceded by W filler rows (``paired``: the "previous block" of block 0)
+    layout_word the word (row of the flattened B N x d input) held by each layout row
+    word_row    the layout row holding each word (in range everywhere; anything at padding)
+    word_pad    B N bool, True at padding words (None: no padding)
+    layout_empty rows of the layout that hold no real word (filler, empty slots)
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+COSINE_EPS = 1e-6  # cosine similarity: a.b / max(|a| |b|, eps)
+
+# The two row permutations around block attention (words -> block slots -> words) are one-to-one
+# on the rows that matter: every word is in exactly one block slot, and every other row (padding
+# words, filler rows, empty block slots, a real word repeated into an empty slot) has exactly zero
+# gradient (masked keys whose query outputs are never read). Their backward passes are therefore
+# gathers (``grad[word_row]``, zeroed at padding words), not autograd's zero-fill plus
+# index_add, with the same values. Each one is fused with the projection next to it, so that the
+# permuted copy of the words (or of the attention output) is a temporary, not a saved activation.
+# ``None`` for a mask means that nothing needs zeroing (a batch without padding).
+
+
+def gather_rows(t: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
+    """t[index], with the rows where ``zero`` is True set to 0 (index must be in range everywhere)."""
+    rows = t.index_select(0, index)
+    return rows if zero is None else rows.masked_fill_(zero[:, None], 0.0)
+
+
+class GatherProject(torch.autograd.Function):
+    """Words in block order, projected by the stacked q|k|v weight.
+
+    x: (B N) x d words; layout_word: the word held by each layout row (with ``paired``, W filler
+    rows first); word_row / word_pad: the layout row of each word and where words are padding.
+    Returns the layout rows x 3d projection. Its backward receives the gradient in the same
+    rows x 3d form (FlashBlockAttention and PairedViews write it so): one matmul for the input
+    gradient and one for the weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout_word, word_row, word_pad, weight, bias):
+        ctx.save_for_backward(x, layout_word, word_row, word_pad, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.index_select(0, layout_word), weight, bias)  # rows x 3d (the gathered words are freed)
+
+    @staticmethod
+    def backward(ctx, grad_qkv: Tensor):
+        x, layout_word, word_row, word_pad, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gather_rows(torch.mm(grad_qkv, weight), word_row, word_pad)
+        if ctx.needs_input_grad[4]:
+            # recomputed: cheaper than keeping the gathered words alive
+            grad_weight = torch.mm(grad_qkv.t(), x.index_select(0, layout_word))
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = grad_qkv.sum(0)
+        return grad_x, None, None, None, grad_weight, grad_bias
+
+
+def _find_flash_cpu_ops():
+    """torch's CPU flash-attention forward and backward ops, if this torch has them with masks."""
+    try:
+        ops = (
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        )
+        if all("attn_mask" in str(op.default._schema) for op in ops):
+            return ops
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+FLASH_CPU_OPS = _find_flash_cpu_ops()
+# False: always compute block attention with F.scaled_dot_product_attention (and its autograd).
+# The tests run both paths.
+USE_FLASH_CPU_KERNEL = True
+# The flash path's backward runs over chunks of blocks of about this many bytes of q|k|v
+# gradient (at most _MAX_BACKWARD_CHUNKS chunks): only one chunk's kernel output is alive beside
+# the rows x 3d gradient. Small chunks also keep the allocator's heap from growing: measured at
+# N = 2048, batch 20, d 512 (424 MB of block gradients), the peak resident memory of a training
+# step was 774 / 782 / 820 / 925 MiB with chunks of 1 / 4 / 16 / 64 MiB
+# (scripts/profile_attention.py --memory --batch 20 --backward-chunk-mib C).
+_BACKWARD_CHUNK_BYTES = 4 << 20
+_MAX_BACKWARD_CHUNKS = 256
+
+
+def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """q (M x W x H x hd) and k, v (M x n_keys x H x hd) as views of the rows x 3d projection.
+
+    With ``paired``, the first W rows are filler and block m's keys are rows [m W, m W + 2W): the
+    block before it (the filler for m = 0) and its own, as overlapping strided views, so each key
+    and value is computed and stored once.
+    """
+    rows, width = qkv.shape
+    d = width // 3
+    filler = W if paired else 0
+    M = (rows - filler) // W
+    q = qkv[filler:, :d].view(M, W, H, hd)
+    if not paired:
+        return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
+    pair = lambda offset: qkv.as_strided(  # noqa: E731
+        (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
+    )
+    return q, pair(d), pair(2 * d)
+
+
+def _additive_mask(allowed: Tensor, dtype) -> Tensor:
+    """bool mask (True: may attend) -> 0 / -inf in ``dtype``, the form the flash kernel takes."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _new_qkv_grad(qkv: Tensor, W: int, paired: bool) -> Tensor:
+    """An uninitialised gradient for qkv, but for the filler rows, which only _add_block_grads
+    adds to (the previous-block keys of block 0, all masked), and which are zeroed here."""
+    grad = torch.empty_like(qkv)
+    if paired:
+        grad[:W].zero_()
+    return grad
+
+
+def _add_block_grads(grad_qkv: Tensor, first: int, gq: Tensor, gk: Tensor, gv: Tensor, W: int, paired: bool):
+    """Writes the q, k, v gradients of query blocks [first, first + c) into grad_qkv (rows x 3d,
+    from _new_qkv_grad; call it for consecutive chunks of blocks in order).
+
+    gq: c x W x H x hd; gk, gv: c x n_keys x H x hd. A paired query block m's keys are layout
+    blocks m (its previous block) and m + 1 (its own): the own halves are copied to layout blocks
+    [first + 1, first + c], then the previous halves added to [first, first + c). Every layout
+    block is so written once and then added to once (layout block 0: only added to), so the
+    overlapping keys are summed without a 2x-sized copy, and without zeroing the gradient first.
+    """
+    c = gq.size(0)
+    d = grad_qkv.size(1) // 3
+    layout = grad_qkv.view(-1, W, 3, d)  # layout blocks x W x {q, k, v} x d
+    own = first + 1 if paired else first  # layout block of the first query block
+    layout[own : own + c, :, 0].copy_(gq.reshape(c, W, d))
+    for part, g in ((1, gk), (2, gv)):
+        g = g.reshape(c, -1, d)
+        layout[own : own + c, :, part].copy_(g[:, -W:])
+        if paired:
+            layout[first : first + c, :, part].add_(g[:, :W])  # not +=, whose setitem copies the view onto itself
+
+
+class PairedViews(torch.autograd.Function):
+    """q, k, v as views of the rows x 3d projection (_qkv_views), for F.scaled_dot_product_attention.
+
+    Its backward folds the gradients of the overlapping key/value views (each M x 2W, twice the
+    size of k and v) into one rows x 3d gradient. Used where FlashBlockAttention is not: on CUDA,
+    with attention dropout, or with a torch that lacks the CPU flash op.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, W: int, H: int, hd: int, paired: bool):
+        ctx.dims = (W, paired)
+        ctx.save_for_backward(qkv)
+        return _qkv_views(qkv, W, H, hd, paired)
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):
+        W, paired = ctx.dims
+        grad_qkv = _new_qkv_grad(ctx.saved_tensors[0], W, paired)
+        _add_block_grads(grad_qkv, 0, grad_q, grad_k, grad_v, W, paired)
+        return grad_qkv, None, None, None, None
+
+
+class FlashBlockAttention(torch.autograd.Function):
+    """Attention of every block's queries to its keys on the rows x 3d q|k|v projection, with
+    torch's CPU flash-attention kernels and a backward that runs in chunks of blocks.
+
+    qkv: rows x 3d (see _qkv_views); allowed: M x 1 x W x n_keys bool, True where a query may see
+    a key. Returns the attention output, (M W) x (H hd), rows in block-slot order.
+
+    Why: with paired keys, k and v are overlapping views, and F.scaled_dot_product_attention's
+    autograd returns their gradients as separate M x 2W tensors, twice the size of k and v, all
+    at once; beside qkv, the saved output and the incoming gradient, that made the attention
+    backward the layer's memory peak (about 11 B N d floats, against about 9 for full attention
+    with sdpa). Here the backward runs the same flash backward kernel on chunks of blocks and
+    adds each chunk's gradients straight into one rows x 3d gradient: the same arithmetic, and
+    one chunk of extra memory instead of two copies of k and v.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool):
+        q, k, v = (t.transpose(1, 2) for t in _qkv_views(qkv, W, H, hd, paired))  # M x H x W|n_keys x hd
+        out, lse = FLASH_CPU_OPS[0](q, k, v, 0.0, False, attn_mask=_additive_mask(allowed, qkv.dtype))
+        ctx.dims = (W, H, hd, paired)
+        ctx.save_for_backward(qkv, allowed, out, lse)
+        # out: M x H x W x hd, laid out as M x W x H x hd like the queries, so this is a view.
+        return out.transpose(1, 2).reshape(-1, H * hd)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        W, H, hd, paired = ctx.dims
+        qkv, allowed, out, lse = ctx.saved_tensors
+        q, k, v = (t.transpose(1, 2) for t in _qkv_views(qkv, W, H, hd, paired))
+        grad_out = grad_out.reshape(-1, W, H, hd).transpose(1, 2)  # M x H x W x hd
+        grad_qkv = _new_qkv_grad(qkv, W, paired)
+        M = q.size(0)
+        block_bytes = (q.size(2) + 2 * k.size(2)) * H * hd * qkv.element_size()  # one block's gradients
+        n_chunks = min(_MAX_BACKWARD_CHUNKS, max(1, (M * block_bytes) // _BACKWARD_CHUNK_BYTES))
+        size = -(-M // n_chunks)
+        # A loop over memory-sized chunks (each one kernel call over many blocks), not over blocks.
+        for first in range(0, M, size):
+            c = slice(first, first + size)
+            gq, gk, gv = FLASH_CPU_OPS[1](
+                grad_out[c], q[c], k[c], v[c], out[c], lse[c], 0.0, False,
+                attn_mask=_additive_mask(allowed[c], qkv.dtype),
+            )  # M_c x H x W|n_keys x hd
+            _add_block_grads(grad_qkv, first, gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), W, paired)
+        return grad_qkv, None, None, None, None, None
+
+
+def block_attention(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool, dropout_p: float) -> Tensor:
+    """Block attention on the rows x 3d projection -> (M W) x (H hd), rows in block-slot order."""
+    if USE_FLASH_CPU_KERNEL and FLASH_CPU_OPS is not None and qkv.device.type == "cpu" and dropout_p == 0.0:
+        return FlashBlockAttention.apply(qkv, allowed, W, H, hd, paired)
+    q, k, v = PairedViews.apply(qkv, W, H, hd, paired)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, dropout_p=dropout_p
+    )  # M x H x W x hd, laid out as M x W x H x hd like the queries
+    return out.transpose(1, 2).reshape(-1, H * hd)
+
+
+class ScatterProject(torch.autograd.Function):
+    """Attention output back in word order (zero at padding), then the output projection.
+
+    out: (M W) x d in block layout; word_row / word_pad: the layout row of each word (in range
+    everywhere) and where words are padding; layout_word / layout_empty: the word held by each
+    layout row and the rows that hold none. The backward brings the output gradient into block
+    order once and computes both the input and the weight gradient there, so no word-order copy
+    of the attention output is kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, out, word_row, word_pad, layout_word, layout_empty, weight, bias):
+        ctx.save_for_backward(out, layout_word, layout_empty, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(gather_rows(out, word_row, word_pad), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        out, layout_word, layout_empty, weight = ctx.saved_tensors
+        grad_blocks = gather_rows(grad_y, layout_word, layout_empty)  # (M W) x d
+        grad_out = torch.mm(grad_blocks, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_blocks.t().mm(out) if ctx.needs_input_grad[5] else None
+        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+        return grad_out, None, None, None, None, grad_weight, grad_bias
+
+
+class ClusteringFunction(torch.autograd.Function):
+    """Assignments, updated centroids C' and both losses, with one fused backward.
+
+    Forward (per sequence; U is kept as N x K):
+        U = X (C W_C)^T / sqrt(d);  a_j = argmax over real clusters of U_j (unless given)
+        P = softmax over real words of U;  C' = P^T X
+        clustering loss = -mean over real words of sim(x_j, c'_{a_j})
+        sorting loss = sum over adjacent pairs of pair_weight * -sim(c'_i, c'_{i+1})
+    with sim(a, b) = a.b / max(|a| |b|, eps) (cosine) or a.b / d (dot). Autograd would write four
+    N x d gradients of X (through U, C', the dot products and the norms) and add them up, with
+    a few dozen small operations around them; this backward writes one, with a single matmul
+    over the three N x K factors stacked ([P, dU, S] @ [dC', C W_C, C']) plus the norm term in
+    place. tests/test_cluster_attention.py checks it against a float64 reference and gradcheck.
+
+    pad: B x N True at padding, or None (no padding); validf: pad as 0/1 weights (None with
+    pad); n_words: number of real words (scalar); cluster_pad: B x K True for clusters beyond
+    k_b, or None (all real); pair_weight: B x K-1 weights of the pair similarities.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cw, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine):
+        B, N, d = x.shape
+        K = cw.size(1)
+        scale = 1.0 / math.sqrt(d)
+        scores = torch.baddbmm(x.new_zeros(()).expand(B, N, K), x, cw.transpose(1, 2), beta=0, alpha=scale)  # U
+        # Finite fill values: safe in fp16/bf16, and an all-padding row softmaxes to uniform, not NaN.
+        fill = torch.finfo(scores.dtype).min
+        if assign is None:
+            assign = (scores if cluster_pad is None else scores.masked_fill(cluster_pad[:, None, :], fill)).argmax(2)
+        own = assign  # B x N, in range everywhere
+        probs = torch.softmax(scores if pad is None else scores.masked_fill_(pad[:, :, None], fill), dim=1)
+        cents = torch.bmm(probs.transpose(1, 2), x)  # C': B x K x d
+        dots = torch.bmm(x, cents.transpose(1, 2)).gather(2, own[:, :, None])[:, :, 0]  # B x N
+        pair_dots = (cents[:, :-1] * cents[:, 1:]).sum(-1)  # B x K-1
+        none = x.new_empty(0)
+        if cosine:
+            x_norm = torch.linalg.vector_norm(x, dim=-1)  # B x N
+            c_norm = torch.linalg.vector_norm(cents, dim=-1)  # B x K
+            own_norm = c_norm.gather(1, own)
+            denom = x_norm * own_norm
+            inv = denom.clamp(min=COSINE_EPS).reciprocal_() if pad is None else validf / denom.clamp(min=COSINE_EPS)
+            word_sim = dots * inv  # zero at padding
+            pair_denom = c_norm[:, :-1] * c_norm[:, 1:]
+            pair_sim = pair_dots / pair_denom.clamp(min=COSINE_EPS)
+            extra = (inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom)
+        else:
+            word_sim = dots / d if pad is None else dots * (validf / d)
+            pair_sim = pair_dots / d
+            extra = (none if pad is None else validf,)
+        clustering_loss = -word_sim.sum() / n_words
+        sorting_loss = -(pair_sim * pair_weight).sum()
+        ctx.save_for_backward(x, cw, probs, cents, own, n_words, pair_weight, none if pad is None else pad, *extra)
+        ctx.cosine, ctx.scale = cosine, scale
+        ctx.mark_non_differentiable(assign)
+        return (assign if pad is None else assign.masked_fill(pad, -1)), cents, clustering_loss, sorting_loss
+
+    @staticmethod
+    def backward(ctx, _grad_assign, grad_cents, grad_clustering, grad_sorting):
+        x, cw, probs, cents, own, n_words, pair_weight, pad = ctx.saved_tensors[:8]
+        B, N, d = x.shape
+        K = cw.size(1)
+        grad_c = torch.zeros_like(cents) if grad_cents is None else grad_cents.clone()
+        g = grad_clustering / n_words  # d clustering_loss / d (sum of word similarities) is -g
+        grad_pair_sim = pair_weight * -grad_sorting  # B x K-1
+        coef = None
+        if ctx.cosine:
+            inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom = ctx.saved_tensors[8:]
+            # sim = dot / max(den, eps): d/d dot = 1 / max(den, eps); d/d den = -sim / den where den >= eps.
+            grad_dots = inv * -g
+            grad_denom = (word_sim * inv * g).masked_fill_(denom < COSINE_EPS, 0.0)
+            pair_denom_c = pair_denom.clamp(min=COSINE_EPS)
+            grad_pair_dots = grad_pair_sim / pair_denom_c
+            grad_pair_denom = (-grad_pair_sim * pair_sim / pair_denom_c) * (pair_denom >= COSINE_EPS)
+            grad_c_norm = torch.zeros_like(c_norm).scatter_add_(1, own, grad_denom * x_norm)  # B x K
+            grad_c_norm[:, :-1] += grad_pair_denom * c_norm[:, 1:]
+            grad_c_norm[:, 1:] += grad_pair_denom * c_norm[:, :-1]
+            # d|v|/dv = v / |v| (0 at v = 0, as autograd's norm: there v = 0 and the term vanishes)
+            grad_c.addcmul_(cents, (grad_c_norm / c_norm.clamp(min=torch.finfo(c_norm.dtype).tiny))[:, :, None])
+            coef = grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
+        else:
+            validf = ctx.saved_tensors[8]
+            grad_dots = (-g / d).expand(B, N) if validf.numel() == 0 else validf * (-g / d)
+            grad_pair_dots = grad_pair_sim / d
+        grad_c[:, :-1].addcmul_(cents[:, 1:], grad_pair_dots[:, :, None])
+        grad_c[:, 1:].addcmul_(cents[:, :-1], grad_pair_dots[:, :, None])
+        one_hot = torch.zeros_like(probs).scatter_(2, own[:, :, None], grad_dots[:, :, None])  # S: B x N x K
+        grad_c.baddbmm_(one_hot.transpose(1, 2), x)  # through the word-centroid dot products
+        grad_probs = torch.bmm(x, grad_c.transpose(1, 2))  # B x N x K
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(1, keepdim=True))
+        # Padding scores were filled: no gradient (their probabilities are 0 unless a whole
+        # sequence is padding).
+        grad_scores.mul_(ctx.scale)
+        if pad.numel():
+            grad_scores.masked_fill_(pad[:, :, None], 0.0)
+        grad_cw = torch.bmm(grad_scores.transpose(1, 2), x)  # B x K x d
+        grad_x = torch.bmm(
+            torch.cat([probs, grad_scores, one_hot], dim=2), torch.cat([grad_c, cw.expand(B, K, d), cents], dim=1)
+        )
+        if coef is not None:
+            grad_x.addcmul_(x, coef[:, :, None])
+        return grad_x, grad_cw, None, None, None, None, None, None, None
+
+
+
+
+def cluster_words(
+    x: Tensor,
+    projected_centroids: Tensor,
+    *,
+    pad: Optional[Tensor],
+    validf: Optional[Tensor],
+    n_words: Tensor,
+    cluster_pad: Optional[Tensor],
+    pair_weight: Tensor,
+    assign: Optional[Tensor],
+    cosine: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ClusteringFunction with named arguments: (assignments, C', clustering loss, sorting loss)."""
+    return ClusteringFunction.apply(
+        x, projected_centroids, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine
+    )
