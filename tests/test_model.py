@@ -163,6 +163,51 @@ def test_losses_are_returned_and_train_the_centroids(toy_bin):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_each_encoder_layer_clusters_with_the_previous_layers_centroids(toy_bin):
+    """Layer i receives exactly layer i-1's updated centroids (value), and layer i's losses
+    reach layer 0's learned centroids through them (gradient)."""
+    task, model = build(toy_bin, ["--encoder-layers", "3"])
+    src, lengths, _ = batch(task)
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append((kwargs["centroids"], output[1]))
+
+    hooks = [layer.register_forward_hook(record, with_kwargs=True) for layer in model.encoder.layers]
+    encoder_out = model.encoder(src, src_lengths=lengths)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == 3 and calls[0][0] is None
+    for i in (1, 2):
+        assert calls[i][0] is calls[i - 1][1]  # the very tensor layer i-1 returned
+        assert calls[i][0].shape == (src.size(0), 3, 32)
+
+    # Gradient: the last layer's clustering loss flows back through the centroids handed to it
+    # and on to layer 0's learned centroid parameter.
+    loss = encoder_out["clustering_losses"][2]
+    handed, first = calls[2][0], model.encoder.layers[0].self_attn.attention.centroids
+    grad_handed, grad_first = torch.autograd.grad(loss, [handed, first])
+    assert grad_handed.abs().sum() > 0 and grad_first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint-activations"], ["--checkpoint-activations", "--offload-activations"]],
+                         ids=["checkpoint", "offload"])
+def test_activation_checkpointing_gives_the_same_gradients(toy_bin, flags):
+    grads = {}
+    for name, extra in (("plain", []), ("checkpointed", flags)):
+        task, model = build(toy_bin, extra)
+        model.train()  # dropout is 0 in TINY, so the two runs are deterministic
+        src, lengths, prev = batch(task)
+        out, extra_out = model(src, lengths, prev)
+        loss = out.log_softmax(-1).mean() + 0.3 * extra_out["clustering_loss"] + 0.7 * extra_out["sorting_loss"]
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["plain"].keys() == grads["checkpointed"].keys()
+    assert any("centroid" in n for n in grads["plain"])
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["checkpointed"][n], g, atol=1e-6, rtol=1e-6, msg=n)
+
+
 def test_state_dict_round_trip_gives_identical_outputs(toy_bin, tmp_path):
     task, model = build(toy_bin)
     src, lengths, prev = batch(task)
@@ -189,7 +234,6 @@ def test_state_dict_round_trip_gives_identical_outputs(toy_bin, tmp_path):
         (["--causal-window", "0"], "window must be >= 1"),
         (["--causal-local-heads", "5"], "--causal-local-heads must be in \\[0, 4\\]"),
         (["--causal-local-heads", "most"], "--causal-local-heads must be an integer or 'half'"),
-        (["--checkpoint-activations"], "not supported by the clusterformer"),
     ],
 )
 def test_bad_model_options_are_named(toy_bin, extra, match):

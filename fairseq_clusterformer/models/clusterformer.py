@@ -8,12 +8,14 @@ losses, averaged over the clustering layers, for the criterion.
 """
 import argparse
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
+from torch import Tensor
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.distributed import fsdp_wrap
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
@@ -28,7 +30,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.utils import safe_getattr
 
 from ..modules.cluster_attention import ClusterAttention, parse_num_clusters
-from ..modules.fairseq_cluster_attention import ClusterCarrier, FairseqClusterAttention
+from ..modules.fairseq_cluster_attention import FairseqClusterAttention
 
 ATTENTION_CHOICES = ChoiceEnum(["cluster", "full"])
 SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
@@ -98,7 +100,8 @@ def _local_heads(cfg, num_heads: int) -> int:
     return local
 
 
-def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -> FairseqClusterAttention:
+def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool,
+                            takes_carried_centroids: bool = False) -> FairseqClusterAttention:
     num_clusters = parse_num_clusters(str(safe_getattr(cfg, "num_clusters", CLUSTER_DEFAULTS.num_clusters)))
     if causal:
         causal_k = safe_getattr(cfg, "causal_num_clusters", None)
@@ -124,17 +127,69 @@ def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool) -
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
     )
-    return FairseqClusterAttention(attention)
+    return FairseqClusterAttention(attention, takes_carried_centroids)
 
 
 class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
+    """fairseq's encoder layer whose self-attention clusters; centroids in, centroids out.
+
+    ``forward(x, encoder_padding_mask, attn_mask=None, centroids=None)`` returns
+    ``(x, centroids', clustering_loss, sorting_loss)``: all tensors (None with full attention),
+    so fairseq's activation checkpointing recomputes the layer from the same centroids.
+    """
+
+    def __init__(self, cfg, takes_carried_centroids: bool, return_fc=False):
+        self.takes_carried_centroids = takes_carried_centroids
+        super().__init__(cfg, return_fc)
+        if return_fc:
+            raise ValueError("return_fc is not supported by the clusterformer encoder")
+
     def build_self_attention(self, embed_dim, cfg):
         if safe_getattr(cfg, "self_attention_encoder", "cluster") == "full":
             return super().build_self_attention(embed_dim, cfg)
-        return build_cluster_attention(cfg, embed_dim, cfg.encoder.attention_heads, causal=False)
+        return build_cluster_attention(
+            cfg, embed_dim, cfg.encoder.attention_heads, causal=False,
+            takes_carried_centroids=self.takes_carried_centroids,
+        )
+
+    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
+                centroids: Optional[Tensor] = None):
+        if not isinstance(self.self_attn, FairseqClusterAttention):
+            return super().forward(x, encoder_padding_mask, attn_mask), None, None, None
+        if attn_mask is not None:
+            raise ValueError("clustering self-attention takes no attn_mask")
+        # fairseq's TransformerEncoderLayerBase.forward, with the self-attention call made
+        # explicit so that centroids go in and the layer's ClusterInfo comes out.
+        residual = x
+        if self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        x, info = self.self_attn.attend(x, encoder_padding_mask, centroids)
+        x = self.dropout_module(x)
+        x = self.residual_connection(x, residual)
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
+        x = self.activation_fn(self.fc1(x))
+        x = self.activation_dropout_module(x)
+        x = self.fc2(x)
+        x = self.dropout_module(x)
+        x = self.residual_connection(x, residual)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        return x, info.centroids, info.clustering_loss, info.sorting_loss
 
 
 class ClusterformerDecoderLayer(TransformerDecoderLayerBase):
+    """fairseq's decoder layer whose self-attention clusters (with its own learned centroids).
+
+    Returns fairseq's ``(x, attn, self_attn_state)`` plus the layer's two losses (None in
+    incremental decoding and with full attention), as outputs of the layer call, so that they
+    keep their gradients under activation checkpointing.
+    """
+
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         if safe_getattr(cfg, "self_attention_decoder", "cluster") == "full":
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
@@ -142,59 +197,150 @@ class ClusterformerDecoderLayer(TransformerDecoderLayerBase):
             raise ValueError("add_bias_kv/add_zero_attn are not supported with clustering self-attention")
         return build_cluster_attention(cfg, embed_dim, cfg.decoder.attention_heads, causal=True)
 
-
-def _cluster_attentions(layers):
-    return [m for layer in layers for m in layer.modules() if isinstance(m, FairseqClusterAttention)]
+    def forward(self, *args, **kwargs):
+        x, attn, self_attn_state = super().forward(*args, **kwargs)
+        info = self.self_attn.take_info() if isinstance(self.self_attn, FairseqClusterAttention) else None
+        if info is None:
+            return x, attn, self_attn_state, None, None
+        return x, attn, self_attn_state, info.clustering_loss, info.sorting_loss
 
 
 class ClusterformerEncoder(TransformerEncoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
-        super().__init__(cfg, dictionary, embed_tokens, return_fc)
-        self.cluster_carrier = ClusterCarrier()
-        for i, attn in enumerate(_cluster_attentions(self.layers)):
-            attn.bind(self.cluster_carrier, takes_carried_centroids=i > 0)
+    """Layer i clusters with the centroids that layer i-1 updated (layer 0: its learned ones).
+
+    Besides fairseq's keys, the encoder output holds ``clustering_losses`` and
+    ``sorting_losses`` (one scalar per clustering layer, for the criterion) and
+    ``cluster_assignments`` (B x T per layer, for inspection).
+    """
 
     def build_encoder_layer(self, cfg):
-        return _wrap_layer(ClusterformerEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+        # Called once per layer, in order, by TransformerEncoderBase.__init__.
+        self._built_layers = getattr(self, "_built_layers", 0) + 1
+        layer = ClusterformerEncoderLayer(cfg, takes_carried_centroids=self._built_layers > 1)
+        return _wrap_layer(layer, cfg)
 
-    def forward(self, src_tokens, src_lengths: Optional[torch.Tensor] = None, return_all_hiddens: bool = False,
-                token_embeddings: Optional[torch.Tensor] = None):
-        self.cluster_carrier.reset()
-        return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None, return_all_hiddens: bool = False,
+                           token_embeddings: Optional[Tensor] = None):
+        # fairseq's TransformerEncoderBase.forward_scriptable, with centroids passed from layer
+        # to layer and each layer's losses collected.
+        encoder_padding_mask = src_tokens.eq(self.padding_idx)
+        has_pads = bool(encoder_padding_mask.any())
+        x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)
+        if has_pads:
+            x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x))
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+
+        encoder_states = [x] if return_all_hiddens else []
+        centroids = None
+        clustering_losses, sorting_losses, assignments = [], [], []
+        for layer in self.layers:
+            x, centroids, clustering_loss, sorting_loss = layer(
+                x, encoder_padding_mask=encoder_padding_mask if has_pads else None, centroids=centroids
+            )
+            if clustering_loss is not None:
+                clustering_losses.append(clustering_loss)
+                sorting_losses.append(sorting_loss)
+            if return_all_hiddens:
+                encoder_states.append(x)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        src_lengths = src_tokens.ne(self.padding_idx).sum(dim=1, dtype=torch.int32).reshape(-1, 1).contiguous()
+        return {
+            "encoder_out": [x],  # T x B x C
+            "encoder_padding_mask": [encoder_padding_mask],  # B x T
+            "encoder_embedding": [encoder_embedding],  # B x T x C
+            "encoder_states": encoder_states,  # List[T x B x C]
+            "fc_results": [],
+            "src_tokens": [],
+            "src_lengths": [src_lengths],
+            "clustering_losses": clustering_losses,
+            "sorting_losses": sorting_losses,
+        }
 
 
 class ClusterformerDecoder(TransformerDecoderBase):
-    def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn, output_projection)
-        self.cluster_carrier = ClusterCarrier()
-        for attn in _cluster_attentions(self.layers):
-            attn.bind(self.cluster_carrier, takes_carried_centroids=False)
+    """fairseq's decoder; its extra output also holds ``clustering_losses`` and
+    ``sorting_losses`` (one scalar per clustering layer; empty in incremental decoding)."""
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         return _wrap_layer(ClusterformerDecoderLayer(cfg, no_encoder_attn), cfg)
 
-    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False,
-                full_context_alignment=False, alignment_layer=None, alignment_heads=None, src_lengths=None,
-                return_all_hiddens=False):
-        self.cluster_carrier.reset()
-        return super().forward(
-            prev_output_tokens, encoder_out=encoder_out, incremental_state=incremental_state,
-            features_only=features_only, full_context_alignment=full_context_alignment,
-            alignment_layer=alignment_layer, alignment_heads=alignment_heads, src_lengths=src_lengths,
-            return_all_hiddens=return_all_hiddens,
-        )
+    def extract_features_scriptable(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[Tensor]]],
+                                    incremental_state=None, full_context_alignment: bool = False,
+                                    alignment_layer: Optional[int] = None, alignment_heads: Optional[int] = None):
+        # fairseq's TransformerDecoderBase.extract_features_scriptable, collecting each layer's
+        # clustering losses (returned by the layer call).
+        if alignment_layer is None:
+            alignment_layer = self.num_layers - 1
+        enc = encoder_out["encoder_out"][0] if encoder_out is not None and encoder_out["encoder_out"] else None
+        padding_mask = None
+        if encoder_out is not None and encoder_out["encoder_padding_mask"]:
+            padding_mask = encoder_out["encoder_padding_mask"][0]
+
+        positions = None
+        if self.embed_positions is not None:
+            positions = self.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+        if incremental_state is not None:
+            prev_output_tokens = prev_output_tokens[:, -1:]
+            if positions is not None:
+                positions = positions[:, -1:]
+        prev_output_tokens = prev_output_tokens.contiguous()
+        x = self.embed_scale * self.embed_tokens(prev_output_tokens)
+        if self.quant_noise is not None:
+            x = self.quant_noise(x)
+        if self.project_in_dim is not None:
+            x = self.project_in_dim(x)
+        if positions is not None:
+            x += positions
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = self.dropout_module(x)
+        x = x.transpose(0, 1)  # B x T x C -> T x B x C
+
+        self_attn_padding_mask = None
+        if self.cross_self_attention or prev_output_tokens.eq(self.padding_idx).any():
+            self_attn_padding_mask = prev_output_tokens.eq(self.padding_idx)
+
+        attn = None
+        inner_states = [x]
+        clustering_losses, sorting_losses = [], []
+        for idx, layer in enumerate(self.layers):
+            self_attn_mask = None
+            if incremental_state is None and not full_context_alignment:
+                self_attn_mask = self.buffered_future_mask(x)
+            x, layer_attn, _, clustering_loss, sorting_loss = layer(
+                x, enc, padding_mask, incremental_state, self_attn_mask=self_attn_mask,
+                self_attn_padding_mask=self_attn_padding_mask,
+                need_attn=bool(idx == alignment_layer), need_head_weights=bool(idx == alignment_layer),
+            )
+            if clustering_loss is not None:
+                clustering_losses.append(clustering_loss)
+                sorting_losses.append(sorting_loss)
+            inner_states.append(x)
+            if layer_attn is not None and idx == alignment_layer:
+                attn = layer_attn.float().to(x)
+        if attn is not None:
+            if alignment_heads is not None:
+                attn = attn[:alignment_heads]
+            attn = attn.mean(dim=0)  # average probabilities over heads
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        x = x.transpose(0, 1)  # T x B x C -> B x T x C
+        if self.project_out_dim is not None:
+            x = self.project_out_dim(x)
+        return x, {
+            "attn": [attn], "inner_states": inner_states,
+            "clustering_losses": clustering_losses, "sorting_losses": sorting_losses,
+        }
 
 
 def _wrap_layer(layer, cfg):
-    """fsdp_wrap as fairseq's build_*_layer do. Activation checkpointing is refused: recomputing a
-    layer in the backward pass would read the carrier's centroids as they are *then* (the last
-    layer's), silently giving wrong gradients."""
-    if cfg.checkpoint_activations or safe_getattr(cfg, "offload_activations", False):
-        raise ValueError(
-            "--checkpoint-activations/--offload-activations are not supported by the clusterformer "
-            "model (centroids flow between layers outside the checkpointed call)"
-        )
-    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
+    """Activation checkpointing and fsdp_wrap, as fairseq's build_*_layer do."""
+    if cfg.checkpoint_activations:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    # When checkpointing, fairseq does not wrap small layers with FSDP (as its own build_*_layer).
+    min_params_to_wrap = cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0
+    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
 @register_model("clusterformer")
@@ -232,24 +378,19 @@ class ClusterformerModel(TransformerModel):
     def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
                 features_only: bool = False, alignment_layer: Optional[int] = None,
                 alignment_heads: Optional[int] = None):
-        decoder_out = super().forward(
-            src_tokens, src_lengths, prev_output_tokens, return_all_hiddens=return_all_hiddens,
-            features_only=features_only, alignment_layer=alignment_layer, alignment_heads=alignment_heads,
+        """fairseq's forward; the extra output also holds ``clustering_loss`` and
+        ``sorting_loss``, each the mean over all clustering layers (None without any)."""
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths, return_all_hiddens=return_all_hiddens)
+        x, extra = self.decoder(
+            prev_output_tokens, encoder_out=encoder_out, features_only=features_only,
+            alignment_layer=alignment_layer, alignment_heads=alignment_heads, src_lengths=src_lengths,
+            return_all_hiddens=return_all_hiddens,
         )
-        clustering, sorting = self.get_cluster_losses()
-        decoder_out[1]["clustering_loss"] = clustering
-        decoder_out[1]["sorting_loss"] = sorting
-        return decoder_out
-
-    def get_cluster_losses(self):
-        """Both losses of the last forward, each averaged over the clustering layers (None if the
-        model has no clustering layer)."""
-        carriers = (self.encoder.cluster_carrier, self.decoder.cluster_carrier)
-        clustering = [loss for c in carriers for loss in c.clustering_losses]
-        sorting = [loss for c in carriers for loss in c.sorting_losses]
-        if not clustering:
-            return None, None
-        return torch.stack(clustering).mean(), torch.stack(sorting).mean()
+        clustering = encoder_out["clustering_losses"] + extra["clustering_losses"]
+        sorting = encoder_out["sorting_losses"] + extra["sorting_losses"]
+        extra["clustering_loss"] = torch.stack(clustering).mean() if clustering else None
+        extra["sorting_loss"] = torch.stack(sorting).mean() if sorting else None
+        return x, extra
 
 
 def _set_cluster_defaults(args):

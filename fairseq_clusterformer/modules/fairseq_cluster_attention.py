@@ -5,64 +5,52 @@ incremental_state=..., need_weights=..., attn_mask=...)`` with time-first T x B 
 expect ``(output, weights_or_None)``; the decoder layer also calls ``_get_input_buffer`` and beam
 search calls ``reorder_incremental_state``. This adapter provides exactly that surface.
 
-Centroids travel between encoder layers, and both losses travel to the criterion, through a
-``ClusterCarrier`` shared by the layers of one encoder (or decoder): the encoder/decoder resets it
-at the start of each forward, each clustering layer reads the previous layer's centroids from it
-and appends its losses. This keeps fairseq's layer signatures untouched (no ``(x, loss)`` tuples
-threaded through layers).
+Centroids and losses travel as arguments and return values: the model's encoder layers call
+``attend(x, padding_mask, centroids)``, which returns the layer's ClusterInfo (its updated
+centroids for the next layer, its losses for the criterion); see models/clusterformer.py. When
+fairseq's own decoder-layer code calls ``forward``, the ClusterInfo of that call is left in
+``last_info`` for the calling layer to return, within the same layer call.
 """
-from typing import Dict, List, Optional, Tuple
+
+from typing import Dict, Optional, Tuple
 
 import torch
+from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from fairseq.incremental_decoding_utils import with_incremental_state
-
-from .cluster_attention import ClusterAttention
-
-
-class ClusterCarrier:
-    """Per-forward state shared by the clustering layers of one encoder or decoder."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.centroids: Optional[Tensor] = None  # B x K x d, from the previous encoder layer
-        self.clustering_losses: List[Tensor] = []
-        self.sorting_losses: List[Tensor] = []
-        self.assignments: List[Tensor] = []  # per layer, B x T cluster ids (-1 at padding)
-
-    def __getstate__(self):  # never pickle activations along with a model
-        return {}
-
-    def __setstate__(self, state):
-        self.reset()
+from .cluster_attention import ClusterAttention, ClusterInfo
 
 
 @with_incremental_state
 class FairseqClusterAttention(nn.Module):
-    """Wraps a ClusterAttention with fairseq's MultiheadAttention interface (self-attention only)."""
+    """Wraps a ClusterAttention with fairseq's MultiheadAttention interface (self-attention only).
 
-    def __init__(self, attention: ClusterAttention):
+    takes_carried_centroids: an encoder layer after the first, which clusters with the previous
+    layer's updated centroids: its own centroid parameter is dropped (an unused parameter would
+    also break DistributedDataParallel), and ``attend`` must be given centroids.
+    """
+
+    def __init__(self, attention: ClusterAttention, takes_carried_centroids: bool = False):
         super().__init__()
+        if takes_carried_centroids:
+            if attention.causal:
+                raise ValueError("causal layers use their own learned centroids; they cannot take carried ones")
+            attention.centroids = None
         self.attention = attention
-        self.carrier: Optional[ClusterCarrier] = None
-        self.takes_carried_centroids = False
+        self.takes_carried_centroids = takes_carried_centroids
         self.embed_dim = attention.embed_dim
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim  # read by fairseq's decoder layer (head scaling)
+        self.last_info: Optional[ClusterInfo] = None
 
-    def bind(self, carrier: ClusterCarrier, takes_carried_centroids: bool):
-        """Attach to the encoder's/decoder's carrier. Encoder layers after the first take the
-        previous layer's updated centroids, so their own centroid parameter is dropped (an unused
-        parameter would also break DistributedDataParallel)."""
-        self.carrier = carrier
-        self.takes_carried_centroids = takes_carried_centroids
-        if takes_carried_centroids:
-            if self.attention.causal:
-                raise ValueError("causal layers use their own learned centroids; they cannot take carried ones")
-            self.attention.centroids = None
+    def attend(
+        self, x: Tensor, key_padding_mask: Optional[Tensor], centroids: Optional[Tensor] = None
+    ) -> Tuple[Tensor, ClusterInfo]:
+        """Full-sequence self-attention, x: T x B x C. Returns (T x B x C output, ClusterInfo)."""
+        if self.takes_carried_centroids and centroids is None:
+            raise ValueError("this clustering layer takes the previous layer's centroids, and none were given")
+        out, info = self.attention(x.transpose(0, 1), key_padding_mask, centroids=centroids)
+        return out.transpose(0, 1), info
 
     def forward(
         self,
@@ -81,32 +69,25 @@ class FairseqClusterAttention(nn.Module):
 
         ``attn_mask`` (the decoder's future mask) is not needed: the causal variant is causal by
         construction. Attention weights are never materialised, so the second output is None.
+        The call's ClusterInfo is left in ``last_info`` (None in incremental decoding).
         """
         if static_kv or (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("ClusterAttention is self-attention only: key and value must be the query")
         if before_softmax:
             raise ValueError("ClusterAttention does not expose pre-softmax scores")
-        x = query.transpose(0, 1)  # B x T x C
         if incremental_state is not None:
             if not self.attention.causal:
                 raise ValueError("incremental decoding needs the causal (decoder) variant")
-            return self._forward_incremental(x, key_padding_mask, incremental_state), None
+            self.last_info = None
+            return self._forward_incremental(query.transpose(0, 1), key_padding_mask, incremental_state), None
+        out, self.last_info = self.attend(query, key_padding_mask)
+        return out, None
 
-        centroids = None
-        if self.takes_carried_centroids:
-            centroids = self.carrier.centroids if self.carrier is not None else None
-            if centroids is None:
-                raise RuntimeError(
-                    "this clustering layer expects the previous layer's centroids, but none were "
-                    "carried: call the encoder (which resets the carrier), not the layer alone"
-                )
-        out, info = self.attention(x, key_padding_mask, centroids=centroids)
-        if self.carrier is not None:
-            self.carrier.centroids = info.centroids
-            self.carrier.clustering_losses.append(info.clustering_loss)
-            self.carrier.sorting_losses.append(info.sorting_loss)
-            self.carrier.assignments.append(info.assignments)
-        return out.transpose(0, 1), None
+    def take_info(self) -> Optional[ClusterInfo]:
+        """The ClusterInfo that the latest ``forward`` left, cleared (activations are not kept
+        on the module beyond the layer call that produced them)."""
+        info, self.last_info = self.last_info, None
+        return info
 
     def _forward_incremental(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state) -> Tensor:
         state = self._get_input_buffer(incremental_state)
