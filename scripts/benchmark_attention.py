@@ -1,5 +1,6 @@
-#!/usr/bin/env python
 """Time and memory of one attention layer: ClusterAttention against full attention.
+
+Run from the repository root as ``python -m scripts.benchmark_attention``.
 
 Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections included:
 
@@ -30,19 +31,29 @@ Measurements, for each mode and length N:
           needed, the gradients of the parameters and of the input included. On CUDA:
           torch.cuda.max_memory_allocated minus the memory allocated before the step. That
           step's time is also the check against --time-cap.
+          With --in-process (the default on CUDA, where the allocator's counters need no fresh
+          process) every configuration runs in one worker process per mode, one N at a time.
   time    one subprocess per (mode, N) holding every configuration still running (with
           --group-lengths: per mode, all lengths together): --warmup rounds, then up to --repeats
           rounds, each round one step of every configuration in turn (side by side, so that load
           from other processes hits all of them alike); the median per configuration. Fewer
-          rounds where a round is slow (--budget).
+          rounds where a round is slow (--budget). On CUDA a step is timed with CUDA events
+          recorded around it (elapsed_time after a synchronize).
 A configuration whose step runs out of memory (more than --mem-cap-gb of further address space;
 a limit set in the worker, so that nothing here wakes the system's OOM killer) or takes longer than --time-cap
 is reported once (the memory step's time, one cold step) and not run at larger N.
 
+--dtype runs the layers and inputs in float32 (default), bfloat16 or float16; torch's flash
+kernel on CUDA needs one of the half types.
+
 Example:
-  python scripts/benchmark_attention.py --lengths 1024,2048 --impl cluster,full,sdpa,naive \\
+  python -m scripts.benchmark_attention --lengths 1024,2048 --impl cluster,full,sdpa,naive \\
       --mode train --k sqrt,3 --csv /tmp/attn.csv --plot
+On a GPU (scripts/gpu/check.sh runs this):
+  python -m scripts.benchmark_attention --device cuda --dtype bfloat16 --k sqrt \\
+      --lengths 512,1024,2048,4096,8192,16384,32768,65536 --csv attention_cuda.csv --plot
 """
+
 import argparse
 import csv
 import json
@@ -80,7 +91,9 @@ class CpuPeak:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.method = "vmhwm"
-        except OSError:  # no clear_refs: ru_maxrss cannot be reset; a fresh process keeps it fair
+        except (
+            OSError
+        ):  # no clear_refs: ru_maxrss cannot be reset; a fresh process keeps it fair
             self.method = "ru_maxrss"
 
     def _peak(self):
@@ -102,18 +115,6 @@ class CpuPeak:
         return max(self._peak() - self.base, 0)
 
 
-def _cluster_attention_module():
-    """cluster_attention.py, loaded by path: it needs only torch, and importing the package would
-    import fairseq too (seconds per worker process)."""
-    import importlib.util
-
-    path = REPO / "fairseq_clusterformer" / "modules" / "cluster_attention.py"
-    spec = importlib.util.spec_from_file_location("cluster_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _limit_memory(cap_gb):
     """From now on, allocating more than cap_gb GiB of further address space raises MemoryError /
     RuntimeError in this process (instead of waking the system's OOM killer). 0: no limit."""
@@ -132,7 +133,9 @@ def local_head_count(spec, heads):
     except ValueError:
         count = -1
     if not 0 <= count <= heads:
-        raise ValueError(f"--local-heads must be 'half' or an integer in [0, {heads}], got {spec!r}")
+        raise ValueError(
+            f"--local-heads must be 'half' or an integer in [0, {heads}], got {spec!r}"
+        )
     return count
 
 
@@ -143,11 +146,15 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
     from torch import nn
 
     if impl in CLUSTER_IMPLS:
-        ClusterAttention = _cluster_attention_module().ClusterAttention
+        from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
         kwargs = {}
         if impl == "cluster-causal":
-            kwargs = dict(causal=True, window=window or -(-n // k), local_heads=local_head_count(local_heads, heads))
+            kwargs = {
+                "causal": True,
+                "window": window or -(-n // k),
+                "local_heads": local_head_count(local_heads, heads),
+            }
         m = ClusterAttention(d, heads, k, max_clusters=max(256, k), **kwargs).to(device)
 
         def step(x, kpm):
@@ -161,7 +168,9 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
         m = MultiheadAttention(d, heads, self_attention=True).to(device)
 
         def step(x, kpm):  # x: T x B x C, as fairseq's encoder layer calls it
-            out, _ = m(query=x, key=x, value=x, key_padding_mask=kpm, need_weights=False)
+            out, _ = m(
+                query=x, key=x, value=x, key_padding_mask=kpm, need_weights=False
+            )
             return out, None
 
         return step, True, m
@@ -169,20 +178,27 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
     class Projected(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+                nn.Linear(d, d) for _ in range(4)
+            )
 
     m = Projected().to(device)
     hd = d // heads
 
     def qkv(x):
         B, N, _ = x.shape
-        return [p(x).view(B, N, heads, hd).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj)]
+        return [
+            p(x).view(B, N, heads, hd).transpose(1, 2)
+            for p in (m.q_proj, m.k_proj, m.v_proj)
+        ]
 
     if impl == "sdpa":
 
         def step(x, kpm):
             q, k_, v = qkv(x)
-            out = F.scaled_dot_product_attention(q, k_, v, attn_mask=~kpm[:, None, None, :])
+            out = F.scaled_dot_product_attention(
+                q, k_, v, attn_mask=~kpm[:, None, None, :]
+            )
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
 
         return step, False, m
@@ -190,7 +206,9 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
 
         def step(x, kpm):
             q, k_, v = qkv(x)
-            scores = torch.matmul(q, k_.transpose(-1, -2)) / math.sqrt(hd)  # B x H x N x N
+            scores = torch.matmul(q, k_.transpose(-1, -2)) / math.sqrt(
+                hd
+            )  # B x H x N x N
             scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
             out = torch.matmul(torch.softmax(scores, dim=-1), v)
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
@@ -217,9 +235,22 @@ class Runner:
         self.train = cfg["mode"] == "train"
         torch.manual_seed(0)
         B, N, d = batch or cfg["batch"], n or cfg["n"], cfg["d"]
-        self.step_fn, time_first, self.module = build(impl, d, cfg["heads"], k, N, cfg["window"], self.device, cfg.get("local_heads", "half"))
-        self.module.train(self.train)
-        self.x = torch.randn(*((N, B, d) if time_first else (B, N, d)), device=self.device).requires_grad_(self.train)
+        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        self.step_fn, time_first, self.module = build(
+            impl,
+            d,
+            cfg["heads"],
+            k,
+            N,
+            cfg["window"],
+            self.device,
+            cfg.get("local_heads", "half"),
+        )
+        self.module.to(dtype).train(self.train)
+        self.x = torch.randn(
+            *((N, B, d) if time_first else (B, N, d)), device=self.device, dtype=dtype
+        )
+        self.x.requires_grad_(self.train)
         self.kpm = torch.zeros(B, N, dtype=torch.bool, device=self.device)
 
     def sync(self):
@@ -227,17 +258,29 @@ class Runner:
             self.torch.cuda.synchronize()
 
     def step(self):
+        """One step; returns its time in seconds (CUDA events on CUDA, wall clock on the CPU)."""
         torch = self.torch
         self.sync()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start, end = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            start.record()
         t0 = time.perf_counter()
         if self.train:
             out, extra = self.step_fn(self.x, self.kpm)
-            (out.sum() if extra is None else out.sum() + extra).backward()
+            (
+                out.float().sum() if extra is None else out.float().sum() + extra
+            ).backward()
         else:
             with torch.no_grad():
                 out, _ = self.step_fn(self.x, self.kpm)
+        if cuda:
+            end.record()
         self.sync()
-        dt = time.perf_counter() - t0
+        dt = start.elapsed_time(end) / 1000 if cuda else time.perf_counter() - t0
         del out
         self.module.zero_grad(set_to_none=True)
         self.x.grad = None
@@ -247,16 +290,29 @@ class Runner:
         """Attention kernels one step runs (to show what `full` really calls)."""
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+        )
+        with profile(activities=activities) as prof:
             self.step()
         names = {e.key for e in prof.key_averages()}
-        return sorted(n for n in names if "scaled_dot_product" in n or ("attention" in n.lower() and n.startswith("aten::")))
+        return sorted(
+            n
+            for n in names
+            if "scaled_dot_product" in n
+            or ("attention" in n.lower() and n.startswith("aten::"))
+        )
 
 
 def _oom_result(e):
     msg = str(e)
-    oom = isinstance(e, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower()
-    return {"status": "oom" if oom else "error", "error": (msg.splitlines() or [type(e).__name__])[0][:300]}
+    oom = (
+        isinstance(e, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower()
+    )
+    return {
+        "status": "oom" if oom else "error",
+        "error": (msg.splitlines() or [type(e).__name__])[0][:300],
+    }
 
 
 def memory_worker(cfg):
@@ -285,7 +341,10 @@ def memory_worker(cfg):
         result.update(status="ok", peak_mb=peak / MiB)
         if cfg.get("kernels"):
             result["kernels"] = run.kernels()
-    except (MemoryError, RuntimeError) as e:  # RLIMIT_AS and CUDA OOM surface as one of these
+    except (
+        MemoryError,
+        RuntimeError,
+    ) as e:  # RLIMIT_AS and CUDA OOM surface as one of these
         result.update(_oom_result(e))
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -322,20 +381,138 @@ def time_worker(cfg):
             t_start = time.perf_counter()  # the budget counts timed rounds only
         rounds += r >= cfg["warmup"]
     for name in runs:
-        out[name] = {"status": "ok", "time_ms": statistics.median(times[name]) * 1000, "times_ms": [
-            round(t * 1000, 1) for t in times[name]]}
-    print("RESULT " + json.dumps({"threads": torch.get_num_threads(), "rounds": rounds, "results": out}), flush=True)
+        out[name] = {
+            "status": "ok",
+            "time_ms": statistics.median(times[name]) * 1000,
+            "times_ms": [round(t * 1000, 1) for t in times[name]],
+        }
+    print(
+        "RESULT "
+        + json.dumps(
+            {"threads": torch.get_num_threads(), "rounds": rounds, "results": out}
+        ),
+        flush=True,
+    )
+
+
+def _emit(kind, payload):
+    print(f"{kind} " + json.dumps(payload), flush=True)
+
+
+def inprocess_worker(cfg):
+    """--in-process: every configuration of one mode in this process, one N at a time. Per N:
+    each configuration's first step measures its extra peak memory (CUDA: max_memory_allocated
+    above the memory allocated before it; CPU: CpuPeak, only indicative here, since the other
+    configurations' buffers share the heap); then the survivors are timed side by side as in
+    time_worker. Prints a ROW line per result as it goes, so a crash keeps what was measured."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    stopped, kernels_shown = set(), not cfg.get("kernels")
+    for n in cfg["lengths"]:
+        batch = cfg["batches"][str(n)]
+        base = dict(cfg, n=n, batch=batch)
+        runs, mems = {}, {}
+        for impl, ks in cfg["series"]:
+            k = k_value(ks, n) if ks else None
+            name = impl + (f" k={k}" if k else "")
+            if (impl, ks) in stopped or name in runs:
+                continue
+            row = {"impl": impl, "n": n, "k": k, "batch": batch, "label": name}
+            try:
+                run = Runner(base, impl, k)
+                run.sync()
+                if run.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(run.device)
+                    before = torch.cuda.memory_allocated(run.device)
+                    step_s = run.step()
+                    peak, method = (
+                        torch.cuda.max_memory_allocated(run.device) - before,
+                        "cuda.max_memory_allocated",
+                    )
+                else:
+                    meter = CpuPeak()
+                    meter.start()
+                    step_s = run.step()
+                    peak, method = meter.stop(), meter.method + " (in-process)"
+            except (MemoryError, RuntimeError) as e:
+                stopped.add((impl, ks))
+                _emit("ROW", dict(row, **_oom_result(e)))
+                run = None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            if step_s > cfg["time_cap"]:
+                stopped.add((impl, ks))
+                _emit(
+                    "ROW",
+                    dict(
+                        row,
+                        status="cap",
+                        time_ms=step_s * 1000,
+                        peak_mb=peak / MiB,
+                        mem_method=method,
+                    ),
+                )
+                del run
+                continue
+            if impl == "full" and not kernels_shown:
+                kernels_shown = True
+                _emit(
+                    "LOG",
+                    {
+                        "text": f"# full ({cfg['mode']}) runs: {', '.join(run.kernels())}"
+                    },
+                )
+            runs[name] = (run, row, (impl, ks))
+            mems[name] = (peak / MiB, method)
+        times = {name: [] for name in runs}
+        t_start = time.perf_counter()
+        for r in range(cfg["warmup"] + cfg["repeats"]):
+            if r > cfg["warmup"] and time.perf_counter() - t_start > cfg["budget"]:
+                break
+            for name, (run, row, key) in list(runs.items()):
+                try:
+                    dt = run.step()
+                except (MemoryError, RuntimeError) as e:
+                    stopped.add(key)
+                    _emit("ROW", dict(row, **_oom_result(e)))
+                    del runs[name]
+                    continue
+                if r >= cfg["warmup"]:
+                    times[name].append(dt)
+            if r == cfg["warmup"] - 1:
+                t_start = time.perf_counter()
+        for name, (run, row, _) in runs.items():
+            ts = times[name]
+            _emit(
+                "ROW",
+                dict(
+                    row,
+                    status="ok",
+                    time_ms=statistics.median(ts) * 1000,
+                    times_ms=[round(t * 1000, 2) for t in ts],
+                    peak_mb=mems[name][0],
+                    mem_method=mems[name][1],
+                    threads=torch.get_num_threads(),
+                ),
+            )
+        del runs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 def auto_batch(n, args):
-    """The paper's batch 20 where every method fits; above N = 2048 the largest batch at which
-    naive's N x N score tensors still fit as at N = 2048 (B * N^2 <= 20 * 2048^2: 5 at 4096,
-    1 at 8192). At 16384 naive does not fit even at batch 1 and the others run at batch 1."""
+    """The paper's batch 20 where every method fits. On the CPU, above N = 2048 the largest batch
+    at which naive's N x N score tensors still fit as at N = 2048 (B * N^2 <= 20 * 2048^2: 5 at
+    4096, 1 at 8192; at 16384 naive does not fit even at batch 1 and the others run at batch 1).
+    On CUDA the same rule from N = 8192 on (5 at 16384, 1 at 32768 and 65536)."""
     if args.batch:
         return args.batch
-    return max(1, min(20, (20 * 2048 * 2048) // (n * n)))
+    ref = 8192 if args.device == "cuda" else 2048
+    return max(1, min(20, (20 * ref * ref) // (n * n)))
 
 
 def k_value(spec, n):
@@ -346,19 +523,39 @@ def _run_worker(kind, cfg, args, timeout):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
     env["PYTHONWARNINGS"] = "ignore"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     cfg = dict(cfg, mem_cap_gb=args.mem_cap_gb)
-    cmd = [sys.executable, str(Path(__file__).resolve()), f"--_{kind}", json.dumps(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.benchmark_attention",
+        f"--_{kind}",
+        json.dumps(cfg),
+    ]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"worker exceeded {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    status = "oom" if proc.returncode in (-9, 137) or any("memory" in t.lower() for t in tail) else "error"
-    return {"status": status, "error": f"worker exit {proc.returncode}: {' | '.join(tail)[:400]}"}
+    status = (
+        "oom"
+        if proc.returncode in (-9, 137) or any("memory" in t.lower() for t in tail)
+        else "error"
+    )
+    return {
+        "status": status,
+        "error": f"worker exit {proc.returncode}: {' | '.join(tail)[:400]}",
+    }
 
 
 def fit_exponent(ns, values):
@@ -369,7 +566,9 @@ def fit_exponent(ns, values):
     ys = [math.log(v) for v in values]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((a - mx) ** 2 for a in xs)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx else float("nan")
+    return (
+        sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx else float("nan")
+    )
 
 
 def read_rows(path):
@@ -386,7 +585,9 @@ def series_label(r):
     if r["impl"] not in CLUSTER_IMPLS:
         return r["impl"]
     k = int(r["k"])
-    return f"{r['impl']} k={'sqrt' if k == math.ceil(math.sqrt(r['n'])) and k != 3 else k}"
+    return (
+        f"{r['impl']} k={'sqrt' if k == math.ceil(math.sqrt(r['n'])) and k != 3 else k}"
+    )
 
 
 def exponents(rows, lo, hi, metric="time_ms"):
@@ -411,21 +612,40 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    styles = {"cluster": "-", "cluster-causal": "--", "full": "-", "sdpa": ":", "naive": "-.", "proj": ":"}
+    styles = {
+        "cluster": "-",
+        "cluster-causal": "--",
+        "full": "-",
+        "sdpa": ":",
+        "naive": "-.",
+        "proj": ":",
+    }
     for mode, device in sorted({(r["mode"], r["device"]) for r in rows}):
         sub = [r for r in rows if r["mode"] == mode and r["device"] == device]
         batches = sorted({(r["n"], r["batch"]) for r in sub})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, metric, title in ((axes[0], "time_ms", "time per sequence (ms)"),
-                                  (axes[1], "peak_mb", "extra peak memory per sequence (MiB)")):
+        for ax, metric, title in (
+            (axes[0], "time_ms", "time per sequence (ms)"),
+            (axes[1], "peak_mb", "extra peak memory per sequence (MiB)"),
+        ):
             slopes = exponents(sub, fit_lo, fit_hi, metric)
             for label in sorted({series_label(r) for r in sub}):
-                pts = sorted((r["n"], r[metric] / r["batch"]) for r in sub if series_label(r) == label and r[metric] > 0)
+                pts = sorted(
+                    (r["n"], r[metric] / r["batch"])
+                    for r in sub
+                    if series_label(r) == label and r[metric] > 0
+                )
                 if not pts:
                     continue
                 s = slopes.get((mode, device, label), float("nan"))
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(label.split()[0], "-"), marker="o", ms=3,
-                        label=f"{label} (slope {s:.2f})" if s == s else label)
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    styles.get(label.split()[0], "-"),
+                    marker="o",
+                    ms=3,
+                    label=label if math.isnan(s) else f"{label} (slope {s:.2f})",
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
@@ -433,8 +653,10 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
         per_n = ", ".join(f"{n}:{b}" for n, b in sorted(dict(batches).items()))
-        fig.suptitle(f"slopes fitted on {fit_lo} <= N <= {fit_hi}; values divided by the batch (N:batch {per_n})",
-                     fontsize=8)
+        fig.suptitle(
+            f"slopes fitted on {fit_lo} <= N <= {fit_hi}; values divided by the batch (N:batch {per_n})",
+            fontsize=8,
+        )
         fig.tight_layout()
         path = out_dir / f"{stem}_{mode}_{device}.png"
         fig.savefig(path, dpi=72)
@@ -445,7 +667,18 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
 
 def _write_row(writer, f, impl, n, k, batch, mode, device, time_ms, peak_mb):
     """One CSV row (CSV_COLUMNS), flushed so that a crash later keeps it."""
-    writer.writerow([impl, n, "" if k is None else k, batch, mode, device, f"{time_ms:.3f}", f"{peak_mb:.1f}"])
+    writer.writerow(
+        [
+            impl,
+            n,
+            "" if k is None else k,
+            batch,
+            mode,
+            device,
+            f"{time_ms:.3f}",
+            f"{peak_mb:.1f}",
+        ]
+    )
     f.flush()
 
 
@@ -453,24 +686,145 @@ def _time_pending(pending, base, args, writer, f, stopped, mode):
     """Time the configurations that passed their memory step, side by side, and write their rows."""
     if not pending:
         return
-    cfg = dict(base, configs=[(name, impl, k, n, batch) for name, impl, _, k, n, batch, _ in pending],
-               warmup=args.warmup, repeats=args.repeats, budget=args.budget)
+    cfg = dict(
+        base,
+        configs=[
+            (name, impl, k, n, batch) for name, impl, _, k, n, batch, _ in pending
+        ],
+        warmup=args.warmup,
+        repeats=args.repeats,
+        budget=args.budget,
+    )
     round_s = sum(res["step_s"] for *_, res in pending)
-    timed = _run_worker("time", cfg, args, timeout=round_s * (args.warmup + args.repeats) * 3 + 300)
+    timed = _run_worker(
+        "time", cfg, args, timeout=round_s * (args.warmup + args.repeats) * 3 + 300
+    )
     results = timed.get("results", {})
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     for name, impl, ks, k, n, batch, mem in pending:
         label = name.rsplit(" N=", 1)[0]
-        res = results.get(name, {"status": timed.get("status", "error"), "error": timed.get("error", "")})
+        res = results.get(
+            name,
+            {"status": timed.get("status", "error"), "error": timed.get("error", "")},
+        )
         if res["status"] != "ok":
             stopped[(impl, ks)] = f"{res['status']} at N={n} (timing)"
-            print(f"{res['status'].upper():5s} {mode:7s} N={n:6d} {label:22s} batch {batch} (timing): "
-                  f"{res.get('error', '')}", flush=True)
+            print(
+                f"{res['status'].upper():5s} {mode:7s} N={n:6d} {label:22s} batch {batch} (timing): "
+                f"{res.get('error', '')}",
+                flush=True,
+            )
             continue
-        _write_row(writer, f, impl, n, k, batch, mode, args.device, res["time_ms"], mem["peak_mb"])
-        print(f"ok    {mode:7s} N={n:6d} {label:22s} batch {batch:2d}: {res['time_ms']:10.1f} ms "
-              f"{mem['peak_mb']:9.1f} MiB  (median of {len(res['times_ms'])}: {res['times_ms']}; "
-              f"{timed['threads']} threads, {mem['mem_method']}; load average {load})", flush=True)
+        _write_row(
+            writer,
+            f,
+            impl,
+            n,
+            k,
+            batch,
+            mode,
+            args.device,
+            res["time_ms"],
+            mem["peak_mb"],
+        )
+        print(
+            f"ok    {mode:7s} N={n:6d} {label:22s} batch {batch:2d}: {res['time_ms']:10.1f} ms "
+            f"{mem['peak_mb']:9.1f} MiB  (median of {len(res['times_ms'])}: {res['times_ms']}; "
+            f"{timed['threads']} threads, {mem['mem_method']}; load average {load})",
+            flush=True,
+        )
+
+
+def run_in_process(args, modes, lengths, kspecs, impls, writer, f):
+    """--in-process: one worker per mode; its ROW lines become CSV rows as they arrive."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    env["PYTHONWARNINGS"] = "ignore"
+    series = []
+    for impl in impls:
+        series += (
+            [(impl, ks) for ks in dict.fromkeys(kspecs)]
+            if impl in CLUSTER_IMPLS
+            else [(impl, None)]
+        )
+    for mode in modes:
+        cfg = {
+            "mode": mode,
+            "device": args.device,
+            "dtype": args.dtype,
+            "d": args.d,
+            "heads": args.heads,
+            "window": args.window,
+            "local_heads": args.local_heads,
+            "threads": args.threads,
+            "lengths": lengths,
+            "series": series,
+            "batches": {str(n): auto_batch(n, args) for n in lengths},
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "budget": args.budget,
+            "time_cap": args.time_cap,
+            "kernels": True,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.benchmark_attention",
+            "--_inprocess",
+            json.dumps(cfg),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for line in proc.stdout:
+            kind, _, payload = line.partition(" ")
+            if kind == "LOG":
+                print(json.loads(payload)["text"], flush=True)
+                continue
+            if kind != "ROW":
+                continue
+            r = json.loads(payload)
+            label, n, batch = r["label"], r["n"], r["batch"]
+            if r["status"] in ("ok", "cap"):
+                _write_row(
+                    writer,
+                    f,
+                    r["impl"],
+                    n,
+                    r["k"],
+                    batch,
+                    mode,
+                    args.device,
+                    r["time_ms"],
+                    r["peak_mb"],
+                )
+            if r["status"] == "ok":
+                print(
+                    f"ok    {mode:7s} N={n:6d} {label:22s} batch {batch:2d}: {r['time_ms']:10.2f} ms "
+                    f"{r['peak_mb']:9.1f} MiB  (median of {len(r['times_ms'])}: {r['times_ms']}; {r['mem_method']})",
+                    flush=True,
+                )
+            elif r["status"] == "cap":
+                print(
+                    f"cap   {mode:7s} N={n:6d} {label:22s} batch {batch:2d}: {r['time_ms']:10.1f} ms (ONE cold step: "
+                    f"over the {args.time_cap:g} s time cap; not run at larger N)",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"{r['status'].upper():5s} {mode:7s} N={n:6d} {label:22s} batch {batch}: {r.get('error', '')} "
+                    "(not run at larger N)",
+                    flush=True,
+                )
+        err = proc.stderr.read()
+        if proc.wait():
+            tail = " | ".join(err.strip().splitlines()[-3:])[:400]
+            print(f"ERROR {mode:7s} worker exit {proc.returncode}: {tail}", flush=True)
 
 
 def run_benchmark(args, p):
@@ -489,11 +843,21 @@ def run_benchmark(args, p):
     kspecs = [v.strip() for v in args.k.split(",")]
     import torch
 
-    print(f"# torch {torch.__version__}, device {args.device}, threads {args.threads} "
-          f"(os.cpu_count {os.cpu_count()}), d {args.d}, heads {args.heads}, cluster-causal local heads "
-          f"{local_head_count(args.local_heads, args.heads)}, warmup {args.warmup}, "
-          f"repeats <= {args.repeats}, time cap {args.time_cap:g} s/step, budget {args.budget:g} s of timed "
-          f"rounds per (mode, N), mem cap {args.mem_cap_gb:g} GiB", flush=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    in_process = (
+        args.in_process if args.in_process is not None else args.device == "cuda"
+    )
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
+    print(
+        f"# torch {torch.__version__}, device {args.device}{gpu}, dtype {args.dtype}, "
+        f"{'in-process' if in_process else 'a process per configuration'}, threads {args.threads} "
+        f"(os.cpu_count {os.cpu_count()}), d {args.d}, heads {args.heads}, cluster-causal local heads "
+        f"{local_head_count(args.local_heads, args.heads)}, warmup {args.warmup}, "
+        f"repeats <= {args.repeats}, time cap {args.time_cap:g} s/step, budget {args.budget:g} s of timed "
+        f"rounds per (mode, N), mem cap {args.mem_cap_gb:g} GiB",
+        flush=True,
+    )
     t_all = time.perf_counter()
     csv_path = Path(args.csv)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,85 +866,219 @@ def run_benchmark(args, p):
         writer.writerow(CSV_COLUMNS)
         f.flush()
         shown_kernels = set()
-        for mode in modes:
+        for mode in modes if not in_process else ():
             series = []  # (impl, kspec); each stops at its first OOM / over-cap length
             for impl in impls:
-                series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in CLUSTER_IMPLS else [(impl, None)]
+                series += (
+                    [(impl, ks) for ks in dict.fromkeys(kspecs)]
+                    if impl in CLUSTER_IMPLS
+                    else [(impl, None)]
+                )
             stopped = {}
             pending = []  # (name, impl, ks, k, n, batch, memory result) waiting to be timed
             for n in lengths:
                 batch = auto_batch(n, args)
-                base = dict(n=n, batch=batch, mode=mode, device=args.device, d=args.d, heads=args.heads,
-                            window=args.window, local_heads=args.local_heads, threads=args.threads)
+                base = {
+                    "n": n,
+                    "batch": batch,
+                    "mode": mode,
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "d": args.d,
+                    "heads": args.heads,
+                    "window": args.window,
+                    "local_heads": args.local_heads,
+                    "threads": args.threads,
+                }
                 done = set()
                 for impl, ks in series:
                     k = k_value(ks, n) if ks else None
                     name = impl + (f" k={k}" if k else "")
                     if (impl, ks) in stopped:
-                        print(f"skip  {mode:7s} N={n:6d} {name:22s} ({stopped[(impl, ks)]})", flush=True)
+                        print(
+                            f"skip  {mode:7s} N={n:6d} {name:22s} ({stopped[(impl, ks)]})",
+                            flush=True,
+                        )
                         continue
                     if name in done:  # k=sqrt and k=3 coincide
                         continue
                     done.add(name)
-                    cfg = dict(base, impl=impl, k=k, kernels=impl == "full" and mode not in shown_kernels)
-                    res = _run_worker("memory", cfg, args, timeout=args.time_cap * 4 + 300)
+                    cfg = dict(
+                        base,
+                        impl=impl,
+                        k=k,
+                        kernels=impl == "full" and mode not in shown_kernels,
+                    )
+                    res = _run_worker(
+                        "memory", cfg, args, timeout=args.time_cap * 4 + 300
+                    )
                     if res.get("kernels") is not None:
                         shown_kernels.add(mode)
-                        print(f"# full ({mode}) runs: {', '.join(res['kernels'])}", flush=True)
+                        print(
+                            f"# full ({mode}) runs: {', '.join(res['kernels'])}",
+                            flush=True,
+                        )
                     if res["status"] != "ok":
                         stopped[(impl, ks)] = f"{res['status']} at N={n}, batch {batch}"
-                        print(f"{res['status'].upper():5s} {mode:7s} N={n:6d} {name:22s} batch {batch}: "
-                              f"{res.get('error', '')}", flush=True)
+                        print(
+                            f"{res['status'].upper():5s} {mode:7s} N={n:6d} {name:22s} batch {batch}: "
+                            f"{res.get('error', '')}",
+                            flush=True,
+                        )
                         continue
                     if res["step_s"] > args.time_cap:
-                        stopped[(impl, ks)] = f"one step took {res['step_s']:.0f} s > {args.time_cap:g} s at N={n}"
-                        _write_row(writer, f, impl, n, k, batch, mode, args.device, res["step_s"] * 1000, res["peak_mb"])
-                        print(f"cap   {mode:7s} N={n:6d} {name:22s} batch {batch:2d}: {res['step_s'] * 1000:10.1f} ms "
-                              f"{res['peak_mb']:9.1f} MiB  (ONE cold step: over the {args.time_cap:g} s time cap; "
-                              f"not run at larger N)", flush=True)
+                        stopped[(impl, ks)] = (
+                            f"one step took {res['step_s']:.0f} s > {args.time_cap:g} s at N={n}"
+                        )
+                        _write_row(
+                            writer,
+                            f,
+                            impl,
+                            n,
+                            k,
+                            batch,
+                            mode,
+                            args.device,
+                            res["step_s"] * 1000,
+                            res["peak_mb"],
+                        )
+                        print(
+                            f"cap   {mode:7s} N={n:6d} {name:22s} batch {batch:2d}: {res['step_s'] * 1000:10.1f} ms "
+                            f"{res['peak_mb']:9.1f} MiB  (ONE cold step: over the {args.time_cap:g} s time cap; "
+                            f"not run at larger N)",
+                            flush=True,
+                        )
                         continue
                     pending.append((f"{name} N={n}", impl, ks, k, n, batch, res))
                 if not args.group_lengths or n == lengths[-1]:
                     _time_pending(pending, base, args, writer, f, stopped, mode)
                     pending = []
+        if in_process:
+            run_in_process(args, modes, lengths, kspecs, impls, writer, f)
     print(f"# wrote {csv_path} in {time.perf_counter() - t_all:.0f} s")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--lengths", default="256,512,1024,2048,4096,8192,16384", help="comma-separated N")
-    p.add_argument("--impl", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
-    p.add_argument("--mode", default="train", help="train (forward+backward), forward, or both: train,forward")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--lengths",
+        default="256,512,1024,2048,4096,8192,16384",
+        help="comma-separated N",
+    )
+    p.add_argument(
+        "--impl",
+        default=",".join(DEFAULT_IMPLS),
+        help=f"comma-separated, from {', '.join(IMPLS)}",
+    )
+    p.add_argument(
+        "--mode",
+        default="train",
+        help="train (forward+backward), forward, or both: train,forward",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--csv", default="attention_benchmark.csv", help="output CSV (overwritten)")
-    p.add_argument("--batch", type=int, default=0, help="fixed batch (default: 20, lowered above N=2048, see docs)")
-    p.add_argument("--k", default="sqrt,3", help="clusters for the cluster impls: sqrt (= ceil(sqrt N)) and/or integers")
-    p.add_argument("--window", type=int, default=0, help="cluster-causal window (default ceil(N/k))")
-    p.add_argument("--local-heads", default="half",
-                   help="cluster-causal: heads that attend to the last window words of any cluster: 'half' "
-                        "(the fairseq decoder's default, --causal-local-heads) or an integer (0: all clustered)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="of the layers and inputs (flash attention on CUDA needs bfloat16 or float16)",
+    )
+    p.add_argument(
+        "--in-process",
+        dest="in_process",
+        action="store_true",
+        default=None,
+        help="all configurations of a mode in one worker process (default on CUDA)",
+    )
+    p.add_argument(
+        "--no-in-process",
+        dest="in_process",
+        action="store_false",
+        help="a fresh process per configuration's memory step (default on the CPU)",
+    )
+    p.add_argument(
+        "--csv", default="attention_benchmark.csv", help="output CSV (overwritten)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="fixed batch (default: 20, lowered above N=2048, see docs)",
+    )
+    p.add_argument(
+        "--k",
+        default="sqrt,3",
+        help="clusters for the cluster impls: sqrt (= ceil(sqrt N)) and/or integers",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="cluster-causal window (default ceil(N/k))",
+    )
+    p.add_argument(
+        "--local-heads",
+        default="half",
+        help="cluster-causal: heads that attend to the last window words of any cluster: 'half' "
+        "(the fairseq decoder's default, --causal-local-heads) or an integer (0: all clustered)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds at most")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--time-cap", type=float, default=60.0,
-                   help="seconds: a configuration whose step is slower is measured once and not run at larger N")
-    p.add_argument("--budget", type=float, default=60.0,
-                   help="seconds of timed rounds per (mode, N): stop adding rounds after it (at least one)")
-    p.add_argument("--mem-cap-gb", type=float, default=12.0,
-                   help="CPU: address space a worker may allocate beyond its state after setup (model, input); "
-                        "beyond it counts as out of memory (0: no limit)")
-    p.add_argument("--group-lengths", action="store_true",
-                   help="time all lengths of a mode side by side in one process (a scaling fit that load drift "
-                        "between lengths cannot bend; use with a fixed --batch)")
-    p.add_argument("--plot", nargs="?", const="", default=None, help="write PNGs to DIR (no DIR: next to the CSV)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads (default: all cores)",
+    )
+    p.add_argument(
+        "--time-cap",
+        type=float,
+        default=60.0,
+        help="seconds: a configuration whose step is slower is measured once and not run at larger N",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds of timed rounds per (mode, N): stop adding rounds after it (at least one)",
+    )
+    p.add_argument(
+        "--mem-cap-gb",
+        type=float,
+        default=12.0,
+        help="CPU: address space a worker may allocate beyond its state after setup (model, input); "
+        "beyond it counts as out of memory (0: no limit)",
+    )
+    p.add_argument(
+        "--group-lengths",
+        action="store_true",
+        help="time all lengths of a mode side by side in one process (a scaling fit that load drift "
+        "between lengths cannot bend; use with a fixed --batch)",
+    )
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        help="write PNGs to DIR (no DIR: next to the CSV)",
+    )
     p.add_argument("--fit", default="1024,8192", help="N range of the fitted exponents")
-    p.add_argument("--plot-only", action="store_true", help="only summarise / plot an existing --csv")
+    p.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="only summarise / plot an existing --csv",
+    )
     p.add_argument("--_memory", help=argparse.SUPPRESS)
     p.add_argument("--_time", help=argparse.SUPPRESS)
+    p.add_argument("--_inprocess", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._inprocess:
+        return inprocess_worker(json.loads(args._inprocess))
     if args._memory:
         return memory_worker(json.loads(args._memory))
     if args._time:
@@ -591,7 +1089,9 @@ def main(argv=None):
     fit_lo, fit_hi = (int(v) for v in args.fit.split(","))
     rows = read_rows(args.csv)
     for (mode, device, label), s in sorted(exponents(rows, fit_lo, fit_hi).items()):
-        print(f"# time exponent {mode:7s} {device} {label:22s} {s:.2f}  (N {fit_lo}..{fit_hi}, per sequence)")
+        print(
+            f"# time exponent {mode:7s} {device} {label:22s} {s:.2f}  (N {fit_lo}..{fit_hi}, per sequence)"
+        )
     if args.plot is not None:
         out_dir = Path(args.plot) if args.plot else Path(args.csv).parent
         for path in plot(rows, out_dir, fit_lo, fit_hi, stem=Path(args.csv).stem):

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Translation throughput: clusterformer_iwslt against transformer_iwslt_de_en, side by side.
 
 For each setting, both models are built in this process through fairseq's own APIs
@@ -25,14 +24,19 @@ Settings (``--settings``):
   <L>       synthetic pairs of exactly L tokens per side (random words from a 1000-word
             vocabulary), e.g. 512,1024,2048; max positions raised to fit.
 
+Run from the repository root as ``python -m scripts.benchmark_translation``.
+--device cuda runs both models on the GPU (timed after a synchronize), in --dtype (float32 by
+default; bfloat16 or float16 cast both models, as fairseq's --bf16/--fp16 do).
+
 Example (all settings at the defaults):
-  python scripts/benchmark_translation.py --settings mt,512,1024,2048 --csv /tmp/mt.csv
+  python -m scripts.benchmark_translation --settings mt,512,1024,2048 --csv /tmp/mt.csv
 docs/benchmarks.md ran shorter versions of these (fewer steps, smaller generation batches,
 --phases to run one phase); its Commands section has the exact lines.
 A tiny smoke run:
-  python scripts/benchmark_translation.py --settings 64 --layers 1 --embed-dim 32 --ffn-dim 64 \\
+  python -m scripts.benchmark_translation --settings 64 --layers 1 --embed-dim 32 --ffn-dim 64 \\
       --heads 4 --train-steps 2 --gen-batches 1 --csv /tmp/mt.csv
 """
+
 import argparse
 import csv
 import os
@@ -49,7 +53,18 @@ CRITERIA = {
     "clusterformer_iwslt": "label_smoothed_cross_entropy_with_clustering",
     "transformer_iwslt_de_en": "label_smoothed_cross_entropy",
 }
-CSV_COLUMNS = ["setting", "phase", "arch", "steps", "sentences", "tokens", "time_s", "rate", "unit", "ratio"]
+CSV_COLUMNS = [
+    "setting",
+    "phase",
+    "arch",
+    "steps",
+    "sentences",
+    "tokens",
+    "time_s",
+    "rate",
+    "unit",
+    "ratio",
+]
 
 
 def log(msg):
@@ -63,14 +78,26 @@ def cli(name):
 
 def preprocess(raw: Path, dest: Path, src: str, tgt: str, splits, workers=1):
     """fairseq-preprocess --joined-dictionary, once (kept when dest already has the dictionary)."""
-    if (dest / f"dict.{src}.txt").exists() and all((dest / f"{s}.{src}-{tgt}.{src}.bin").exists() for s in splits):
+    if (dest / f"dict.{src}.txt").exists() and all(
+        (dest / f"{s}.{src}-{tgt}.{src}.bin").exists() for s in splits
+    ):
         return dest
-    cmd = [cli("fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt, "--destdir", str(dest),
-           "--joined-dictionary", "--workers", str(workers)]
+    cmd = [
+        cli("fairseq-preprocess"),
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--destdir",
+        str(dest),
+        "--joined-dictionary",
+        "--workers",
+        str(workers),
+    ]
     for split in splits:
         cmd += [f"--{'train' if split == 'train' else 'test'}pref", str(raw / split)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"fairseq-preprocess failed:\n{proc.stderr[-3000:]}")
     return dest
@@ -81,12 +108,21 @@ def prepare_mt(args) -> Path:
     raw = Path(args.work_dir) / f"mt-raw-{args.train_lines}-{args.gen_sentences}"
     raw.mkdir(parents=True, exist_ok=True)
     for lang in ("de", "en"):
-        train = (data / "train-sample" / f"train.{lang}").read_text().splitlines()[: args.train_lines]
+        train = (
+            (data / "train-sample" / f"train.{lang}")
+            .read_text()
+            .splitlines()[: args.train_lines]
+        )
         test = (data / f"test.{lang}").read_text().splitlines()[: args.gen_sentences]
         (raw / f"train.{lang}").write_text("\n".join(train) + "\n")
         (raw / f"test.{lang}").write_text("\n".join(test) + "\n")
-    return preprocess(raw, Path(args.work_dir) / f"mt-bin-{args.train_lines}-{args.gen_sentences}", "de", "en",
-                      ("train", "test"))
+    return preprocess(
+        raw,
+        Path(args.work_dir) / f"mt-bin-{args.train_lines}-{args.gen_sentences}",
+        "de",
+        "en",
+        ("train", "test"),
+    )
 
 
 def prepare_synthetic(args, length: int) -> Path:
@@ -98,9 +134,17 @@ def prepare_synthetic(args, length: int) -> Path:
     vocab = [f"w{i}" for i in range(1000)]
     for split, n in (("train", n_train), ("test", n_test)):
         for lang in ("src", "tgt"):
-            lines = [" ".join(rng.choice(vocab) for _ in range(length)) for _ in range(n)]
+            lines = [
+                " ".join(rng.choice(vocab) for _ in range(length)) for _ in range(n)
+            ]
             (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
-    return preprocess(raw, Path(args.work_dir) / f"syn-bin-{length}-{n_train}-{n_test}", "src", "tgt", ("train", "test"))
+    return preprocess(
+        raw,
+        Path(args.work_dir) / f"syn-bin-{length}-{n_train}-{n_test}",
+        "src",
+        "tgt",
+        ("train", "test"),
+    )
 
 
 def build(arch, data_bin, src, tgt, args, max_positions):
@@ -109,19 +153,58 @@ def build(arch, data_bin, src, tgt, args, max_positions):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    argv = [str(data_bin), "--task", "translation", "--source-lang", src, "--target-lang", tgt,
-            "--arch", arch, "--criterion", CRITERIA[arch], "--label-smoothing", "0.1", "--cpu",
-            "--user-dir", str(REPO / "fairseq_clusterformer"), "--seed", str(args.seed),
-            "--max-source-positions", str(max_positions), "--max-target-positions", str(max_positions),
-            "--share-all-embeddings"]
+    argv = [
+        str(data_bin),
+        "--task",
+        "translation",
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--arch",
+        arch,
+        "--criterion",
+        CRITERIA[arch],
+        "--label-smoothing",
+        "0.1",
+        "--user-dir",
+        str(REPO / "fairseq_clusterformer"),
+        "--seed",
+        str(args.seed),
+        "--max-source-positions",
+        str(max_positions),
+        "--max-target-positions",
+        str(max_positions),
+        "--share-all-embeddings",
+    ] + (["--cpu"] if args.device == "cpu" else [])
     if args.layers:
-        argv += ["--encoder-layers", str(args.layers), "--decoder-layers", str(args.layers)]
+        argv += [
+            "--encoder-layers",
+            str(args.layers),
+            "--decoder-layers",
+            str(args.layers),
+        ]
     if args.embed_dim:
-        argv += ["--encoder-embed-dim", str(args.embed_dim), "--decoder-embed-dim", str(args.embed_dim)]
+        argv += [
+            "--encoder-embed-dim",
+            str(args.embed_dim),
+            "--decoder-embed-dim",
+            str(args.embed_dim),
+        ]
     if args.ffn_dim:
-        argv += ["--encoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-ffn-embed-dim", str(args.ffn_dim)]
+        argv += [
+            "--encoder-ffn-embed-dim",
+            str(args.ffn_dim),
+            "--decoder-ffn-embed-dim",
+            str(args.ffn_dim),
+        ]
     if args.heads:
-        argv += ["--encoder-attention-heads", str(args.heads), "--decoder-attention-heads", str(args.heads)]
+        argv += [
+            "--encoder-attention-heads",
+            str(args.heads),
+            "--decoder-attention-heads",
+            str(args.heads),
+        ]
     if arch.startswith("clusterformer") and args.cluster_args:
         argv += args.cluster_args.split()
     parser = options.get_training_parser()
@@ -129,17 +212,37 @@ def build(arch, data_bin, src, tgt, args, max_positions):
     cfg = convert_namespace_to_omegaconf(ns)
     torch.manual_seed(args.seed)
     task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
+    model = task.build_model(cfg.model).to(
+        device=args.device, dtype=getattr(torch, args.dtype)
+    )
     criterion = task.build_criterion(cfg.criterion)
     return task, model, criterion
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _to_device(sample, device):
+    from fairseq import utils
+
+    return utils.move_to_cuda(sample) if device == "cuda" else sample
 
 
 def batches(task, split, max_tokens, max_sentences, max_positions, count, seed=1):
     task.load_dataset(split)
     itr = task.get_batch_iterator(
-        dataset=task.dataset(split), max_tokens=max_tokens, max_sentences=max_sentences,
-        max_positions=(max_positions, max_positions), ignore_invalid_inputs=True,
-        required_batch_size_multiple=1, seed=seed, num_workers=0,
+        dataset=task.dataset(split),
+        max_tokens=max_tokens,
+        max_sentences=max_sentences,
+        max_positions=(max_positions, max_positions),
+        ignore_invalid_inputs=True,
+        required_batch_size_multiple=1,
+        seed=seed,
+        num_workers=0,
     ).next_epoch_itr(shuffle=split == "train")
     out = []
     for sample in itr:
@@ -149,40 +252,55 @@ def batches(task, split, max_tokens, max_sentences, max_positions, count, seed=1
     return out
 
 
-def time_training(models, samples, warmup):
+def time_training(models, samples, warmup, device="cpu"):
     """{arch: [seconds per step]} over the same samples, alternating the models step by step."""
     import torch
 
-    optims = {a: torch.optim.Adam(m.parameters(), lr=5e-4) for a, (m, _) in models.items()}
+    optims = {
+        a: torch.optim.Adam(m.parameters(), lr=5e-4) for a, (m, _) in models.items()
+    }
     times = {a: [] for a in models}
     for i, sample in enumerate(samples):
         for arch, (model, criterion) in models.items():
             model.train()
+            _sync(device)
             t0 = time.perf_counter()
-            loss, sample_size, _ = criterion(model, sample)
+            loss, _sample_size, _ = criterion(model, sample)
             loss.backward()
             optims[arch].step()
             optims[arch].zero_grad(set_to_none=True)
+            _sync(device)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[arch].append(dt)
     return times
 
 
-def time_generation(models, tgt_dict, samples, beam, out_len, warmup):
+def time_generation(models, tgt_dict, samples, beam, out_len, warmup, device="cpu"):
     import torch
     from fairseq.sequence_generator import SequenceGenerator
 
-    gens = {a: SequenceGenerator([m], tgt_dict, beam_size=beam, max_len_a=0, max_len_b=out_len, min_len=out_len)
-            for a, (m, _) in models.items()}
+    gens = {
+        a: SequenceGenerator(
+            [m],
+            tgt_dict,
+            beam_size=beam,
+            max_len_a=0,
+            max_len_b=out_len,
+            min_len=out_len,
+        )
+        for a, (m, _) in models.items()
+    }
     times = {a: [] for a in models}
     lengths = {a: [] for a in models}
     for i, sample in enumerate(samples):
         for arch, (model, _) in models.items():
             model.eval()
+            _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 hypos = gens[arch].generate([model], sample)
+            _sync(device)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times[arch].append(dt)
@@ -205,7 +323,9 @@ def run_setting(setting, args, writer, f):
         task, model, criterion = build(arch, data_bin, src, tgt, args, max_positions)
         built[arch] = (task, model, criterion)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"# {setting}: {arch}: {n_params / 1e6:.1f}M parameters, {sum(1 for _ in model.modules())} modules")
+        log(
+            f"# {setting}: {arch}: {n_params / 1e6:.1f}M parameters, {sum(1 for _ in model.modules())} modules"
+        )
     task = built[ARCHS[0]][0]
     models = {a: (m, c) for a, (_, m, c) in built.items()}
 
@@ -218,73 +338,193 @@ def run_setting(setting, args, writer, f):
 
 
 def run_training(task, models, args, max_positions, setting, writer, f):
-    train_samples = batches(task, "train", args.max_tokens, None, max_positions, args.train_steps + args.warmup)
-    times = time_training(models, train_samples, args.warmup)
-    timed = train_samples[args.warmup:]
+    train_samples = batches(
+        task,
+        "train",
+        args.max_tokens,
+        None,
+        max_positions,
+        args.train_steps + args.warmup,
+    )
+    times = time_training(
+        models,
+        [_to_device(s, args.device) for s in train_samples],
+        args.warmup,
+        args.device,
+    )
+    timed = train_samples[args.warmup :]
     tokens = sum(int(s["ntokens"]) for s in timed)
     sents = sum(int(s["nsentences"]) for s in timed)
     rates = {a: tokens / sum(t) for a, t in times.items()}
     for arch in ARCHS:
         ratio = rates[arch] / rates[ARCHS[1]]
-        writer.writerow([setting, "train", arch, len(timed), sents, tokens, f"{sum(times[arch]):.3f}",
-                         f"{rates[arch]:.1f}", "target_tokens/s", f"{ratio:.3f}"])
-        log(f"{setting:6s} train    {arch:26s} {rates[arch]:9.1f} target tokens/s  ({len(timed)} steps, "
+        writer.writerow(
+            [
+                setting,
+                "train",
+                arch,
+                len(timed),
+                sents,
+                tokens,
+                f"{sum(times[arch]):.3f}",
+                f"{rates[arch]:.1f}",
+                "target_tokens/s",
+                f"{ratio:.3f}",
+            ]
+        )
+        log(
+            f"{setting:6s} train    {arch:26s} {rates[arch]:9.1f} target tokens/s  ({len(timed)} steps, "
             f"{tokens} target tokens, {sents} sentences; per-step median {statistics.median(times[arch]):.3f} s)  "
-            f"ratio {ratio:.3f}")
+            f"ratio {ratio:.3f}"
+        )
     f.flush()
 
 
 def run_generation(task, models, args, max_positions, out_len, setting, writer, f):
-    gen_samples = batches(task, "test", None, args.gen_batch_size, max_positions, args.gen_batches + args.gen_warmup)
-    times, lengths = time_generation(models, task.target_dictionary, gen_samples, args.beam, out_len, args.gen_warmup)
-    timed = gen_samples[args.gen_warmup:]
+    gen_samples = batches(
+        task,
+        "test",
+        None,
+        args.gen_batch_size,
+        max_positions,
+        args.gen_batches + args.gen_warmup,
+    )
+    times, lengths = time_generation(
+        models,
+        task.target_dictionary,
+        [_to_device(s, args.device) for s in gen_samples],
+        args.beam,
+        out_len,
+        args.gen_warmup,
+        args.device,
+    )
+    timed = gen_samples[args.gen_warmup :]
     sents = sum(int(s["nsentences"]) for s in timed)
     rates = {a: sents / sum(t) for a, t in times.items()}
     for arch in ARCHS:
         ratio = rates[arch] / rates[ARCHS[1]]
         out_tokens = sum(lengths[arch])
-        writer.writerow([setting, "generate", arch, len(timed), sents, out_tokens, f"{sum(times[arch]):.3f}",
-                         f"{rates[arch]:.3f}", "sentences/s", f"{ratio:.3f}"])
-        log(f"{setting:6s} generate {arch:26s} {rates[arch]:9.3f} sentences/s  ({len(timed)} batches, {sents} "
-            f"sentences, beam {args.beam}, {out_len} output steps; {out_tokens} tokens incl. eos)  ratio {ratio:.3f}")
+        writer.writerow(
+            [
+                setting,
+                "generate",
+                arch,
+                len(timed),
+                sents,
+                out_tokens,
+                f"{sum(times[arch]):.3f}",
+                f"{rates[arch]:.3f}",
+                "sentences/s",
+                f"{ratio:.3f}",
+            ]
+        )
+        log(
+            f"{setting:6s} generate {arch:26s} {rates[arch]:9.3f} sentences/s  ({len(timed)} batches, {sents} "
+            f"sentences, beam {args.beam}, {out_len} output steps; {out_tokens} tokens incl. eos)  ratio {ratio:.3f}"
+        )
     f.flush()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--settings", default="mt,512,1024,2048", help="mt and/or synthetic lengths, comma-separated")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "iwslt14"))
-    p.add_argument("--work-dir", default="/tmp/clusterformer-bench-translation", help="binarised data (reused)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--settings",
+        default="mt,512,1024,2048",
+        help="mt and/or synthetic lengths, comma-separated",
+    )
+    p.add_argument(
+        "--data-dir", default=str(REPO.parent / "shared" / "data" / "iwslt14")
+    )
+    p.add_argument(
+        "--work-dir",
+        default="/tmp/clusterformer-bench-translation",
+        help="binarised data (reused)",
+    )
     p.add_argument("--csv", default="translation_benchmark.csv")
-    p.add_argument("--train-lines", type=int, default=4600, help="mt: training sentences binarised")
-    p.add_argument("--max-tokens", type=int, default=4096, help="training batch size in tokens (both models)")
-    p.add_argument("--train-steps", type=int, default=10, help="timed training steps per model")
-    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per model first")
-    p.add_argument("--gen-sentences", type=int, default=400, help="mt: test sentences binarised")
-    p.add_argument("--gen-batch-size", type=int, default=32, help="sentences per generation batch")
-    p.add_argument("--gen-batches", type=int, default=3, help="timed generation batches per model")
+    p.add_argument(
+        "--train-lines", type=int, default=4600, help="mt: training sentences binarised"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        help="training batch size in tokens (both models)",
+    )
+    p.add_argument(
+        "--train-steps", type=int, default=10, help="timed training steps per model"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed training steps per model first"
+    )
+    p.add_argument(
+        "--gen-sentences", type=int, default=400, help="mt: test sentences binarised"
+    )
+    p.add_argument(
+        "--gen-batch-size", type=int, default=32, help="sentences per generation batch"
+    )
+    p.add_argument(
+        "--gen-batches", type=int, default=3, help="timed generation batches per model"
+    )
     p.add_argument("--gen-warmup", type=int, default=1)
-    p.add_argument("--gen-len", type=int, default=30, help="mt: output tokens per hypothesis (forced)")
-    p.add_argument("--gen-len-long", type=int, default=256,
-                   help="synthetic: output tokens per hypothesis (forced), at most the length")
-    p.add_argument("--phases", default="train,generate", help="train and/or generate (comma-separated)")
+    p.add_argument(
+        "--gen-len",
+        type=int,
+        default=30,
+        help="mt: output tokens per hypothesis (forced)",
+    )
+    p.add_argument(
+        "--gen-len-long",
+        type=int,
+        default=256,
+        help="synthetic: output tokens per hypothesis (forced), at most the length",
+    )
+    p.add_argument(
+        "--phases",
+        default="train,generate",
+        help="train and/or generate (comma-separated)",
+    )
     p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--layers", type=int, default=0, help="override encoder/decoder layers (both models)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="override encoder/decoder layers (both models)",
+    )
     p.add_argument("--embed-dim", type=int, default=0)
     p.add_argument("--ffn-dim", type=int, default=0)
-    p.add_argument("--heads", type=int, default=0, help="override attention heads (both models)")
-    p.add_argument("--cluster-args", default="", help="extra clusterformer options, e.g. '--num-clusters auto'")
+    p.add_argument(
+        "--heads", type=int, default=0, help="override attention heads (both models)"
+    )
+    p.add_argument(
+        "--cluster-args",
+        default="",
+        help="extra clusterformer options, e.g. '--num-clusters auto'",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="both models' parameters and activations",
+    )
     args = p.parse_args(argv)
     if args.gen_batch_size < 1 or args.gen_batches < 1 or args.train_steps < 1:
         p.error("--gen-batch-size, --gen-batches and --train-steps must be >= 1")
     args.phases = [v.strip() for v in args.phases.split(",") if v.strip()]
     if not args.phases or any(v not in ("train", "generate") for v in args.phases):
         p.error("--phases must be train, generate or train,generate")
-    if "mt" in args.settings.split(",") and args.gen_sentences < args.gen_batch_size * (args.gen_batches + args.gen_warmup):
-        p.error("--gen-sentences must cover --gen-batch-size x (--gen-batches + --gen-warmup)")
+    if "mt" in args.settings.split(",") and args.gen_sentences < args.gen_batch_size * (
+        args.gen_batches + args.gen_warmup
+    ):
+        p.error(
+            "--gen-sentences must cover --gen-batch-size x (--gen-batches + --gen-warmup)"
+        )
 
     import logging
     import warnings
@@ -294,10 +534,15 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     import fairseq_clusterformer  # noqa: F401  registers the model, archs and criterion
 
-    log(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
+    log(
+        f"# torch {torch.__version__}, device {args.device}{gpu}, dtype {args.dtype}, threads {torch.get_num_threads()}, load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(args.csv, "w", newline="") as f:
@@ -305,8 +550,10 @@ def main(argv=None):
         writer.writerow(CSV_COLUMNS)
         for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
             run_setting(setting, args, writer, f)
-    log(f"# wrote {args.csv} in {time.perf_counter() - t0:.0f} s; load average "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    log(
+        f"# wrote {args.csv} in {time.perf_counter() - t0:.0f} s; load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

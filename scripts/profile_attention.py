@@ -5,31 +5,55 @@ grouped into projection GEMMs, the flash kernel, copies/adds/fills, clustering m
 gathers and the rest (the table in docs/benchmarks.md). --memory instead runs one step in this
 fresh process and prints the peak resident memory above the resident memory before it (as
 benchmark_attention.py measures it), with --backward-chunk-mib setting the size of the chunks
-the flash path's backward runs over. Run it once per chunk size:
+the flash path's backward runs over. Run it from the repository root, once per chunk size:
 
-  for c in 1 4 16 64; do python scripts/profile_attention.py --memory --backward-chunk-mib $c; done
+  for c in 1 4 16 64; do python -m scripts.profile_attention --memory --backward-chunk-mib $c; done
 """
+
 import argparse
-import importlib.util
+import importlib
 import math
 import os
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 GROUPS = {
     "projection GEMMs": ("aten::mm", "aten::addmm"),
-    "flash kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                     "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-    "copies, adds, fills": ("aten::copy_", "aten::add_", "aten::fill_", "aten::masked_fill_", "aten::zero_"),
+    "flash kernel": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "copies, adds, fills": (
+        "aten::copy_",
+        "aten::add_",
+        "aten::fill_",
+        "aten::masked_fill_",
+        "aten::zero_",
+    ),
     "clustering matmuls": ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"),
     "row gathers": ("aten::index_select",),
 }
 
 
+def _chunk_holder():
+    """The module that holds the flash backward's chunk size (_BACKWARD_CHUNK_BYTES), or None."""
+    for name in (
+        "fairseq_clusterformer.modules.kernels",
+        "fairseq_clusterformer.modules.cluster_attention",
+    ):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "_BACKWARD_CHUNK_BYTES"):
+            return module
+    return None
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--n", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--d", type=int, default=512)
@@ -38,18 +62,33 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--memory", action="store_true", help="peak memory of one step instead of a profile")
-    p.add_argument("--backward-chunk-mib", type=float, default=0, help="flash backward chunk size (0: the module's)")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory of one step instead of a profile",
+    )
+    p.add_argument(
+        "--backward-chunk-mib",
+        type=float,
+        default=0,
+        help="flash backward chunk size (0: the module's)",
+    )
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    # Loaded by path, as benchmark_attention.py does: the module needs only torch.
-    spec = importlib.util.spec_from_file_location("cluster_attention", REPO / "fairseq_clusterformer" / "modules" / "cluster_attention.py")
-    ca = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ca)
+    import fairseq_clusterformer.modules.cluster_attention as ca
+
+    holder = _chunk_holder()
     if args.backward_chunk_mib:
-        ca._BACKWARD_CHUNK_BYTES = int(args.backward_chunk_mib * 2**20)
+        if holder is None:
+            p.error(
+                "--backward-chunk-mib: this version of the module has no backward chunk size"
+            )
+        holder._BACKWARD_CHUNK_BYTES = int(args.backward_chunk_mib * 2**20)
+    chunks = (
+        "n/a" if holder is None else f"{holder._BACKWARD_CHUNK_BYTES / 2**20:.3g} MiB"
+    )
     k = args.k or math.ceil(math.sqrt(args.n))
     m = ca.ClusterAttention(args.d, args.heads, k, max_clusters=max(256, k))
     x = torch.randn(args.batch, args.n, args.d, requires_grad=True)
@@ -61,17 +100,20 @@ def main(argv=None):
         x.grad = None
         m.zero_grad(set_to_none=True)
 
-    print(f"# N {args.n}, batch {args.batch}, d {args.d}, heads {args.heads}, k {k}, threads {args.threads}, "
-          f"backward chunks of {ca._BACKWARD_CHUNK_BYTES / 2**20:.3g} MiB, load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        f"# N {args.n}, batch {args.batch}, d {args.d}, heads {args.heads}, k {k}, threads {args.threads}, "
+        f"backward chunks of {chunks}, load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     if args.memory:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from benchmark_attention import CpuPeak
+        from scripts.benchmark_attention import CpuPeak
 
         meter = CpuPeak()
         meter.start()
         step()
-        print(f"peak memory of one step: {meter.stop() / 2**20:.1f} MiB ({meter.method})")
+        print(
+            f"peak memory of one step: {meter.stop() / 2**20:.1f} MiB ({meter.method})"
+        )
         return
     from torch.profiler import profile
 
@@ -82,7 +124,9 @@ def main(argv=None):
         with profile() as prof:
             step()
         for e in prof.key_averages():
-            total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1000 / args.steps
+            total[e.key] = (
+                total.get(e.key, 0.0) + e.self_cpu_time_total / 1000 / args.steps
+            )
     whole = sum(total.values())
     print("| part of the step | self CPU (ms) | share |\n|---|---|---|")
     used = 0.0
@@ -90,7 +134,9 @@ def main(argv=None):
         ms = sum(total.get(key, 0.0) for key in keys)
         used += ms
         print(f"| {name} | {ms:.0f} | {100 * ms / whole:.0f} % |")
-    print(f"| everything else | {whole - used:.0f} | {100 * (whole - used) / whole:.0f} % |")
+    print(
+        f"| everything else | {whole - used:.0f} | {100 * (whole - used) / whole:.0f} % |"
+    )
     print(f"| total | {whole:.0f} | |")
 
 

@@ -1,6 +1,10 @@
-"""Smoke tests of the benchmark scripts at tiny sizes: structure and sanity, never timing ratios."""
+"""Smoke tests of the benchmark scripts at tiny sizes: structure and sanity, never timing ratios.
+
+The scripts run as users run them, from the repository root: ``python -m scripts.benchmark_attention``.
+"""
+
 import csv
-import importlib.util
+import importlib
 import math
 import subprocess
 import sys
@@ -9,13 +13,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
+ATTENTION = ("-m", "scripts.benchmark_attention")
+TRANSLATION = ("-m", "scripts.benchmark_translation")
+PROFILE = ("-m", "scripts.profile_attention")
 
 
 def _run(args, timeout):
     proc = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-        env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **__import__("os").environ,
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": "1",
+        },
+        check=False,
     )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -29,13 +44,49 @@ def _rows(path):
 
 def test_attention_benchmark_smoke(tmp_path):
     out_csv = tmp_path / "attn.csv"
-    stdout = _run([
-        SCRIPTS / "benchmark_attention.py", "--lengths", "64,128", "--impl", "cluster,cluster-causal,full,sdpa,naive",
-        "--k", "sqrt,3", "--mode", "train", "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4",
-        "--batch", "2", "--threads", "1", "--fit", "64,128", "--csv", out_csv, "--plot", tmp_path / "img",
-    ], timeout=240)
+    stdout = _run(
+        [
+            *ATTENTION,
+            "--lengths",
+            "64,128",
+            "--impl",
+            "cluster,cluster-causal,full,sdpa,naive",
+            "--k",
+            "sqrt,3",
+            "--mode",
+            "train",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--d",
+            "32",
+            "--heads",
+            "4",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--fit",
+            "64,128",
+            "--csv",
+            out_csv,
+            "--plot",
+            tmp_path / "img",
+        ],
+        timeout=240,
+    )
     columns, rows = _rows(out_csv)
-    assert columns == ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
+    assert columns == [
+        "impl",
+        "n",
+        "k",
+        "batch",
+        "mode",
+        "device",
+        "time_ms",
+        "peak_mb",
+    ]
     seen = {(r["impl"], r["n"], r["k"], r["mode"]) for r in rows}
     for n in ("64", "128"):
         k_sqrt = str(math.ceil(math.sqrt(int(n))))
@@ -53,19 +104,48 @@ def test_attention_benchmark_smoke(tmp_path):
     # one fitted exponent per series (5 impl/k series with k=sqrt and k=3 distinct at both N, + 3)
     exps = [line for line in stdout.splitlines() if line.startswith("# time exponent")]
     assert len(exps) == 4 + 3, exps
-    assert all(math.isfinite(float(line.split("(N")[0].split()[-1])) for line in exps), exps
-    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == ["attn_train_cpu.png"]
+    assert all(
+        math.isfinite(float(line.split("(N")[0].split()[-1])) for line in exps
+    ), exps
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
+        "attn_train_cpu.png"
+    ]
 
 
-def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory(tmp_path):
+def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory(
+    tmp_path,
+):
     """naive at N=2048 needs more than a 0.1 GiB cap: reported as OOM, skipped above; the
     others go on."""
     out_csv = tmp_path / "oom.csv"
-    stdout = _run([
-        SCRIPTS / "benchmark_attention.py", "--lengths", "64,2048,4096", "--impl", "sdpa,naive", "--mode", "forward",
-        "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4", "--batch", "4", "--threads", "1",
-        "--mem-cap-gb", "0.1", "--csv", out_csv,
-    ], timeout=120)
+    stdout = _run(
+        [
+            *ATTENTION,
+            "--lengths",
+            "64,2048,4096",
+            "--impl",
+            "sdpa,naive",
+            "--mode",
+            "forward",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--d",
+            "32",
+            "--heads",
+            "4",
+            "--batch",
+            "4",
+            "--threads",
+            "1",
+            "--mem-cap-gb",
+            "0.1",
+            "--csv",
+            out_csv,
+        ],
+        timeout=120,
+    )
     _, rows = _rows(out_csv)
     assert {r["mode"] for r in rows} == {"forward"}
     assert sorted(int(r["n"]) for r in rows if r["impl"] == "naive") == [64]
@@ -73,31 +153,86 @@ def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory
     assert "OOM" in stdout and "skip" in stdout
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "iwslt14" / "test.de").exists(), reason="no IWSLT14 data")
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "iwslt14" / "test.de").exists(),
+    reason="no IWSLT14 data",
+)
 def test_translation_benchmark_smoke(tmp_path):
     """Both settings kinds at tiny sizes: real IWSLT14 data (binarised by the script) and
     synthetic pairs of a fixed length."""
     out_csv = tmp_path / "mt.csv"
-    stdout = _run([
-        SCRIPTS / "benchmark_translation.py", "--settings", "mt,48", "--train-lines", "60", "--gen-sentences", "6",
-        "--layers", "1", "--embed-dim", "32", "--ffn-dim", "64", "--heads", "4", "--train-steps", "2",
-        "--warmup", "1", "--gen-batches", "1", "--gen-warmup", "1", "--gen-batch-size", "3", "--gen-len", "5",
-        "--max-tokens", "400", "--threads", "1", "--cluster-args", "--causal-window 8",
-        "--work-dir", tmp_path / "work", "--csv", out_csv,
-    ], timeout=240)
+    stdout = _run(
+        [
+            *TRANSLATION,
+            "--settings",
+            "mt,48",
+            "--train-lines",
+            "60",
+            "--gen-sentences",
+            "6",
+            "--layers",
+            "1",
+            "--embed-dim",
+            "32",
+            "--ffn-dim",
+            "64",
+            "--heads",
+            "4",
+            "--train-steps",
+            "2",
+            "--warmup",
+            "1",
+            "--gen-batches",
+            "1",
+            "--gen-warmup",
+            "1",
+            "--gen-batch-size",
+            "3",
+            "--gen-len",
+            "5",
+            "--max-tokens",
+            "400",
+            "--threads",
+            "1",
+            "--cluster-args",
+            "--causal-window 8",
+            "--work-dir",
+            tmp_path / "work",
+            "--csv",
+            out_csv,
+        ],
+        timeout=240,
+    )
     columns, rows = _rows(out_csv)
-    assert columns == ["setting", "phase", "arch", "steps", "sentences", "tokens", "time_s", "rate", "unit", "ratio"]
+    assert columns == [
+        "setting",
+        "phase",
+        "arch",
+        "steps",
+        "sentences",
+        "tokens",
+        "time_s",
+        "rate",
+        "unit",
+        "ratio",
+    ]
     archs = ("clusterformer_iwslt", "transformer_iwslt_de_en")
     for setting in ("mt", "48"):
         got = {(r["phase"], r["arch"]) for r in rows if r["setting"] == setting}
-        assert got == {(phase, arch) for phase in ("train", "generate") for arch in archs}
+        assert got == {
+            (phase, arch) for phase in ("train", "generate") for arch in archs
+        }
     for r in rows:
         assert float(r["rate"]) > 0 and float(r["time_s"]) > 0 and float(r["ratio"]) > 0
     for setting, out_len in (("mt", 5), ("48", 48)):
         train = [r for r in rows if r["setting"] == setting and r["phase"] == "train"]
-        assert len({r["tokens"] for r in train}) == 1  # the same batches for both models
+        assert (
+            len({r["tokens"] for r in train}) == 1
+        )  # the same batches for both models
         gen = [r for r in rows if r["setting"] == setting and r["phase"] == "generate"]
-        assert {r["tokens"] for r in gen} == {str(3 * (out_len + 1))}  # forced length, + eos, for both
+        assert {r["tokens"] for r in gen} == {
+            str(3 * (out_len + 1))
+        }  # forced length, + eos, for both
     assert (tmp_path / "work" / "mt-bin-60-6" / "dict.de.txt").exists()
     assert "load average" in stdout
 
@@ -106,14 +241,39 @@ def test_attention_benchmark_proj_floor_is_opt_in(tmp_path):
     """`proj` (the four projections without attention: the floor every impl pays) runs when asked
     for, and is not part of the default --impl list."""
     out_csv = tmp_path / "proj.csv"
-    _run([
-        SCRIPTS / "benchmark_attention.py", "--lengths", "64", "--impl", "proj,sdpa", "--mode", "train,forward",
-        "--repeats", "1", "--warmup", "0", "--d", "32", "--heads", "4", "--batch", "2", "--threads", "1",
-        "--csv", out_csv,
-    ], timeout=120)
+    _run(
+        [
+            *ATTENTION,
+            "--lengths",
+            "64",
+            "--impl",
+            "proj,sdpa",
+            "--mode",
+            "train,forward",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--d",
+            "32",
+            "--heads",
+            "4",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--csv",
+            out_csv,
+        ],
+        timeout=120,
+    )
     _, rows = _rows(out_csv)
     assert sorted((r["impl"], r["mode"]) for r in rows) == [
-        ("proj", "forward"), ("proj", "train"), ("sdpa", "forward"), ("sdpa", "train")]
+        ("proj", "forward"),
+        ("proj", "train"),
+        ("sdpa", "forward"),
+        ("sdpa", "train"),
+    ]
     assert all(float(r["time_ms"]) > 0 for r in rows)
     module = _benchmark_attention_module()
     assert "proj" in module.IMPLS and "proj" not in module.DEFAULT_IMPLS
@@ -121,17 +281,21 @@ def test_attention_benchmark_proj_floor_is_opt_in(tmp_path):
 
 def test_translation_benchmark_rejects_unknown_phase():
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "benchmark_translation.py"), "--phases", "train,score", "--csv", "/dev/null"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, *TRANSLATION, "--phases", "train,score", "--csv", "/dev/null"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2 and "--phases" in proc.stderr
 
 
 def _benchmark_attention_module():
-    spec = importlib.util.spec_from_file_location("benchmark_attention", SCRIPTS / "benchmark_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts.benchmark_attention, imported as `python -m` finds it: from the repository root."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPO))
+        return importlib.import_module("scripts.benchmark_attention")
 
 
 def test_attention_benchmark_cluster_causal_local_heads():
@@ -143,19 +307,139 @@ def test_attention_benchmark_cluster_causal_local_heads():
     assert m.local_heads == 0
     for bad in ("5", "-1", "some"):
         proc = subprocess.run(
-            [sys.executable, str(SCRIPTS / "benchmark_attention.py"), "--heads", "4", "--local-heads", bad,
-             "--csv", "/dev/null"], cwd=REPO, capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                *ATTENTION,
+                "--heads",
+                "4",
+                "--local-heads",
+                bad,
+                "--csv",
+                "/dev/null",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
-        assert proc.returncode == 2 and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
+        assert (
+            proc.returncode == 2
+            and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
+        )
 
 
 def test_profile_attention_smoke():
     """The profile table's groups and the --memory mode, at a tiny size."""
-    common = [SCRIPTS / "profile_attention.py", "--n", "64", "--batch", "2", "--d", "32", "--heads", "4",
-              "--steps", "1", "--warmup", "0"]
+    common = [
+        *PROFILE,
+        "--n",
+        "64",
+        "--batch",
+        "2",
+        "--d",
+        "32",
+        "--heads",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]
     table = _run(common, timeout=120)
-    for group in ("projection GEMMs", "flash kernel", "row gathers", "everything else", "total"):
+    for group in (
+        "projection GEMMs",
+        "flash kernel",
+        "row gathers",
+        "everything else",
+        "total",
+    ):
         assert f"| {group} |" in table
     memory = _run(common + ["--memory", "--backward-chunk-mib", "0.01"], timeout=120)
     assert "backward chunks of 0.01 MiB" in memory
     assert float(memory.split("peak memory of one step: ")[1].split()[0]) >= 0
+
+
+def test_attention_benchmark_in_process_mode(tmp_path):
+    """--in-process (the default on CUDA): every configuration of a mode in one worker, timed side
+    by side per N, a row per configuration and N, and a method that runs out of memory stops."""
+    out_csv = tmp_path / "inproc.csv"
+    stdout = _run(
+        [
+            *ATTENTION,
+            "--lengths",
+            "64,128",
+            "--impl",
+            "cluster,full,sdpa",
+            "--k",
+            "sqrt",
+            "--mode",
+            "train",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--d",
+            "32",
+            "--heads",
+            "4",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--in-process",
+            "--fit",
+            "64,128",
+            "--csv",
+            out_csv,
+        ],
+        timeout=120,
+    )
+    _, rows = _rows(out_csv)
+    assert sorted((r["impl"], int(r["n"]), r["k"]) for r in rows) == [
+        ("cluster", 64, "8"),
+        ("cluster", 128, "12"),
+        ("full", 64, ""),
+        ("full", 128, ""),
+        ("sdpa", 64, ""),
+        ("sdpa", 128, ""),
+    ]
+    assert all(float(r["time_ms"]) > 0 and r["device"] == "cpu" for r in rows)
+    assert "in-process" in stdout and "(median of 2:" in stdout
+    assert "# full (train) runs:" in stdout and "scaled_dot_product" in stdout
+
+
+def test_attention_benchmark_cuda_batches_and_dtype():
+    """On CUDA the batch stays 20 up to N = 8192 (naive's scores as at 8192 x 20 above); --dtype
+    casts the layer and its input."""
+    module = _benchmark_attention_module()
+    args = type("Args", (), {"batch": 0, "device": "cuda"})()
+    assert [module.auto_batch(n, args) for n in (512, 8192, 16384, 32768, 65536)] == [
+        20,
+        20,
+        5,
+        1,
+        1,
+    ]
+    args.device = "cpu"
+    assert [module.auto_batch(n, args) for n in (2048, 4096, 8192)] == [20, 5, 1]
+    import torch
+
+    cfg = {
+        "device": "cpu",
+        "mode": "train",
+        "n": 16,
+        "batch": 2,
+        "d": 32,
+        "heads": 4,
+        "window": 0,
+        "dtype": "bfloat16",
+    }
+    run = module.Runner(cfg, "cluster", 4)
+    assert (
+        run.x.dtype == torch.bfloat16
+        and run.module.q_proj.weight.dtype == torch.bfloat16
+    )
+    assert (
+        run.step() > 0 and run.module.q_proj.weight.grad is None
+    )  # gradients cleared after the step
