@@ -52,9 +52,19 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["fairseq_clusterformer", "fairseq_clusterformer.*"]),
-    # Tiny import hook so stock fairseq commands load ClusterFormer checkpoints without
-    # --user-dir; bootstrap.sh registers it with `python -m fairseq_clusterformer_autoload --install`.
+    # Opt-in import hook so stock fairseq commands load ClusterFormer checkpoints without
+    # --user-dir: `clusterformer-autoload --install` (docs/install.md).
     py_modules=["fairseq_clusterformer_autoload"],
     install_requires=install_requires,
+    entry_points={
+        "console_scripts": [
+            "clusterformer-choose-k = fairseq_clusterformer.tools.choose_k:main",
+            "clusterformer-show-clusters = fairseq_clusterformer.tools.show_clusters:main",
+            "clusterformer-average-checkpoints = fairseq_clusterformer.tools.average_checkpoints:main",
+            "clusterformer-prepare-data = fairseq_clusterformer.tools.prepare_data:main",
+            "clusterformer-mt-prep = fairseq_clusterformer.tools.mt_prep:_cli",
+            "clusterformer-autoload = fairseq_clusterformer_autoload:main",
+        ]
+    },
     extras_require=extras_require,
 )

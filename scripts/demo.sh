@@ -93,7 +93,7 @@ for f in train val test_2016_flickr; do
         [[ -s "$DATA/$f.$l.gz" ]] || die "missing $DATA/$f.$l.gz (the shipped corpus; see data/multi30k/README.md)"
     done
 done
-PREP=("$VPY" "$ROOT/examples/translation/mt_prep.py")
+PREP=("$VPY" "$ROOT/fairseq_clusterformer/tools/mt_prep.py")
 NCPU="$(nproc 2>/dev/null || echo 1)"
 SEGDIR="$WORK/$SEG"
 TOK="$WORK/tok"

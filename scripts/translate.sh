@@ -29,7 +29,7 @@ if [[ ! -f "$CKPT" || ! -f "$BIN/dict.de.txt" || ! -f "$SEGDIR/checkpoints/.done
     die "no trained demo model in $SEGDIR: run bash scripts/demo.sh first"
 fi
 [[ -x "$VPY" ]] || die "no Python environment at $VENV: run bash scripts/demo.sh first"
-PREP=("$VPY" "$ROOT/examples/translation/mt_prep.py")
+PREP=("$VPY" "$ROOT/fairseq_clusterformer/tools/mt_prep.py")
 if [[ $SEG == bpe ]]; then
     SEGMENT=("${PREP[@]}" apply-bpe -c "$SEGDIR/code" - -)
     REMOVE_BPE=(--remove-bpe)

@@ -24,7 +24,7 @@ def test_interactive_translates_stdin(toy_bin, smoke_checkpoint_dir):
 def test_average_checkpoints(toy_bin, tmp_path):
     save = tmp_path / "avg"
     train(toy_bin, save, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "3"], max_update=100)
-    out = run([sys.executable, REPO / "scripts" / "average_checkpoints.py", "--inputs", save,
+    out = run([cli("clusterformer-average-checkpoints"), "--inputs", save,
                "--num-epoch-checkpoints", "2", "--output", save / "averaged.pt"])
     assert "averaging 2 checkpoints" in out.stdout
     a, b = (torch.load(save / f"checkpoint{e}.pt", weights_only=True)["model"] for e in (3, 2))
@@ -34,7 +34,7 @@ def test_average_checkpoints(toy_bin, tmp_path):
     assert any(not torch.equal(a[n], b[n]) for n in a)  # the inputs really differ
     hyps = parse_generate(generate(toy_bin, save / "averaged.pt").stdout)
     assert sorted(hyps) == list(range(20))
-    bad = run([sys.executable, REPO / "scripts" / "average_checkpoints.py", "--inputs", save,
+    bad = run([cli("clusterformer-average-checkpoints"), "--inputs", save,
                "--num-epoch-checkpoints", "9", "--output", save / "x.pt"], check=False)
     assert bad.returncode != 0 and "holds only 3 epoch checkpoints" in bad.stderr
 

@@ -13,9 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "translation"
 MULTI30K = REPO / "data" / "multi30k"
-sys.path.insert(0, str(RECIPES))
 
-import mt_prep  # noqa: E402
+from fairseq_clusterformer.tools import mt_prep
 
 TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
               "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 "

@@ -1,18 +1,14 @@
-"""Smoke tests of the experiment scripts: scripts/show_clusters.py, scripts/choose_k.py and
-scripts/experiments/run_side_by_side.py, on the toy corpus with tiny models and a few updates.
+"""Smoke tests of the experiment tools: clusterformer-show-clusters, clusterformer-choose-k and
+python -m scripts.experiments.run_side_by_side, on the toy corpus with tiny models and a few updates.
 The real runs (minutes to hours) and their results are in docs/results.md."""
 import json
 import subprocess
 import sys
 
-from fairseq_helpers import REPO, run
+from fairseq_helpers import REPO, cli, run
 
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO / "scripts" / "experiments"))
-
-import choose_k  # noqa: E402
-import expkit  # noqa: E402
-import run_side_by_side  # noqa: E402
+from fairseq_clusterformer.tools import choose_k, expkit
+from scripts.experiments import run_side_by_side
 
 PY = sys.executable
 TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
@@ -21,7 +17,7 @@ TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --de
 
 
 def test_show_clusters_text_and_png(smoke_checkpoint_dir, toy_bin, tmp_path, capsys):
-    import show_clusters
+    from fairseq_clusterformer.tools import show_clusters
 
     out = tmp_path / "clusters.png"
     assert show_clusters.main(["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin),
@@ -48,7 +44,7 @@ def test_show_clusters_text_and_png(smoke_checkpoint_dir, toy_bin, tmp_path, cap
 def test_show_clusters_unknown_tokens_stdin_and_stats(smoke_checkpoint_dir, toy_bin, monkeypatch, capsys):
     import io
 
-    import show_clusters
+    from fairseq_clusterformer.tools import show_clusters
 
     model, task = show_clusters.load(smoke_checkpoint_dir / "checkpoint_last.pt", toy_bin)
     assignments, warnings = show_clusters.cluster_assignments(model, task, "s1 s2 zzz")
@@ -107,7 +103,7 @@ def test_repetition_rate():
 
 def test_choose_k_smoke(toy_bin, tmp_path, capsys):
     out = tmp_path / "ck"
-    proc = run([PY, "scripts/choose_k.py", "--data", toy_bin, "--ks", "1,2", "--max-update", "3",
+    proc = run([cli("clusterformer-choose-k"), "--data", toy_bin, "--ks", "1,2", "--max-update", "3",
                 "--model-args", TINY_MODEL, "--out", out, "--", "--max-tokens", "500", "--causal-window", "8"],
                timeout=300)
     assert "Recommended k = " in proc.stdout
@@ -148,7 +144,7 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
         "detok_lang": "en", "tests": [{"subset": "test", "label": "test", "ref": str(toy_bin.parent / "raw" / "test.tgt")}],
     }))
     work = tmp_path / "work"
-    proc = run([PY, "scripts/experiments/run_side_by_side.py", "run", "--dataset", ds, "--work", work,
+    proc = run([PY, "-m", "scripts.experiments.run_side_by_side", "run", "--dataset", ds, "--work", work,
                 "--code", "worktree", "--max-update", "3", "--max-tokens", "500", "--beam", "1",
                 "--model-args", TINY_MODEL], timeout=300)
     assert proc.stdout.count("sacrebleu") >= 2
@@ -180,10 +176,22 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
 
 
 def test_scripts_help():
-    for script in ("scripts/show_clusters.py", "scripts/choose_k.py", "scripts/experiments/run_side_by_side.py",
-                   "scripts/experiments/prepare_data.py"):
-        proc = subprocess.run([PY, script, "--help"], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (script, proc.stderr[-2000:])
+    commands = [[cli(name)] for name in ("clusterformer-show-clusters", "clusterformer-choose-k",
+                                         "clusterformer-prepare-data", "clusterformer-average-checkpoints",
+                                         "clusterformer-mt-prep", "clusterformer-autoload")]
+    commands += [[PY, "-m", "scripts.experiments.run_side_by_side"], [PY, "-m", "scripts.check_offline"]]
+    for command in commands:
+        proc = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (command, proc.stderr[-2000:])
+
+
+def test_prepare_data_needs_an_explicit_iwslt14_source(tmp_path):
+    proc = subprocess.run([cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "iwslt14 needs --source DIR" in proc.stderr
+    proc = subprocess.run([cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path), "--source",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not hold the IWSLT14 material" in proc.stderr
 
 
 def test_k1_cluster_attention_is_fairseq_multihead_attention():

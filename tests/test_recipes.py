@@ -14,17 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "translation"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-sys.path.insert(0, str(RECIPES))
 
-import check_offline  # noqa: E402
-import mt_prep  # noqa: E402
+from scripts import check_offline
+from fairseq_clusterformer.tools import mt_prep
 
 needs_data = pytest.mark.skipif(
     not (DATA / "iwslt14").is_dir(),
     reason=f"reference data folder {DATA} is absent (it holds the IWSLT14/WMT files these tests compare with)",
 )
 
-# Measured with examples/translation/check_offline.py (see examples/translation/README.md):
+# Measured with python -m scripts.check_offline (see examples/translation/README.md):
 # every line matches. The thresholds leave a little room for other sacremoses/subword-nmt versions.
 MIN_TOKENIZE_MATCH = 0.995
 MIN_BPE_MATCH = 0.999

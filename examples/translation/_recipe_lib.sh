@@ -6,7 +6,7 @@
 
 RECIPE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$RECIPE_DIR/../.." && pwd)"
-PREP_PY="$RECIPE_DIR/mt_prep.py"
+PREP_PY="$REPO_ROOT/fairseq_clusterformer/tools/mt_prep.py"
 
 # The interpreter: $PYTHON if set, else this repository's .venv, else python3 on PATH.
 if [[ -n "${PYTHON:-}" ]]; then

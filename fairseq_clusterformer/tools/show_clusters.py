@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Show which tokens each ClusterFormer layer groups together, for one sentence.
 
-    python scripts/show_clusters.py --path CHECKPOINT.pt --data DATA_BIN \\
+    clusterformer-show-clusters --path CHECKPOINT.pt --data DATA_BIN \\
         --sentence "ein hund läuft durch das gras ." [--target "a dog runs through the grass ."] \\
         [--out clusters.png]
 
@@ -26,20 +26,13 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def load(path, data, user_dir=None):
     if user_dir:
         from fairseq import utils as fairseq_utils
 
         fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(user_dir)))
-    else:
-        try:  # the installed (or PYTHONPATH's) plugin first, else this repository's
-            import fairseq_clusterformer  # noqa: F401  (registers the model; safe checkpoint loading)
-        except ImportError:
-            sys.path.insert(0, str(REPO))
-            import fairseq_clusterformer  # noqa: F401
+    import fairseq_clusterformer  # noqa: F401  (registers the model; safe checkpoint loading)
     from fairseq import checkpoint_utils
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
@@ -59,15 +52,31 @@ def cluster_assignments(model, task, sentence, target=None):
     """{"encoder": (tokens, [per-layer list of cluster ids]), "decoder": (...) if target}."""
     import torch
 
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or not hasattr(encoder, "cluster_carrier"):
-        raise SystemExit("this checkpoint is not a clusterformer model (no cluster carrier on its encoder)")
+    from fairseq_clusterformer.models.clusterformer import ClusterformerModel
+    from fairseq_clusterformer.modules import ClusterAttention
+
+    if not isinstance(model, ClusterformerModel):
+        raise SystemExit(f"this checkpoint is not a clusterformer model (it is {type(model).__name__})")
+    recorded = {"encoder": [], "decoder": []}
+
+    def recorder(side):
+        def hook(module, args, output):
+            recorded[side].append(output[1].assignments)
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(recorder(side))
+        for side in recorded
+        for m in getattr(model, side).modules()
+        if isinstance(m, ClusterAttention)
+    ]
     src_ids, src_words, src_unk = _encode(task.source_dictionary, sentence)
     out = OrderedDict()
     warnings = []
     if src_unk:
         warnings.append(f"source tokens not in the dictionary (shown, but encoded as <unk>): {' '.join(src_unk)}")
-    with torch.no_grad():
+    with torch.no_grad():  # the hooks record each clustering layer's assignments, in layer order
         src_tokens = src_ids.unsqueeze(0)
         src_lengths = torch.tensor([src_ids.numel()])
         if target is None:
@@ -79,10 +88,12 @@ def cluster_assignments(model, task, sentence, target=None):
             eos = task.target_dictionary.eos()
             prev = torch.cat([torch.tensor([eos]), tgt_ids[:-1]]).unsqueeze(0)  # teacher forcing input
             model(src_tokens, src_lengths, prev)
-        out["encoder"] = (src_words, [a[0].tolist() for a in encoder.cluster_carrier.assignments])
-        if target is not None:
-            dec_words = ["</s>"] + tgt_words[:-1]
-            out["decoder"] = (dec_words, [a[0].tolist() for a in model.decoder.cluster_carrier.assignments])
+    for h in hooks:
+        h.remove()
+    out["encoder"] = (src_words, [a[0].tolist() for a in recorded["encoder"]])
+    if target is not None:
+        dec_words = ["</s>"] + tgt_words[:-1]
+        out["decoder"] = (dec_words, [a[0].tolist() for a in recorded["decoder"]])
     for side, (_words, layers) in out.items():
         if not layers:
             warnings.append(f"the {side} has no clustering layers (--self-attention-{side} full)")

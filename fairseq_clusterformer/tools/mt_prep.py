@@ -7,20 +7,20 @@ steps with packages from PyPI: ``sacremoses`` (Moses tokenizer, punctuation norm
 detokenizer), ``subword-nmt`` (BPE) and, optionally, ``sentencepiece``. Every step is a function
 here and a sub-command of this file, so the shell recipes and the tests call the same code::
 
-    python mt_prep.py xml-segs FILE.xml OUT              # grep '<seg id' | sed ... (dev/test XML, SGML)
-    python mt_prep.py train-tags FILE OUT                # IWSLT train.tags: drop <url>/<talkid>/..., untag
-    python mt_prep.py tokenize --lang de [--lowercase] [--aggressive-dash]
+    clusterformer-mt-prep xml-segs FILE.xml OUT              # grep '<seg id' | sed ... (dev/test XML, SGML)
+    clusterformer-mt-prep train-tags FILE OUT                # IWSLT train.tags: drop <url>/<talkid>/..., untag
+    clusterformer-mt-prep tokenize --lang de [--lowercase] [--aggressive-dash]
                                [--normalize-punct] [--remove-non-printing] [--workers N] IN OUT
-    python mt_prep.py lowercase IN OUT                   # Moses lowercase.perl
-    python mt_prep.py clean --ratio 1.5 PREFIX L1 L2 OUTPREFIX MIN MAX   # clean-corpus-n.perl
-    python mt_prep.py split --every 23 IN TRAIN_OUT VALID_OUT            # awk NR%23
-    python mt_prep.py learn-bpe -s 10000 IN [IN ...] CODES                # learn_bpe.py on cat IN...
-    python mt_prep.py apply-bpe -c CODES [--workers N] IN OUT
-    python mt_prep.py spm-train --vocab-size 10000 IN [IN ...] MODEL_PREFIX
-    python mt_prep.py spm-encode -m MODEL.model IN OUT
-    python mt_prep.py detokenize --lang en IN OUT        # for sacrebleu on detokenised text
-    python mt_prep.py compound-split IN OUT              # the ##AT##-##AT## convention (WMT14 BLEU)
-    python mt_prep.py hyps-refs GENERATE_OUTPUT HYP REF [SRC]  # H-/T-/S- lines sorted by id
+    clusterformer-mt-prep lowercase IN OUT                   # Moses lowercase.perl
+    clusterformer-mt-prep clean --ratio 1.5 PREFIX L1 L2 OUTPREFIX MIN MAX   # clean-corpus-n.perl
+    clusterformer-mt-prep split --every 23 IN TRAIN_OUT VALID_OUT            # awk NR%23
+    clusterformer-mt-prep learn-bpe -s 10000 IN [IN ...] CODES                # learn_bpe.py on cat IN...
+    clusterformer-mt-prep apply-bpe -c CODES [--workers N] IN OUT
+    clusterformer-mt-prep spm-train --vocab-size 10000 IN [IN ...] MODEL_PREFIX
+    clusterformer-mt-prep spm-encode -m MODEL.model IN OUT
+    clusterformer-mt-prep detokenize --lang en IN OUT        # for sacrebleu on detokenised text
+    clusterformer-mt-prep compound-split IN OUT              # the ##AT##-##AT## convention (WMT14 BLEU)
+    clusterformer-mt-prep hyps-refs GENERATE_OUTPUT HYP REF [SRC]  # H-/T-/S- lines sorted by id
 
 IN/OUT may be ``-`` (stdin/stdout); ``.gz`` inputs are read transparently. Files are written to
 ``OUT.tmp`` and renamed when complete, so a killed step never leaves a half-written output that

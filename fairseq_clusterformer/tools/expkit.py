@@ -1,4 +1,4 @@
-"""Shared pieces of the experiment scripts (scripts/choose_k.py, scripts/experiments/*.py).
+"""Shared pieces of the experiment tools (clusterformer-choose-k, scripts/experiments/*.py).
 
 Every step runs fairseq's console scripts in a subprocess, as a user would, single-threaded
 (OMP_NUM_THREADS=1) unless the caller's environment says otherwise:
@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPES = REPO / "examples" / "translation"
-USER_DIR = "fairseq_clusterformer"  # relative to the repository root, as users pass it
+from . import mt_prep  # network-free tokeniser, BPE, detokeniser, generate-output parser
 
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
-import mt_prep  # noqa: E402  (network-free tokeniser, BPE, detokeniser, generate-output parser)
+REPO = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
+# --user-dir for fairseq: the package folder itself, so runs work from any directory.
+USER_DIR = str(Path(__file__).resolve().parents[1])
 
 # The small model of the experiments: the same for both architectures (only attention differs).
 # Sized for ~10 minutes of single-threaded training on a shared 2-core machine (docs/results.md).

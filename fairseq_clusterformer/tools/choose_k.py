@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Choose the number of clusters k on a short training budget.
 
-    python scripts/choose_k.py --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
+    clusterformer-choose-k --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
         [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05] [--out work/choose_k] \\
         [-- extra fairseq-train arguments, e.g. --max-tokens 4096 --lr 5e-4]
 
@@ -29,9 +29,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
-import expkit  # noqa: E402
-from expkit import REPO, say  # noqa: E402
+from . import expkit
+from .expkit import REPO, say
 
 
 def recommend(rows, tolerance):

@@ -2,7 +2,7 @@
 """Average the parameters of the last N fairseq checkpoints (as fairseq's own
 scripts/average_checkpoints.py, which the pip-installed forks do not ship).
 
-    python scripts/average_checkpoints.py --inputs checkpoints/clusterformer_iwslt \
+    clusterformer-average-checkpoints --inputs checkpoints/clusterformer_iwslt \
         --num-epoch-checkpoints 5 --output checkpoints/clusterformer_iwslt/averaged.pt
 
 The output keeps everything but the model (config, optimizer history) from the newest input, so

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Prepare the two data sets of the side-by-side experiments (offline, CPU, a few minutes).
 
-    python scripts/experiments/prepare_data.py multi30k   # -> work/experiments/data/multi30k
-    python scripts/experiments/prepare_data.py iwslt14    # -> work/experiments/data/iwslt14
+    clusterformer-prepare-data multi30k   # -> work/experiments/data/multi30k
+    clusterformer-prepare-data iwslt14    # -> work/experiments/data/iwslt14
 
 multi30k: the shipped Multi30k de-en (data/multi30k: train 29,000, val 1,014, test_2016_flickr
 1,000, test_2017_flickr 1,000 pairs), Moses-tokenised (sacremoses, case kept), a joint subword-nmt
@@ -26,13 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-from expkit import REPO, mt_prep, say, tool  # noqa: E402
+from . import expkit
+from .expkit import REPO, mt_prep, say, tool
 
 WORK = REPO / "work" / "experiments" / "data"
 MULTI30K = REPO / "data" / "multi30k"
-SHARED_IWSLT = REPO.parent / "shared" / "data" / "iwslt14"
 DEMO = REPO / "work" / "demo"
 
 
@@ -115,7 +113,7 @@ def prepare_multi30k(root, bpe_ops=8000, workers=1, raw=MULTI30K):
     return root
 
 
-def prepare_iwslt14(root, source=SHARED_IWSLT, every=7, workers=1):
+def prepare_iwslt14(root, source, every=7, workers=1):
     root = Path(root)
     raw = root / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -183,11 +181,19 @@ def main(argv=None):
     p.add_argument("--work", type=Path, default=WORK, help="parent folder (default: %(default)s)")
     p.add_argument("--bpe-ops", type=int, default=8000, help="multi30k: BPE merges (default 8000, as the demo)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--source", type=Path, default=None,
+                   help="iwslt14: the folder of the offline IWSLT14 material (test.de, valid.de, "
+                        "train-sample/, ...), e.g. ../shared/data/iwslt14; multi30k: the folder of the "
+                        "gzipped corpus (default: data/multi30k of this checkout)")
     a = p.parse_args(argv)
     if a.dataset == "multi30k":
-        prepare_multi30k(a.work / "multi30k", a.bpe_ops, a.workers)
+        prepare_multi30k(a.work / "multi30k", a.bpe_ops, a.workers, **({"source": a.source} if a.source else {}))
     else:
-        prepare_iwslt14(a.work / "iwslt14", workers=a.workers)
+        if a.source is None:
+            p.error("iwslt14 needs --source DIR: the offline IWSLT14 material (e.g. ../shared/data/iwslt14)")
+        if not (a.source / "test.de").exists():
+            p.error(f"--source {a.source} does not hold the IWSLT14 material (no test.de there)")
+        prepare_iwslt14(a.work / "iwslt14", a.source, workers=a.workers)
 
 
 if __name__ == "__main__":

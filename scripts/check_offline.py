@@ -11,18 +11,15 @@ preparation, on the reference data available offline (../shared/data):
 4. The whole chain, raw XML -> tokenised, lowercased, BPE'd test set (dev2010 + TEDX.dev2012 +
    tst2010-2012, in fairseq's order) -> exact-match rate against ``iwslt14/test.{de,en}``.
 
-Usage:  python examples/translation/check_offline.py [--data ../shared/data] [--show-diffs N]
+Usage:  python -m scripts.check_offline [--data ../shared/data] [--show-diffs N]
 """
 import argparse
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import mt_prep  # noqa: E402
+from fairseq_clusterformer.tools import mt_prep
 
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
 IWSLT_SETS = [  # fairseq's test set order
     "IWSLT14.TED.dev2010",
     "IWSLT14.TEDX.dev2012",
@@ -100,7 +97,7 @@ def _pct(a, b):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data", type=Path, required=True, help="the folder holding iwslt14/ and wmt/ (e.g. ../shared/data)")
     p.add_argument("--show-diffs", type=int, default=3, help="differing lines to print per item")
     a = p.parse_args(argv)
     data = a.data
