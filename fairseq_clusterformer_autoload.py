@@ -1,8 +1,9 @@
 """Let stock fairseq commands load ClusterFormer checkpoints without ``--user-dir``.
 
-``scripts/bootstrap.sh`` installs a one-line ``fairseq_clusterformer_autoload.pth`` into the
-environment's site-packages (``python -m fairseq_clusterformer_autoload --install``; ``--uninstall``
-removes it). At interpreter start it only adds an import hook: nothing is imported until fairseq
+Opt-in: ``clusterformer-autoload --install`` writes a one-line ``fairseq_clusterformer_autoload.pth``
+into the environment's site-packages (``--uninstall`` removes it, ``--status`` tells). The
+bootstrap does not install it: a .pth file runs in every Python process of the environment, and
+fairseq's own way to load a plugin is ``--user-dir`` (docs/install.md). At interpreter start it only adds an import hook: nothing is imported until fairseq
 itself imports ``fairseq.checkpoint_utils``. Then ``load_checkpoint_to_cpu`` is wrapped so that,
 when the checkpoint about to be read was written by a ClusterFormer model (its pickled config names
 the ``clusterformer`` model) and the plugin is not loaded yet, it imports ``fairseq_clusterformer``
@@ -84,10 +85,11 @@ PTH_NAME = "fairseq_clusterformer_autoload.pth"
 PTH_LINE = "import fairseq_clusterformer_autoload; fairseq_clusterformer_autoload.install_hook()\n"
 
 
-def _pth_path():
+def _pth_path(site_dir=None):
+    import os
     import sysconfig
 
-    return __import__("os").path.join(sysconfig.get_paths()["purelib"], PTH_NAME)
+    return os.path.join(site_dir or sysconfig.get_paths()["purelib"], PTH_NAME)
 
 
 def main(argv=None):
@@ -98,8 +100,10 @@ def main(argv=None):
     group = parser.add_mutually_exclusive_group()
     for flag in ("--install", "--uninstall", "--status"):
         group.add_argument(flag, dest="action", action="store_const", const=flag)
-    action = parser.parse_args(argv).action or "--status"
-    path = _pth_path()
+    parser.add_argument("--site-dir", default=None, help="the site directory (default: this environment's site-packages)")
+    args = parser.parse_args(argv)
+    action = args.action or "--status"
+    path = _pth_path(args.site_dir)
     if action == "--install":
         with open(path, "w") as f:
             f.write(PTH_LINE)

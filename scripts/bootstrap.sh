@@ -32,8 +32,7 @@ PIP=("$VPY" -m pip --disable-pip-version-check --no-input)
 STAMP="$VENV/.clusterformer-bootstrap"
 fingerprint="$(cat setup.py scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)"
 if [[ -z "${BOOTSTRAP_FORCE:-}" && -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] &&
-    "$VPY" -c "import torch, fairseq, fairseq_clusterformer" >/dev/null 2>&1 &&
-    "$VPY" -m fairseq_clusterformer_autoload --status 2>/dev/null | grep -q ': installed'; then
+    "$VPY" -c "import torch, fairseq, fairseq_clusterformer" >/dev/null 2>&1; then
     step "environment up to date: $VENV (BOOTSTRAP_FORCE=1 redoes it)"
     exit 0
 fi
@@ -97,7 +96,6 @@ fi
 step "installing fairseq-clusterformer (pip install -e .[test])"
 "${PIP[@]}" install --progress-bar off -q -e ".[test]" || die "pip install -e .[test] failed"
 "$VPY" -c "import fairseq_clusterformer" || die "the plugin does not import (error above)"
-# Lets fairseq-generate/-interactive load ClusterFormer checkpoints even without --user-dir.
-"$VPY" -m fairseq_clusterformer_autoload --install || die "could not install the checkpoint autoload hook"
+# The checkpoint autoload hook is opt-in (clusterformer-autoload --install; docs/install.md).
 echo "$fingerprint" >"$STAMP"
 step "ready: $VPY"

@@ -49,15 +49,33 @@ def test_sequences_longer_than_max_positions(tmp_path):
     assert "done training" in out.stdout + out.stderr
 
 
-def test_generate_without_user_dir_loads_the_plugin(toy_bin, smoke_checkpoint_dir):
-    out = generate(toy_bin, smoke_checkpoint_dir / "checkpoint_last.pt", user_dir=False, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(parse_generate(out.stdout)) == list(range(20))
+def test_generate_without_user_dir_loads_the_plugin_once_the_hook_is_installed(toy_bin, smoke_checkpoint_dir, tmp_path):
+    """The opt-in autoload hook: without it, fairseq-generate does not know the model; with it
+    (installed here into a site directory of the test's own), the same command translates."""
+    ckpt = smoke_checkpoint_dir / "checkpoint_last.pt"
+    out = generate(toy_bin, ckpt, user_dir=False, check=False)
+    assert out.returncode != 0  # (torch refuses the checkpoint's pickled args without the plugin)
+    site = tmp_path / "site"
+    site.mkdir()
+    run([cli("clusterformer-autoload"), "--install", "--site-dir", site])
+    assert (site / "fairseq_clusterformer_autoload.pth").exists()
+    code = textwrap.dedent(f"""
+        import site, sys
+        site.addsitedir({str(site)!r})  # processes the .pth file, as at interpreter start
+        from fairseq_cli.generate import cli_main
+        sys.argv = ["fairseq-generate", {str(toy_bin)!r}, "--path", {str(ckpt)!r}, "--gen-subset", "test",
+                    "--beam", "2", "--batch-size", "16", "--cpu", "--required-batch-size-multiple", "1"]
+        cli_main()
+    """)
+    proc = run([sys.executable, "-c", code], cwd=tmp_path)
+    assert sorted(parse_generate(proc.stdout)) == list(range(20))
 
 
 def test_without_the_plugin_the_error_names_user_dir(smoke_checkpoint_dir):
     code = textwrap.dedent(f"""
         import sys
+        import fairseq_clusterformer_autoload
+        fairseq_clusterformer_autoload.install_hook()  # what the opt-in .pth file does
         sys.modules['fairseq_clusterformer'] = None  # the plugin cannot be imported
         from fairseq import checkpoint_utils
         checkpoint_utils.load_checkpoint_to_cpu({str(smoke_checkpoint_dir / 'checkpoint_last.pt')!r})
