@@ -91,9 +91,7 @@ class CpuPeak:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.method = "vmhwm"
-        except (
-            OSError
-        ):  # no clear_refs: ru_maxrss cannot be reset; a fresh process keeps it fair
+        except OSError:  # no clear_refs: ru_maxrss cannot be reset; a fresh process keeps it fair
             self.method = "ru_maxrss"
 
     def _peak(self):
@@ -133,9 +131,7 @@ def local_head_count(spec, heads):
     except ValueError:
         count = -1
     if not 0 <= count <= heads:
-        raise ValueError(
-            f"--local-heads must be 'half' or an integer in [0, {heads}], got {spec!r}"
-        )
+        raise ValueError(f"--local-heads must be 'half' or an integer in [0, {heads}], got {spec!r}")
     return count
 
 
@@ -168,9 +164,7 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
         m = MultiheadAttention(d, heads, self_attention=True).to(device)
 
         def step(x, kpm):  # x: T x B x C, as fairseq's encoder layer calls it
-            out, _ = m(
-                query=x, key=x, value=x, key_padding_mask=kpm, need_weights=False
-            )
+            out, _ = m(query=x, key=x, value=x, key_padding_mask=kpm, need_weights=False)
             return out, None
 
         return step, True, m
@@ -178,27 +172,20 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
     class Projected(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-                nn.Linear(d, d) for _ in range(4)
-            )
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     m = Projected().to(device)
     hd = d // heads
 
     def qkv(x):
         B, N, _ = x.shape
-        return [
-            p(x).view(B, N, heads, hd).transpose(1, 2)
-            for p in (m.q_proj, m.k_proj, m.v_proj)
-        ]
+        return [p(x).view(B, N, heads, hd).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj)]
 
     if impl == "sdpa":
 
         def step(x, kpm):
             q, k_, v = qkv(x)
-            out = F.scaled_dot_product_attention(
-                q, k_, v, attn_mask=~kpm[:, None, None, :]
-            )
+            out = F.scaled_dot_product_attention(q, k_, v, attn_mask=~kpm[:, None, None, :])
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
 
         return step, False, m
@@ -206,9 +193,7 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
 
         def step(x, kpm):
             q, k_, v = qkv(x)
-            scores = torch.matmul(q, k_.transpose(-1, -2)) / math.sqrt(
-                hd
-            )  # B x H x N x N
+            scores = torch.matmul(q, k_.transpose(-1, -2)) / math.sqrt(hd)  # B x H x N x N
             scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
             out = torch.matmul(torch.softmax(scores, dim=-1), v)
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
@@ -247,9 +232,7 @@ class Runner:
             cfg.get("local_heads", "half"),
         )
         self.module.to(dtype).train(self.train)
-        self.x = torch.randn(
-            *((N, B, d) if time_first else (B, N, d)), device=self.device, dtype=dtype
-        )
+        self.x = torch.randn(*((N, B, d) if time_first else (B, N, d)), device=self.device, dtype=dtype)
         self.x.requires_grad_(self.train)
         self.kpm = torch.zeros(B, N, dtype=torch.bool, device=self.device)
 
@@ -271,9 +254,7 @@ class Runner:
         t0 = time.perf_counter()
         if self.train:
             out, extra = self.step_fn(self.x, self.kpm)
-            (
-                out.float().sum() if extra is None else out.float().sum() + extra
-            ).backward()
+            (out.float().sum() if extra is None else out.float().sum() + extra).backward()
         else:
             with torch.no_grad():
                 out, _ = self.step_fn(self.x, self.kpm)
@@ -290,25 +271,18 @@ class Runner:
         """Attention kernels one step runs (to show what `full` really calls)."""
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + (
-            [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-        )
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             self.step()
         names = {e.key for e in prof.key_averages()}
         return sorted(
-            n
-            for n in names
-            if "scaled_dot_product" in n
-            or ("attention" in n.lower() and n.startswith("aten::"))
+            n for n in names if "scaled_dot_product" in n or ("attention" in n.lower() and n.startswith("aten::"))
         )
 
 
 def _oom_result(e):
     msg = str(e)
-    oom = (
-        isinstance(e, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower()
-    )
+    oom = isinstance(e, MemoryError) or "memory" in msg.lower() or "alloc" in msg.lower()
     return {
         "status": "oom" if oom else "error",
         "error": (msg.splitlines() or [type(e).__name__])[0][:300],
@@ -387,10 +361,7 @@ def time_worker(cfg):
             "times_ms": [round(t * 1000, 1) for t in times[name]],
         }
     print(
-        "RESULT "
-        + json.dumps(
-            {"threads": torch.get_num_threads(), "rounds": rounds, "results": out}
-        ),
+        "RESULT " + json.dumps({"threads": torch.get_num_threads(), "rounds": rounds, "results": out}),
         flush=True,
     )
 
@@ -460,9 +431,7 @@ def inprocess_worker(cfg):
                 kernels_shown = True
                 _emit(
                     "LOG",
-                    {
-                        "text": f"# full ({cfg['mode']}) runs: {', '.join(run.kernels())}"
-                    },
+                    {"text": f"# full ({cfg['mode']}) runs: {', '.join(run.kernels())}"},
                 )
             runs[name] = (run, row, (impl, ks))
             mems[name] = (peak / MiB, method)
@@ -483,7 +452,7 @@ def inprocess_worker(cfg):
                     times[name].append(dt)
             if r == cfg["warmup"] - 1:
                 t_start = time.perf_counter()
-        for name, (run, row, _) in runs.items():
+        for name, (_run, row, _) in runs.items():
             ts = times[name]
             _emit(
                 "ROW",
@@ -547,11 +516,7 @@ def _run_worker(kind, cfg, args, timeout):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    status = (
-        "oom"
-        if proc.returncode in (-9, 137) or any("memory" in t.lower() for t in tail)
-        else "error"
-    )
+    status = "oom" if proc.returncode in (-9, 137) or any("memory" in t.lower() for t in tail) else "error"
     return {
         "status": status,
         "error": f"worker exit {proc.returncode}: {' | '.join(tail)[:400]}",
@@ -566,9 +531,7 @@ def fit_exponent(ns, values):
     ys = [math.log(v) for v in values]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((a - mx) ** 2 for a in xs)
-    return (
-        sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx else float("nan")
-    )
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx else float("nan")
 
 
 def read_rows(path):
@@ -585,9 +548,7 @@ def series_label(r):
     if r["impl"] not in CLUSTER_IMPLS:
         return r["impl"]
     k = int(r["k"])
-    return (
-        f"{r['impl']} k={'sqrt' if k == math.ceil(math.sqrt(r['n'])) and k != 3 else k}"
-    )
+    return f"{r['impl']} k={'sqrt' if k == math.ceil(math.sqrt(r['n'])) and k != 3 else k}"
 
 
 def exponents(rows, lo, hi, metric="time_ms"):
@@ -631,9 +592,7 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
             slopes = exponents(sub, fit_lo, fit_hi, metric)
             for label in sorted({series_label(r) for r in sub}):
                 pts = sorted(
-                    (r["n"], r[metric] / r["batch"])
-                    for r in sub
-                    if series_label(r) == label and r[metric] > 0
+                    (r["n"], r[metric] / r["batch"]) for r in sub if series_label(r) == label and r[metric] > 0
                 )
                 if not pts:
                     continue
@@ -688,17 +647,13 @@ def _time_pending(pending, base, args, writer, f, stopped, mode):
         return
     cfg = dict(
         base,
-        configs=[
-            (name, impl, k, n, batch) for name, impl, _, k, n, batch, _ in pending
-        ],
+        configs=[(name, impl, k, n, batch) for name, impl, _, k, n, batch, _ in pending],
         warmup=args.warmup,
         repeats=args.repeats,
         budget=args.budget,
     )
     round_s = sum(res["step_s"] for *_, res in pending)
-    timed = _run_worker(
-        "time", cfg, args, timeout=round_s * (args.warmup + args.repeats) * 3 + 300
-    )
+    timed = _run_worker("time", cfg, args, timeout=round_s * (args.warmup + args.repeats) * 3 + 300)
     results = timed.get("results", {})
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     for name, impl, ks, k, n, batch, mem in pending:
@@ -742,11 +697,7 @@ def run_in_process(args, modes, lengths, kspecs, impls, writer, f):
     env["PYTHONWARNINGS"] = "ignore"
     series = []
     for impl in impls:
-        series += (
-            [(impl, ks) for ks in dict.fromkeys(kspecs)]
-            if impl in CLUSTER_IMPLS
-            else [(impl, None)]
-        )
+        series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in CLUSTER_IMPLS else [(impl, None)]
     for mode in modes:
         cfg = {
             "mode": mode,
@@ -845,9 +796,7 @@ def run_benchmark(args, p):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
-    in_process = (
-        args.in_process if args.in_process is not None else args.device == "cuda"
-    )
+    in_process = args.in_process if args.in_process is not None else args.device == "cuda"
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
     print(
         f"# torch {torch.__version__}, device {args.device}{gpu}, dtype {args.dtype}, "
@@ -869,11 +818,7 @@ def run_benchmark(args, p):
         for mode in modes if not in_process else ():
             series = []  # (impl, kspec); each stops at its first OOM / over-cap length
             for impl in impls:
-                series += (
-                    [(impl, ks) for ks in dict.fromkeys(kspecs)]
-                    if impl in CLUSTER_IMPLS
-                    else [(impl, None)]
-                )
+                series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in CLUSTER_IMPLS else [(impl, None)]
             stopped = {}
             pending = []  # (name, impl, ks, k, n, batch, memory result) waiting to be timed
             for n in lengths:
@@ -909,9 +854,7 @@ def run_benchmark(args, p):
                         k=k,
                         kernels=impl == "full" and mode not in shown_kernels,
                     )
-                    res = _run_worker(
-                        "memory", cfg, args, timeout=args.time_cap * 4 + 300
-                    )
+                    res = _run_worker("memory", cfg, args, timeout=args.time_cap * 4 + 300)
                     if res.get("kernels") is not None:
                         shown_kernels.add(mode)
                         print(
@@ -927,9 +870,7 @@ def run_benchmark(args, p):
                         )
                         continue
                     if res["step_s"] > args.time_cap:
-                        stopped[(impl, ks)] = (
-                            f"one step took {res['step_s']:.0f} s > {args.time_cap:g} s at N={n}"
-                        )
+                        stopped[(impl, ks)] = f"one step took {res['step_s']:.0f} s > {args.time_cap:g} s at N={n}"
                         _write_row(
                             writer,
                             f,
@@ -999,9 +940,7 @@ def main(argv=None):
         action="store_false",
         help="a fresh process per configuration's memory step (default on the CPU)",
     )
-    p.add_argument(
-        "--csv", default="attention_benchmark.csv", help="output CSV (overwritten)"
-    )
+    p.add_argument("--csv", default="attention_benchmark.csv", help="output CSV (overwritten)")
     p.add_argument(
         "--batch",
         type=int,
@@ -1089,9 +1028,7 @@ def main(argv=None):
     fit_lo, fit_hi = (int(v) for v in args.fit.split(","))
     rows = read_rows(args.csv)
     for (mode, device, label), s in sorted(exponents(rows, fit_lo, fit_hi).items()):
-        print(
-            f"# time exponent {mode:7s} {device} {label:22s} {s:.2f}  (N {fit_lo}..{fit_hi}, per sequence)"
-        )
+        print(f"# time exponent {mode:7s} {device} {label:22s} {s:.2f}  (N {fit_lo}..{fit_hi}, per sequence)")
     if args.plot is not None:
         out_dir = Path(args.plot) if args.plot else Path(args.csv).parent
         for path in plot(rows, out_dir, fit_lo, fit_hi, stem=Path(args.csv).stem):

@@ -78,9 +78,7 @@ def cli(name):
 
 def preprocess(raw: Path, dest: Path, src: str, tgt: str, splits, workers=1):
     """fairseq-preprocess --joined-dictionary, once (kept when dest already has the dictionary)."""
-    if (dest / f"dict.{src}.txt").exists() and all(
-        (dest / f"{s}.{src}-{tgt}.{src}.bin").exists() for s in splits
-    ):
+    if (dest / f"dict.{src}.txt").exists() and all((dest / f"{s}.{src}-{tgt}.{src}.bin").exists() for s in splits):
         return dest
     cmd = [
         cli("fairseq-preprocess"),
@@ -108,11 +106,7 @@ def prepare_mt(args) -> Path:
     raw = Path(args.work_dir) / f"mt-raw-{args.train_lines}-{args.gen_sentences}"
     raw.mkdir(parents=True, exist_ok=True)
     for lang in ("de", "en"):
-        train = (
-            (data / "train-sample" / f"train.{lang}")
-            .read_text()
-            .splitlines()[: args.train_lines]
-        )
+        train = (data / "train-sample" / f"train.{lang}").read_text().splitlines()[: args.train_lines]
         test = (data / f"test.{lang}").read_text().splitlines()[: args.gen_sentences]
         (raw / f"train.{lang}").write_text("\n".join(train) + "\n")
         (raw / f"test.{lang}").write_text("\n".join(test) + "\n")
@@ -134,9 +128,7 @@ def prepare_synthetic(args, length: int) -> Path:
     vocab = [f"w{i}" for i in range(1000)]
     for split, n in (("train", n_train), ("test", n_test)):
         for lang in ("src", "tgt"):
-            lines = [
-                " ".join(rng.choice(vocab) for _ in range(length)) for _ in range(n)
-            ]
+            lines = [" ".join(rng.choice(vocab) for _ in range(length)) for _ in range(n)]
             (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
     return preprocess(
         raw,
@@ -212,9 +204,7 @@ def build(arch, data_bin, src, tgt, args, max_positions):
     cfg = convert_namespace_to_omegaconf(ns)
     torch.manual_seed(args.seed)
     task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model).to(
-        device=args.device, dtype=getattr(torch, args.dtype)
-    )
+    model = task.build_model(cfg.model).to(device=args.device, dtype=getattr(torch, args.dtype))
     criterion = task.build_criterion(cfg.criterion)
     return task, model, criterion
 
@@ -256,9 +246,7 @@ def time_training(models, samples, warmup, device="cpu"):
     """{arch: [seconds per step]} over the same samples, alternating the models step by step."""
     import torch
 
-    optims = {
-        a: torch.optim.Adam(m.parameters(), lr=5e-4) for a, (m, _) in models.items()
-    }
+    optims = {a: torch.optim.Adam(m.parameters(), lr=5e-4) for a, (m, _) in models.items()}
     times = {a: [] for a in models}
     for i, sample in enumerate(samples):
         for arch, (model, criterion) in models.items():
@@ -323,9 +311,7 @@ def run_setting(setting, args, writer, f):
         task, model, criterion = build(arch, data_bin, src, tgt, args, max_positions)
         built[arch] = (task, model, criterion)
         n_params = sum(p.numel() for p in model.parameters())
-        log(
-            f"# {setting}: {arch}: {n_params / 1e6:.1f}M parameters, {sum(1 for _ in model.modules())} modules"
-        )
+        log(f"# {setting}: {arch}: {n_params / 1e6:.1f}M parameters, {sum(1 for _ in model.modules())} modules")
     task = built[ARCHS[0]][0]
     models = {a: (m, c) for a, (_, m, c) in built.items()}
 
@@ -436,39 +422,25 @@ def main(argv=None):
         default="mt,512,1024,2048",
         help="mt and/or synthetic lengths, comma-separated",
     )
-    p.add_argument(
-        "--data-dir", default=str(REPO.parent / "shared" / "data" / "iwslt14")
-    )
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "iwslt14"))
     p.add_argument(
         "--work-dir",
         default="/tmp/clusterformer-bench-translation",
         help="binarised data (reused)",
     )
     p.add_argument("--csv", default="translation_benchmark.csv")
-    p.add_argument(
-        "--train-lines", type=int, default=4600, help="mt: training sentences binarised"
-    )
+    p.add_argument("--train-lines", type=int, default=4600, help="mt: training sentences binarised")
     p.add_argument(
         "--max-tokens",
         type=int,
         default=4096,
         help="training batch size in tokens (both models)",
     )
-    p.add_argument(
-        "--train-steps", type=int, default=10, help="timed training steps per model"
-    )
-    p.add_argument(
-        "--warmup", type=int, default=2, help="untimed training steps per model first"
-    )
-    p.add_argument(
-        "--gen-sentences", type=int, default=400, help="mt: test sentences binarised"
-    )
-    p.add_argument(
-        "--gen-batch-size", type=int, default=32, help="sentences per generation batch"
-    )
-    p.add_argument(
-        "--gen-batches", type=int, default=3, help="timed generation batches per model"
-    )
+    p.add_argument("--train-steps", type=int, default=10, help="timed training steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per model first")
+    p.add_argument("--gen-sentences", type=int, default=400, help="mt: test sentences binarised")
+    p.add_argument("--gen-batch-size", type=int, default=32, help="sentences per generation batch")
+    p.add_argument("--gen-batches", type=int, default=3, help="timed generation batches per model")
     p.add_argument("--gen-warmup", type=int, default=1)
     p.add_argument(
         "--gen-len",
@@ -496,9 +468,7 @@ def main(argv=None):
     )
     p.add_argument("--embed-dim", type=int, default=0)
     p.add_argument("--ffn-dim", type=int, default=0)
-    p.add_argument(
-        "--heads", type=int, default=0, help="override attention heads (both models)"
-    )
+    p.add_argument("--heads", type=int, default=0, help="override attention heads (both models)")
     p.add_argument(
         "--cluster-args",
         default="",
@@ -522,9 +492,7 @@ def main(argv=None):
     if "mt" in args.settings.split(",") and args.gen_sentences < args.gen_batch_size * (
         args.gen_batches + args.gen_warmup
     ):
-        p.error(
-            "--gen-sentences must cover --gen-batch-size x (--gen-batches + --gen-warmup)"
-        )
+        p.error("--gen-sentences must cover --gen-batch-size x (--gen-batches + --gen-warmup)")
 
     import logging
     import warnings
@@ -540,7 +508,8 @@ def main(argv=None):
 
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
     log(
-        f"# torch {torch.__version__}, device {args.device}{gpu}, dtype {args.dtype}, threads {torch.get_num_threads()}, load average "
+        f"# torch {torch.__version__}, device {args.device}{gpu}, dtype {args.dtype}, "
+        f"threads {torch.get_num_threads()}, load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

@@ -82,13 +82,9 @@ def main(argv=None):
     holder = _chunk_holder()
     if args.backward_chunk_mib:
         if holder is None:
-            p.error(
-                "--backward-chunk-mib: this version of the module has no backward chunk size"
-            )
+            p.error("--backward-chunk-mib: this version of the module has no backward chunk size")
         holder._BACKWARD_CHUNK_BYTES = int(args.backward_chunk_mib * 2**20)
-    chunks = (
-        "n/a" if holder is None else f"{holder._BACKWARD_CHUNK_BYTES / 2**20:.3g} MiB"
-    )
+    chunks = "n/a" if holder is None else f"{holder._BACKWARD_CHUNK_BYTES / 2**20:.3g} MiB"
     k = args.k or math.ceil(math.sqrt(args.n))
     m = ca.ClusterAttention(args.d, args.heads, k, max_clusters=max(256, k))
     x = torch.randn(args.batch, args.n, args.d, requires_grad=True)
@@ -111,9 +107,7 @@ def main(argv=None):
         meter = CpuPeak()
         meter.start()
         step()
-        print(
-            f"peak memory of one step: {meter.stop() / 2**20:.1f} MiB ({meter.method})"
-        )
+        print(f"peak memory of one step: {meter.stop() / 2**20:.1f} MiB ({meter.method})")
         return
     from torch.profiler import profile
 
@@ -124,9 +118,7 @@ def main(argv=None):
         with profile() as prof:
             step()
         for e in prof.key_averages():
-            total[e.key] = (
-                total.get(e.key, 0.0) + e.self_cpu_time_total / 1000 / args.steps
-            )
+            total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1000 / args.steps
     whole = sum(total.values())
     print("| part of the step | self CPU (ms) | share |\n|---|---|---|")
     used = 0.0
@@ -134,9 +126,7 @@ def main(argv=None):
         ms = sum(total.get(key, 0.0) for key in keys)
         used += ms
         print(f"| {name} | {ms:.0f} | {100 * ms / whole:.0f} % |")
-    print(
-        f"| everything else | {whole - used:.0f} | {100 * (whole - used) / whole:.0f} % |"
-    )
+    print(f"| everything else | {whole - used:.0f} | {100 * (whole - used) / whole:.0f} % |")
     print(f"| total | {whole:.0f} | |")
 
 

@@ -104,12 +104,8 @@ def test_attention_benchmark_smoke(tmp_path):
     # one fitted exponent per series (5 impl/k series with k=sqrt and k=3 distinct at both N, + 3)
     exps = [line for line in stdout.splitlines() if line.startswith("# time exponent")]
     assert len(exps) == 4 + 3, exps
-    assert all(
-        math.isfinite(float(line.split("(N")[0].split()[-1])) for line in exps
-    ), exps
-    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
-        "attn_train_cpu.png"
-    ]
+    assert all(math.isfinite(float(line.split("(N")[0].split()[-1])) for line in exps), exps
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == ["attn_train_cpu.png"]
 
 
 def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory(
@@ -219,20 +215,14 @@ def test_translation_benchmark_smoke(tmp_path):
     archs = ("clusterformer_iwslt", "transformer_iwslt_de_en")
     for setting in ("mt", "48"):
         got = {(r["phase"], r["arch"]) for r in rows if r["setting"] == setting}
-        assert got == {
-            (phase, arch) for phase in ("train", "generate") for arch in archs
-        }
+        assert got == {(phase, arch) for phase in ("train", "generate") for arch in archs}
     for r in rows:
         assert float(r["rate"]) > 0 and float(r["time_s"]) > 0 and float(r["ratio"]) > 0
     for setting, out_len in (("mt", 5), ("48", 48)):
         train = [r for r in rows if r["setting"] == setting and r["phase"] == "train"]
-        assert (
-            len({r["tokens"] for r in train}) == 1
-        )  # the same batches for both models
+        assert len({r["tokens"] for r in train}) == 1  # the same batches for both models
         gen = [r for r in rows if r["setting"] == setting and r["phase"] == "generate"]
-        assert {r["tokens"] for r in gen} == {
-            str(3 * (out_len + 1))
-        }  # forced length, + eos, for both
+        assert {r["tokens"] for r in gen} == {str(3 * (out_len + 1))}  # forced length, + eos, for both
     assert (tmp_path / "work" / "mt-bin-60-6" / "dict.de.txt").exists()
     assert "load average" in stdout
 
@@ -323,10 +313,7 @@ def test_attention_benchmark_cluster_causal_local_heads():
             timeout=60,
             check=False,
         )
-        assert (
-            proc.returncode == 2
-            and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
-        )
+        assert proc.returncode == 2 and "--local-heads must be 'half' or an integer in [0, 4]" in proc.stderr
 
 
 def test_profile_attention_smoke():
@@ -436,10 +423,5 @@ def test_attention_benchmark_cuda_batches_and_dtype():
         "dtype": "bfloat16",
     }
     run = module.Runner(cfg, "cluster", 4)
-    assert (
-        run.x.dtype == torch.bfloat16
-        and run.module.q_proj.weight.dtype == torch.bfloat16
-    )
-    assert (
-        run.step() > 0 and run.module.q_proj.weight.grad is None
-    )  # gradients cleared after the step
+    assert run.x.dtype == torch.bfloat16 and run.module.q_proj.weight.dtype == torch.bfloat16
+    assert run.step() > 0 and run.module.q_proj.weight.grad is None  # gradients cleared after the step

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The GPU check: one prepared run that proves the CUDA path and fp16/bf16 training, and measures
+# the attention layer against flash attention. Run from the repository root on the GPU machine,
+# after scripts/gpu/prepare.sh has filled .whl/ on a machine with network:
+#
+#   bash scripts/gpu/check.sh              # on the GPU machine: writes everything to $OUT
+#   bash scripts/gpu/check.sh --dry-run    # on any CPU machine: the same steps at tiny sizes
+#
+# Options: --dry-run; --out DIR (default $OUT, else a new folder under /tmp).
+# Environment: PYTHON (default python3); CHECK_SITE, the folder the wheels go to
+# (default /tmp/clusterformer-site).
+#
+# Steps, each under its own time limit (8 minutes in all on one H200), each recorded in the
+# summary whatever happens to the others:
+#   install      the .whl/ wheels into CHECK_SITE with pip --no-index --no-deps --target (torch is
+#                never touched), then fairseq and this package must import from there
+#   tests        pytest -m cuda tests (tests/test_cuda.py); the dry run runs them on the CPU
+#   precision    fairseq-train --fp16, fairseq-hydra-train common.bf16=true (fairseq-train --bf16
+#                implies --tpu in these fairseq builds), fairseq-train --memory-efficient-fp16;
+#                each followed by fairseq-generate and --score-reference (scripts/gpu/cli_precision.py).
+#                The dry run runs bf16 and memory-efficient-fp16 on the CPU (fairseq's plain --fp16
+#                optimizer needs CUDA)
+#   attention    python -m scripts.benchmark_attention --device cuda: cluster, cluster-causal, full,
+#                sdpa, naive in bf16, N 512 .. 65536, batch 20 up to N = 8192, CSV and plot
+#   translation  python -m scripts.benchmark_translation --device cuda: clusterformer_iwslt
+#                against transformer_iwslt_de_en, synthetic pairs of 512 and 2048 tokens, bf16
+#
+# Files in the output folder (8): summary.txt, check.log, pytest_cuda.xml, cli_precision.json,
+# cli_commands.log, attention.csv, attention_train_<device>.png, translation.csv.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+REPO="$PWD"
+
+DRY=0
+OUTDIR="${OUT:-}"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out)
+            OUTDIR="$2"
+            shift
+            ;;
+        -h | --help)
+            sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "unknown argument: $1 (see --help)" >&2
+            exit 2
+            ;;
+    esac
+    shift
+done
+[[ -n "$OUTDIR" ]] || OUTDIR="$(mktemp -d /tmp/clusterformer-gpu-check.XXXXXX)"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+PY="${PYTHON:-python3}"
+SITE="${CHECK_SITE:-/tmp/clusterformer-site}"
+WORK="$(mktemp -d /tmp/clusterformer-gpu-work.XXXXXX)"
+LOG="$OUTDIR/check.log"
+STATUS="$WORK/status.tsv"
+: >"$LOG"
+: >"$STATUS"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+T_START=$SECONDS
+
+if [[ $DRY == 1 ]]; then
+    DEVICE=cpu
+    export CLUSTERFORMER_CUDA_TESTS_DEVICE=cpu OMP_NUM_THREADS=1
+else
+    DEVICE=cuda
+fi
+
+# step NAME LIMIT_SECONDS COMMAND...: run, log, record status and time; never stops the script.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    local t0=$SECONDS
+    echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local status=ok
+    ((rc == 124 || rc == 137)) && status="timeout"
+    ((rc != 0 && rc != 124 && rc != 137)) && status="failed (exit $rc)"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - t0))" >>"$STATUS"
+    echo "== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+install_wheels() {
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    if ((${#wheels[@]} == 0)); then
+        echo "no wheels in .whl/: run scripts/gpu/prepare.sh on a machine with network first"
+        return 1
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || return 1
+    # What the wheels installed must import on their own (from another folder: not this checkout).
+    (cd /tmp && PYTHONPATH="$SITE" "$PY" -c "import torch, fairseq, fairseq_clusterformer, hydra, omegaconf, bitarray, sacremoses, subword_nmt, tensorboardX
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'fairseq', fairseq.__version__, 'plugin', fairseq_clusterformer.__file__)")
+}
+
+if [[ $DRY == 1 ]]; then
+    echo "DRY RUN on the CPU with $PY: tiny sizes; the wheels are not installed (they are for CPython 3.12 on the GPU machine)" | tee -a "$LOG"
+    printf 'install\tskipped (dry run)\t0\n' >>"$STATUS"
+else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
+    export -f install_wheels
+    export PY SITE
+    step install 120 bash -c install_wheels
+    export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    export PATH="$SITE/bin:$PATH"
+fi
+
+# (a) the cuda-marked tests
+step tests 100 "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider --junitxml="$OUTDIR/pytest_cuda.xml"
+
+# (b) reduced-precision training, each decoded exactly
+if [[ $DRY == 1 ]]; then
+    PREC=(--device cpu --precisions bf16,memory-efficient-fp16 --max-update 6 --warmup 3 --jobs 2)
+else
+    PREC=(--device cuda --precisions fp16,bf16,memory-efficient-fp16 --max-update 60 --warmup 20 --jobs 3)
+fi
+step precision 150 "$PY" -m scripts.gpu.cli_precision "${PREC[@]}" --work "$WORK/cli" \
+    --json "$OUTDIR/cli_precision.json" --log "$OUTDIR/cli_commands.log"
+
+# (c) the attention layer against flash attention
+if [[ $DRY == 1 ]]; then
+    ATTN=(--device cpu --in-process --lengths 64,128 --batch 2 --d 32 --heads 4 --repeats 1 --warmup 0
+        --threads 1 --fit 64,128)
+else
+    ATTN=(--device cuda --dtype bfloat16 --lengths 512,1024,2048,4096,8192,16384,32768,65536
+        --repeats 3 --warmup 1 --budget 10 --time-cap 20 --fit 4096,65536)
+fi
+step attention 140 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
+    --impl cluster,cluster-causal,full,sdpa,naive --k sqrt --csv "$OUTDIR/attention.csv" --plot "$OUTDIR"
+
+# (d) whole translation models
+if [[ $DRY == 1 ]]; then
+    MT=(--device cpu --settings 48 --layers 1 --embed-dim 32 --ffn-dim 64 --heads 4 --train-steps 1 --warmup 1
+        --gen-batches 1 --gen-warmup 0 --gen-batch-size 2 --gen-len-long 4 --max-tokens 400 --threads 1)
+else
+    MT=(--device cuda --dtype bfloat16 --settings 512,2048 --train-steps 10 --warmup 2 --gen-batches 2
+        --gen-warmup 1 --gen-batch-size 16 --gen-len-long 128)
+fi
+step translation 80 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
+    --csv "$OUTDIR/translation.csv"
+
+"$PY" -m scripts.gpu.summary --status "$STATUS" --out "$OUTDIR" --log "$LOG" --dry-run "$DRY" \
+    --seconds "$((SECONDS - T_START))" | tee "$OUTDIR/summary.txt"
+failed="$(grep -cv $'\tok\t\|\tskipped' "$STATUS")"
+rm -rf "$WORK"
+[[ "$failed" == 0 ]]

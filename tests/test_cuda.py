@@ -1,0 +1,249 @@
+"""ClusterAttention on a CUDA GPU: the float64 reference, half precision, gradients, incremental
+decoding, batch invariance, and which scaled_dot_product_attention kernel really runs.
+
+Marked ``cuda``: skipped where torch sees no CUDA device. scripts/gpu/check.sh runs them on the
+GPU (``pytest -m cuda``); its ``--dry-run`` sets CLUSTERFORMER_CUDA_TESTS_DEVICE=cpu, which runs
+the same tests on the CPU (all but the CUDA kernel checks, which need the CUDA backends), so that
+they cannot rot while no GPU is at hand.
+
+Tolerances: fp32 on the GPU against the float64 reference 1e-4 (as on the CPU; TF32 is switched
+off); bfloat16 2e-2 and float16 3e-3 of the largest reference output (about five times the
+errors seen on the CPU's kernels: 4.5e-3 and 4.7e-4), against the reference run on the same rounded weights
+and inputs, on the sequences whose cluster assignments equal the reference's (an argmax may flip
+on a near tie in half precision; at most one sequence of the batch may).
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+from reference_cluster_attention import reference_forward
+
+DEVICE = os.environ.get("CLUSTERFORMER_CUDA_TESTS_DEVICE", "cuda")
+ON_CUDA = DEVICE == "cuda"
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        ON_CUDA and not torch.cuda.is_available(),
+        reason="needs a CUDA GPU (scripts/gpu/check.sh)",
+    ),
+]
+HALF_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
+VARIANTS = {
+    "encoder": {},
+    "causal": {"causal": True, "window": 5},
+    "causal-local": {"causal": True, "window": 5, "local_heads": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 means fp32: no TF32 in the matmuls of this module's tests."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def make(variant, d=32, heads=4, k=3, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return ClusterAttention(d, heads, k, **VARIANTS[variant]).to(DEVICE, dtype).eval()
+
+
+def padded_batch(B, N, d, seed):
+    """x (B x N x d, float32 on DEVICE) and a key padding mask with left and right padding, one full row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, d, generator=g)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(1, B):
+        L = int(torch.randint(2, N, (1,), generator=g))
+        if b % 2:
+            kpm[b, : N - L] = True
+        else:
+            kpm[b, L:] = True
+    return x.to(DEVICE), kpm.to(DEVICE)
+
+
+def reference(m, x, kpm):
+    """The float64 reference on the CPU, with m's weights (as they are, rounding included)."""
+    m64 = copy.deepcopy(m).to("cpu", torch.float64)
+    out, _, cl, sl, assign = reference_forward(m64, x.detach().cpu().double(), kpm.cpu())
+    return out, cl, sl, assign
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_float32_matches_float64_reference(variant):
+    m = make(variant)
+    x, kpm = padded_batch(4, 23, 32, seed=1)
+    out, info = m(x, kpm)
+    ref, ref_cl, ref_sl, ref_assign = reference(m, x, kpm)
+    assert out.device.type == DEVICE and out.dtype == torch.float32
+    valid = ~kpm.cpu()
+    assert torch.equal(info.assignments.cpu(), ref_assign)
+    torch.testing.assert_close(out.double().cpu()[valid], ref[valid], atol=1e-4, rtol=1e-4)
+    assert abs(info.clustering_loss.item() - ref_cl) < 1e-4 and abs(info.sorting_loss.item() - ref_sl) < 1e-4
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_half_precision_within_tolerance(variant, dtype):
+    m = make(variant, dtype=dtype)
+    x, kpm = padded_batch(6, 31, 32, seed=2)
+    x = x.to(dtype)
+    out, info = m(x, kpm)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref, ref_cl, ref_sl, ref_assign = reference(m, x, kpm)
+    tol = HALF_TOL[dtype] * float(ref.abs().max())
+    assign = info.assignments.cpu()
+    same = [b for b in range(x.size(0)) if torch.equal(assign[b], ref_assign[b])]
+    assert len(same) >= x.size(0) - 1, (
+        f"assignments differ from the reference in rows {set(range(x.size(0))) - set(same)}"
+    )
+    valid = ~kpm.cpu()
+    for b in same:
+        err = (out[b].double().cpu() - ref[b])[valid[b]].abs().max()
+        assert err <= tol, f"row {b}: max error {float(err):.3g} > {tol:.3g}"
+    if len(same) == x.size(0):  # the losses average over the whole batch
+        assert abs(info.clustering_loss.item() - ref_cl) <= HALF_TOL[dtype]
+        assert abs(info.sorting_loss.item() - ref_sl) <= HALF_TOL[dtype]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_match_float64(variant):
+    """Gradients of the input and of every parameter (through the output and both clustering
+    losses) equal those of the same layer in float64 on the CPU."""
+    m = make(variant)
+    m64 = copy.deepcopy(m).to("cpu", torch.float64)
+    x, kpm = padded_batch(3, 19, 32, seed=3)
+    w = torch.randn(3, 19, 32, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for layer, dev, dtype in ((m, DEVICE, torch.float32), (m64, "cpu", torch.float64)):
+        xi = x.detach().to(dev, dtype).requires_grad_(True)
+        out, info = layer(xi, kpm.to(dev))
+        loss = (out * w.to(dev, dtype) * (~kpm.to(dev))[..., None]).sum() + info.clustering_loss + info.sorting_loss
+        loss.backward()
+        grads.append([xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())])
+    names = ["x"] + [n for n, _ in sorted(m.named_parameters())]
+    for name, g, g64 in zip(names, *grads):
+        assert (g is None) == (g64 is None), name
+        if g is not None:
+            torch.testing.assert_close(
+                g.double().cpu(),
+                g64,
+                atol=1e-4,
+                rtol=1e-3,
+                msg=lambda s, name=name: f"{name}: {s}",
+            )
+    assert grads[0][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("local_heads", [0, 2])
+def test_incremental_decoding_with_beam_reordering_equals_full_forward(local_heads):
+    torch.manual_seed(5)
+    m = ClusterAttention(32, 4, 3, causal=True, window=3, local_heads=local_heads).to(DEVICE).eval()
+    B, N = 4, 17
+    x = torch.randn(B, N, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    reorders = {5: torch.tensor([2, 2, 0, 1]), 11: torch.tensor([3, 1, 1, 0])}
+    for mode in ("ring", "auto"):
+        state, outs, history = m.init_state(B, mode=mode), [], x[:, :0]
+        for t in range(N):
+            if t in reorders:
+                order = reorders[t].to(DEVICE)
+                state = ClusterAttention.reorder_state(state, order)
+                history, outs = history[order], [o[order] for o in outs]
+            y, state = m.step(x[:, t : t + 1], state)
+            assert y.device.type == DEVICE
+            history = torch.cat([history, x[:, t : t + 1]], 1)
+            outs.append(y)
+        full, _ = m(history)
+        torch.testing.assert_close(
+            torch.cat(outs, 1),
+            full,
+            atol=1e-5,
+            rtol=1e-5,
+            msg=lambda s, mode=mode: f"{mode}: {s}",
+        )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batch_invariance(variant):
+    """A sentence's output does not depend on its batch mates or on left/right padding."""
+    m = make(variant)
+    g = torch.Generator().manual_seed(7)
+    sentence = torch.randn(1, 11, 32, generator=g).to(DEVICE)
+    alone, _ = m(sentence)
+    for pad_left, pad_right, mates in [(0, 6, 2), (6, 0, 3), (2, 5, 5)]:
+        N = 11 + pad_left + pad_right
+        batch, kpm = padded_batch(mates + 1, N, 32, seed=N + mates)
+        row = mates // 2
+        batch[row] = torch.randn(N, 32, generator=g).to(DEVICE) * 5  # garbage in the padding
+        batch[row, pad_left : pad_left + 11] = sentence[0]
+        kpm[row] = True
+        kpm[row, pad_left : pad_left + 11] = False
+        out, _ = m(batch, kpm)
+        torch.testing.assert_close(out[row, pad_left : pad_left + 11], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def _sdpa_ops(fn):
+    """Names of the aten scaled_dot_product ops that fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the flash and memory-efficient sdpa backends are CUDA's")
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32],
+    ids=["bf16", "fp16", "fp32"],
+)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sdpa_runs_a_fused_kernel_not_the_math_fallback(variant, dtype):
+    """Forward and backward of the layer with only the flash and memory-efficient backends
+    enabled (a math fallback would raise "No available kernel"), and the profiler shows the fused
+    kernel ran and the math one did not."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = make(variant, d=256, heads=4, k=4, dtype=dtype)  # head dim 64
+    x, kpm = padded_batch(2, 200, 256, seed=8)
+    x = x.to(dtype).requires_grad_(True)
+
+    def step():
+        out, info = m(x, kpm)
+        (out.float().sum() + info.clustering_loss + info.sorting_loss).backward()
+        torch.cuda.synchronize()
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        ops = _sdpa_ops(step)
+    fused = {op for op in ops if "flash" in op or "efficient" in op}
+    assert fused, f"no fused sdpa kernel ran: {sorted(ops)}"
+    assert not any("math" in op for op in ops), sorted(ops)
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the flash and memory-efficient sdpa backends are CUDA's")
+@pytest.mark.parametrize("local_heads", [0, 2])
+def test_incremental_step_runs_a_fused_kernel(local_heads):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(9)
+    m = ClusterAttention(256, 4, 3, causal=True, window=8, local_heads=local_heads).to(DEVICE, torch.bfloat16).eval()
+    x = torch.randn(3, 12, 256, device=DEVICE, dtype=torch.bfloat16)
+
+    def decode():
+        state = m.init_state(3)
+        with torch.no_grad():
+            for t in range(12):
+                _, state = m.step(x[:, t : t + 1], state)
+        torch.cuda.synchronize()
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        ops = _sdpa_ops(decode)
+    assert {op for op in ops if "flash" in op or "efficient" in op}, sorted(ops)
+    assert not any("math" in op for op in ops), sorted(ops)
