@@ -3,10 +3,12 @@
 Opt-in: ``clusterformer-autoload --install`` writes a one-line ``fairseq_clusterformer_autoload.pth``
 into the environment's site-packages (``--uninstall`` removes it, ``--status`` tells). The
 bootstrap does not install it: a .pth file runs in every Python process of the environment, and
-fairseq's own way to load a plugin is ``--user-dir`` (docs/install.md). At interpreter start it only adds an import hook: nothing is imported until fairseq
+fairseq's own way to load a plugin is ``--user-dir`` (docs/install.md).
+
+At interpreter start the .pth line only adds an import hook: nothing is imported until fairseq
 itself imports ``fairseq.checkpoint_utils``. Then ``load_checkpoint_to_cpu`` is wrapped so that,
-when the checkpoint about to be read was written by a ClusterFormer model (its pickled config names
-the ``clusterformer`` model) and the plugin is not loaded yet, it imports ``fairseq_clusterformer``
+when the checkpoint about to be read was written by a ClusterFormer model (its pickled config
+names the ``clusterformer`` model) and the plugin is not loaded yet, it imports ``fairseq_clusterformer``
 first: the model is registered and the checkpoint loads under torch's safe loader as if
 ``--user-dir fairseq_clusterformer`` had been passed. If the plugin cannot be imported, the error
 says so and names ``--user-dir``.
@@ -14,6 +16,7 @@ says so and names ``--user-dir``.
 This module is deliberately tiny and imports nothing heavy: it runs in every Python process of
 the environment.
 """
+
 import sys
 
 TARGET = "fairseq.checkpoint_utils"
@@ -100,7 +103,9 @@ def main(argv=None):
     group = parser.add_mutually_exclusive_group()
     for flag in ("--install", "--uninstall", "--status"):
         group.add_argument(flag, dest="action", action="store_const", const=flag)
-    parser.add_argument("--site-dir", default=None, help="the site directory (default: this environment's site-packages)")
+    parser.add_argument(
+        "--site-dir", default=None, help="the site directory (default: this environment's site-packages)"
+    )
     args = parser.parse_args(argv)
     action = args.action or "--status"
     path = _pth_path(args.site_dir)

@@ -8,6 +8,7 @@ docs/install.md), or by hand::
     pip install --no-build-isolation fairseq-fixed==0.12.3.1
     pip install -e .[test]
 """
+
 from setuptools import find_packages, setup
 
 install_requires = [

@@ -4,6 +4,7 @@
 (a dataclass ValueError deep inside fairseq) says nothing about the fix. We turn every failure
 into one message that says what is wrong and the command that fixes it.
 """
+
 import importlib
 import sys
 

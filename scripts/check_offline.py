@@ -13,6 +13,7 @@ preparation, on the reference data available offline (../shared/data):
 
 Usage:  python -m scripts.check_offline [--data ../shared/data] [--show-diffs N]
 """
+
 import argparse
 import sys
 import time
@@ -50,9 +51,13 @@ def iwslt_xml_counts(data):
 def iwslt_tokenized(data, lang):
     """Our tokenised+lowercased test set (fairseq order) for LANG, per set: {set: lines}"""
     return {
-        s: list(mt_prep.tokenize(
-            mt_prep.xml_segs(mt_prep.open_text(data / "iwslt14/orig" / f"{s}.de-en.{lang}.xml")),
-            lang, lowercase=True))
+        s: list(
+            mt_prep.tokenize(
+                mt_prep.xml_segs(mt_prep.open_text(data / "iwslt14/orig" / f"{s}.de-en.{lang}.xml")),
+                lang,
+                lowercase=True,
+            )
+        )
         for s in IWSLT_SETS
     }
 
@@ -97,7 +102,9 @@ def _pct(a, b):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="the folder holding iwslt14/ and wmt/ (e.g. ../shared/data)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="the folder holding iwslt14/ and wmt/ (e.g. ../shared/data)"
+    )
     p.add_argument("--show-diffs", type=int, default=3, help="differing lines to print per item")
     a = p.parse_args(argv)
     data = a.data

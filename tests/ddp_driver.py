@@ -3,11 +3,11 @@
 fairseq writes checkpoints from rank 0 only; to check that DDP keeps the ranks identical, each
 rank saves its own copy beside them as params_rank{R}.pt. Usage: python ddp_driver.py <fairseq-train args>
 """
+
 import os
 import sys
 
 import torch
-
 from fairseq import checkpoint_utils
 from fairseq_cli import train
 
@@ -18,8 +18,9 @@ def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
     result = _save(cfg, trainer, epoch_itr, val_loss)
     rank = trainer.data_parallel_rank
     state = {k: v.detach().cpu().clone() for k, v in trainer.get_model().state_dict().items()}
-    torch.save({"num_updates": trainer.get_num_updates(), "model": state},
-               os.path.join(cfg.save_dir, f"params_rank{rank}.pt"))
+    torch.save(
+        {"num_updates": trainer.get_num_updates(), "model": state}, os.path.join(cfg.save_dir, f"params_rank{rank}.pt")
+    )
     return result
 
 

@@ -4,6 +4,7 @@ In the style of fairseq's own tests/utils.py (create_dummy_data, preprocess_tran
 train_translation_model, generate_main), but every step runs the installed console script
 (`fairseq-train`, ...) in a subprocess, exactly as a user runs it.
 """
+
 import os
 import random
 import re
@@ -33,8 +34,13 @@ def run(cmd, cwd=REPO, env=None, check=True, timeout=900, input=None):
     if env:
         full_env.update(env)
     proc = subprocess.run(
-        [str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=timeout, input=input,
+        [str(c) for c in cmd],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -69,22 +75,64 @@ def write_toy_corpus(dest, n_train=600, n_valid=60, n_test=40, seed=1, min_len=2
 
 
 def preprocess(raw_dir, dest_dir, src="src", tgt="tgt", extra=()):
-    run([
-        cli("fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt,
-        "--trainpref", Path(raw_dir) / "train", "--validpref", Path(raw_dir) / "valid",
-        "--testpref", Path(raw_dir) / "test", "--destdir", dest_dir, "--workers", "1",
-        "--joined-dictionary", *extra,
-    ])
+    run(
+        [
+            cli("fairseq-preprocess"),
+            "--source-lang",
+            src,
+            "--target-lang",
+            tgt,
+            "--trainpref",
+            Path(raw_dir) / "train",
+            "--validpref",
+            Path(raw_dir) / "valid",
+            "--testpref",
+            Path(raw_dir) / "test",
+            "--destdir",
+            dest_dir,
+            "--workers",
+            "1",
+            "--joined-dictionary",
+            *extra,
+        ]
+    )
     return Path(dest_dir)
 
 
 def train(data_bin, save_dir, arch, extra=(), max_update=50, user_dir=True, env=None, check=True):
     cmd = [
-        cli("fairseq-train"), data_bin, "--arch", arch, "--save-dir", save_dir,
-        "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", "20", "--max-tokens", "500", "--max-update", str(max_update),
-        "--dropout", "0.0", "--cpu", "--seed", "1", "--num-workers", "0", "--log-format", "simple",
-        "--log-interval", "10", "--no-progress-bar", "--required-batch-size-multiple", "1",
+        cli("fairseq-train"),
+        data_bin,
+        "--arch",
+        arch,
+        "--save-dir",
+        save_dir,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "20",
+        "--max-tokens",
+        "500",
+        "--max-update",
+        str(max_update),
+        "--dropout",
+        "0.0",
+        "--cpu",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "10",
+        "--no-progress-bar",
+        "--required-batch-size-multiple",
+        "1",
         *extra,
     ]
     if user_dir:
@@ -94,8 +142,19 @@ def train(data_bin, save_dir, arch, extra=(), max_update=50, user_dir=True, env=
 
 def generate(data_bin, checkpoint, extra=(), user_dir=True, check=True, gen_subset="test"):
     cmd = [
-        cli("fairseq-generate"), data_bin, "--path", checkpoint, "--gen-subset", gen_subset,
-        "--beam", "2", "--batch-size", "16", "--cpu", "--required-batch-size-multiple", "1",
+        cli("fairseq-generate"),
+        data_bin,
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        gen_subset,
+        "--beam",
+        "2",
+        "--batch-size",
+        "16",
+        "--cpu",
+        "--required-batch-size-multiple",
+        "1",
         *extra,
     ]
     if user_dir:
@@ -105,10 +164,25 @@ def generate(data_bin, checkpoint, extra=(), user_dir=True, check=True, gen_subs
 
 # A small ClusterFormer: the real architecture, at test size.
 TINY = [
-    "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "32",
-    "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4", "--share-all-embeddings",
-    "--causal-window", "8",
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "32",
+    "--decoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--encoder-attention-heads",
+    "4",
+    "--decoder-attention-heads",
+    "4",
+    "--share-all-embeddings",
+    "--causal-window",
+    "8",
 ]
 CLUSTER_CRITERION = ["--criterion", "label_smoothed_cross_entropy_with_clustering", "--label-smoothing", "0.1"]
 

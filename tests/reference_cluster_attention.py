@@ -5,6 +5,7 @@ cut into blocks (encoder) or given their causal within-cluster window (decoder; 
 last `window` words of any cluster), attended to with
 explicit per-head, per-query softmax, and put back in their positions.
 """
+
 import math
 
 import torch
@@ -74,15 +75,19 @@ def reference_forward(module, x, key_padding_mask=None, centroids=None):
         if module.causal:
             rows_k, rows_v = [], []
             for j in range(L):
-                mates = [i for i in range(j + 1) if a[i] == a[j]][-module.window:]
+                mates = [i for i in range(j + 1) if a[i] == a[j]][-module.window :]
                 rows_k.append([K_[i] for i in mates])
                 rows_v.append([V[i] for i in mates])
             O = _attend(module, [Q[j] for j in range(L)], rows_k, rows_v)
             Hl = getattr(module, "local_heads", 0)
             if Hl:  # local heads: the last `window` real words, any cluster
                 recent = [list(range(max(0, j + 1 - module.window), j + 1)) for j in range(L)]
-                O_local = _attend(module, [Q[j] for j in range(L)], [[K_[i] for i in r] for r in recent],
-                                  [[V[i] for i in r] for r in recent])
+                O_local = _attend(
+                    module,
+                    [Q[j] for j in range(L)],
+                    [[K_[i] for i in r] for r in recent],
+                    [[V[i] for i in r] for r in recent],
+                )
                 O[:, : Hl * module.head_dim] = O_local[:, : Hl * module.head_dim]
         else:
             w = max(1, math.ceil(L / k))
@@ -92,7 +97,12 @@ def reference_forward(module, x, key_padding_mask=None, centroids=None):
                 if not block:
                     continue
                 keys = (blocks[i - 1] if (module.previous_block and i > 0) else []) + block
-                res = _attend(module, [Q[j] for j in block], [[K_[t] for t in keys]] * len(block), [[V[t] for t in keys]] * len(block))
+                res = _attend(
+                    module,
+                    [Q[j] for j in block],
+                    [[K_[t] for t in keys]] * len(block),
+                    [[V[t] for t in keys]] * len(block),
+                )
                 for r, j in enumerate(block):
                     O[j] = res[r]
         O = _lin(module.out_proj, O)

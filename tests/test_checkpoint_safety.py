@@ -1,12 +1,13 @@
 """Checkpoints load with torch's safe weights_only loader; anything else is refused clearly."""
+
 import os
 import shutil
 
 import pytest
 import torch
+from fairseq import checkpoint_utils
 
 import fairseq_clusterformer  # noqa: F401  (installs the allow-list and the guard)
-from fairseq import checkpoint_utils
 from fairseq_clusterformer.checkpoint_safety import CheckpointLoadError
 from fairseq_helpers import CLUSTER_CRITERION, TINY, generate, train
 
@@ -41,7 +42,9 @@ def test_foreign_pickled_object_is_refused(smoke_checkpoint_dir, tmp_path):
     torch.save(state, evil)
     if os.path.exists("/tmp/clusterformer-pwned"):
         os.remove("/tmp/clusterformer-pwned")
-    with pytest.raises(CheckpointLoadError, match="refusing to load checkpoint.*os.system|refusing to load checkpoint.*posix.system"):
+    with pytest.raises(
+        CheckpointLoadError, match="refusing to load checkpoint.*os.system|refusing to load checkpoint.*posix.system"
+    ):
         checkpoint_utils.load_checkpoint_to_cpu(str(evil))
     # The CLI refuses it too, with the same message, and the payload never ran.
     out = generate(_bin_of(smoke_checkpoint_dir), evil, check=False)

@@ -1,4 +1,5 @@
 """fairseq's other entry points with the plugin: interactive, averaging, hydra, DDP, precision."""
+
 import re
 import socket
 import subprocess
@@ -13,10 +14,24 @@ from fairseq_helpers import CLUSTER_CRITERION, REPO, TINY, USER_DIR, cli, genera
 
 def test_interactive_translates_stdin(toy_bin, smoke_checkpoint_dir):
     lines = ["s1 s2 s3", "s5", "s7 s7 s8 s9 s10"]
-    out = run([
-        cli("fairseq-interactive"), toy_bin, "--user-dir", USER_DIR, "--path", smoke_checkpoint_dir / "checkpoint_last.pt",
-        "--source-lang", "src", "--target-lang", "tgt", "--beam", "2", "--cpu",
-    ], input="\n".join(lines) + "\n")
+    out = run(
+        [
+            cli("fairseq-interactive"),
+            toy_bin,
+            "--user-dir",
+            USER_DIR,
+            "--path",
+            smoke_checkpoint_dir / "checkpoint_last.pt",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--beam",
+            "2",
+            "--cpu",
+        ],
+        input="\n".join(lines) + "\n",
+    )
     hyps = re.findall(r"^H-(\d+)\t", out.stdout, flags=re.M)
     assert sorted(map(int, hyps)) == [0, 1, 2]
 
@@ -24,8 +39,17 @@ def test_interactive_translates_stdin(toy_bin, smoke_checkpoint_dir):
 def test_average_checkpoints(toy_bin, tmp_path):
     save = tmp_path / "avg"
     train(toy_bin, save, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "3"], max_update=100)
-    out = run([cli("clusterformer-average-checkpoints"), "--inputs", save,
-               "--num-epoch-checkpoints", "2", "--output", save / "averaged.pt"])
+    out = run(
+        [
+            cli("clusterformer-average-checkpoints"),
+            "--inputs",
+            save,
+            "--num-epoch-checkpoints",
+            "2",
+            "--output",
+            save / "averaged.pt",
+        ]
+    )
     assert "averaging 2 checkpoints" in out.stdout
     a, b = (torch.load(save / f"checkpoint{e}.pt", weights_only=True)["model"] for e in (3, 2))
     avg = torch.load(save / "averaged.pt", weights_only=True)["model"]
@@ -34,22 +58,52 @@ def test_average_checkpoints(toy_bin, tmp_path):
     assert any(not torch.equal(a[n], b[n]) for n in a)  # the inputs really differ
     hyps = parse_generate(generate(toy_bin, save / "averaged.pt").stdout)
     assert sorted(hyps) == list(range(20))
-    bad = run([cli("clusterformer-average-checkpoints"), "--inputs", save,
-               "--num-epoch-checkpoints", "9", "--output", save / "x.pt"], check=False)
+    bad = run(
+        [
+            cli("clusterformer-average-checkpoints"),
+            "--inputs",
+            save,
+            "--num-epoch-checkpoints",
+            "9",
+            "--output",
+            save / "x.pt",
+        ],
+        check=False,
+    )
     assert bad.returncode != 0 and "holds only 3 epoch checkpoints" in bad.stderr
 
 
 def test_hydra_train_with_the_example_config(toy_bin, tmp_path):
-    tiny = {"encoder_layers": 2, "decoder_layers": 2, "encoder_embed_dim": 32, "decoder_embed_dim": 32,
-            "encoder_ffn_embed_dim": 64, "decoder_ffn_embed_dim": 64, "encoder_attention_heads": 4,
-            "decoder_attention_heads": 4}
-    out = run([
-        cli("fairseq-hydra-train"), "--config-dir", REPO / "examples" / "translation" / "config",
-        "--config-name", "clusterformer_iwslt", f"task.data={toy_bin}", "task.source_lang=src",
-        "task.target_lang=tgt", f"checkpoint.save_dir={tmp_path / 'ck'}", "optimization.max_update=12",
-        "common.cpu=true", "dataset.max_tokens=500", "model.causal_window=8",
-        f"common.user_dir={REPO / USER_DIR}", *[f"+model.{k}={v}" for k, v in tiny.items()],
-    ], cwd=tmp_path)
+    tiny = {
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_embed_dim": 32,
+        "decoder_embed_dim": 32,
+        "encoder_ffn_embed_dim": 64,
+        "decoder_ffn_embed_dim": 64,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+    }
+    out = run(
+        [
+            cli("fairseq-hydra-train"),
+            "--config-dir",
+            REPO / "examples" / "translation" / "config",
+            "--config-name",
+            "clusterformer_iwslt",
+            f"task.data={toy_bin}",
+            "task.source_lang=src",
+            "task.target_lang=tgt",
+            f"checkpoint.save_dir={tmp_path / 'ck'}",
+            "optimization.max_update=12",
+            "common.cpu=true",
+            "dataset.max_tokens=500",
+            "model.causal_window=8",
+            f"common.user_dir={REPO / USER_DIR}",
+            *[f"+model.{k}={v}" for k, v in tiny.items()],
+        ],
+        cwd=tmp_path,
+    )
     log = out.stdout + out.stderr
     assert "done training" in log
     assert "clustering_loss" in log and "sorting_loss" in log
@@ -68,21 +122,64 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(toy_bin, tmp_path):
     port = _free_port()
     save = tmp_path / "ddp"
     common = [
-        str(toy_bin), "--user-dir", USER_DIR, "--arch", "clusterformer_iwslt", *TINY, *CLUSTER_CRITERION,
-        "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5",
-        "--max-tokens", "300", "--max-update", "12", "--cpu", "--seed", "3", "--num-workers", "0",
-        "--log-format", "simple", "--log-interval", "1", "--no-progress-bar", "--save-dir", str(save),
-        "--required-batch-size-multiple", "1", "--distributed-world-size", "2",
-        "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
-        "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--dropout", "0.1",
+        str(toy_bin),
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "clusterformer_iwslt",
+        *TINY,
+        *CLUSTER_CRITERION,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "5",
+        "--max-tokens",
+        "300",
+        "--max-update",
+        "12",
+        "--cpu",
+        "--seed",
+        "3",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "1",
+        "--no-progress-bar",
+        "--save-dir",
+        str(save),
+        "--required-batch-size-multiple",
+        "1",
+        "--distributed-world-size",
+        "2",
+        "--distributed-init-method",
+        f"tcp://127.0.0.1:{port}",
+        "--distributed-no-spawn",
+        "--distributed-backend",
+        "gloo",
+        "--ddp-backend",
+        "legacy_ddp",
+        "--dropout",
+        "0.1",
     ]
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     import os
 
     full_env = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}
     procs = [
-        subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
-                         cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in (0, 1)
     ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -99,13 +196,23 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(toy_bin, tmp_path):
 
 
 def test_update_freq_accumulates(toy_bin, tmp_path):
-    out = train(toy_bin, tmp_path / "uf", "clusterformer_iwslt",
-                extra=TINY + CLUSTER_CRITERION + ["--update-freq", "2", "--max-epoch", "2"], max_update=100)
+    out = train(
+        toy_bin,
+        tmp_path / "uf",
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + ["--update-freq", "2", "--max-epoch", "2"],
+        max_update=100,
+    )
     log = out.stdout + out.stderr
     epoch1 = [l for l in log.splitlines() if "| train | epoch 001" in l][0]
     n_batches = int(re.search(r"num_updates (\d+)", epoch1).group(1))
-    one = train(toy_bin, tmp_path / "uf1", "clusterformer_iwslt",
-                extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "1"], max_update=100)
+    one = train(
+        toy_bin,
+        tmp_path / "uf1",
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "1"],
+        max_update=100,
+    )
     single = [l for l in (one.stdout + one.stderr).splitlines() if "| train | epoch 001" in l][0]
     assert n_batches == -(-int(re.search(r"num_updates (\d+)", single).group(1)) // 2)
     assert "clustering_loss" in epoch1 and "sorting_loss" in epoch1
@@ -118,8 +225,9 @@ def test_criterion_in_half_precision(toy_bin, dtype):
     from fairseq import options, tasks
 
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt",
-                                                *TINY, *CLUSTER_CRITERION])
+    args = options.parse_args_and_arch(
+        parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY, *CLUSTER_CRITERION]
+    )
     task = tasks.setup_task(args)
     task.load_dataset("valid")
     model = task.build_model(args).to(dtype)
@@ -136,7 +244,13 @@ def test_criterion_in_half_precision(toy_bin, dtype):
 
 @pytest.mark.parametrize("weight", ["-0.1", "nan", "inf"])
 def test_bad_loss_weights_are_named(toy_bin, tmp_path, weight):
-    out = train(toy_bin, tmp_path / "w", "clusterformer_iwslt",
-                extra=TINY + CLUSTER_CRITERION + ["--clustering-loss-weight", weight], max_update=1, check=False)
+    out = train(
+        toy_bin,
+        tmp_path / "w",
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + ["--clustering-loss-weight", weight],
+        max_update=1,
+        check=False,
+    )
     assert out.returncode != 0
     assert "--clustering-loss-weight must be a finite number >= 0" in out.stderr

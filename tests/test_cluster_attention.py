@@ -1,4 +1,5 @@
 """The attention module against its float64 reference, and the properties issue #3 lists."""
+
 import copy
 import subprocess
 import sys
@@ -211,21 +212,23 @@ def test_incremental_decoding_with_beam_reordering_equals_full_forward(window, l
 def test_incremental_padding_step_leaves_state_unchanged(local_heads):
     m = make(d=16, heads=2, k=2, dtype=torch.float32, causal=True, window=3, local_heads=local_heads)
     x = torch.randn(2, 6, 16)
-    state = None
+    kpm = torch.tensor([[False, False, True, False, False, False], [False] * 6])  # a padding step in row 0
+    state, outs = None, []
     for t in range(6):
-        pad = torch.tensor([t == 2, False])  # a padding step in row 0
         before = None if state is None else {n: v.clone() for n, v in state.items()}
-        _, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad)
+        y, state = m.step(x[:, t : t + 1], state, key_padding_mask=kpm[:, t])
+        outs.append(y)
         if t == 2:
             for name in state:
                 assert torch.equal(state[name][0], before[name][0]), name
-    full, _ = m(x, torch.tensor([[False, False, True, False, False, False], [False] * 6]))
-    y, _ = m.step(x[:, 5:6], None)  # sanity: the step API works from an empty state
-    assert torch.isfinite(full).all() and torch.isfinite(y).all()
+    # The stepped outputs equal the full forward with the same padding, at every real word; the
+    # padding step outputs out_proj of zero (its bias), as the full forward does.
+    full, _ = m(x, kpm)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[0, 2], m.out_proj.bias)
 
 
 def test_gradcheck_encoder_inputs_and_centroids():
-    m = make(d=8, heads=2, k=2)
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     c = torch.randn(2, 2, 8, dtype=torch.float64, requires_grad=True)
     m2 = make(d=8, heads=2, k=2, learned_centroids=False, seed=1)
@@ -289,6 +292,7 @@ def test_low_precision_masks_are_finite(dtype, causal):
 
 def _count_lines(fn):
     counts = {"n": 0}
+
     def tracer(frame, event, arg):
         if frame.f_code.co_filename in FAST_PATH_FILES:
             if event == "line":
@@ -323,11 +327,18 @@ def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal,
     for flash in (True, False):  # torch's CPU flash kernel, or F.scaled_dot_product_attention
         monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", flash)
         calls = []
-        real = torch.nn.functional.scaled_dot_product_attention
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+        def counting(fn, calls=calls):
+            return lambda *a, **k: calls.append(1) or fn(*a, **k)
+
+        monkeypatch.setattr(
+            torch.nn.functional,
+            "scaled_dot_product_attention",
+            counting(torch.nn.functional.scaled_dot_product_attention),
+        )
         if kernels.FLASH_CPU_OPS is not None:
             fwd, bwd = kernels.FLASH_CPU_OPS
-            monkeypatch.setattr(kernels, "FLASH_CPU_OPS", (lambda *a, **k: calls.append(1) or fwd(*a, **k), bwd))
+            monkeypatch.setattr(kernels, "FLASH_CPU_OPS", (counting(fwd), bwd))
         make(d=32, heads=2, k=5, dtype=torch.float32, causal=causal)(torch.randn(3, 40, 32))
         assert len(calls) == 1
         monkeypatch.undo()

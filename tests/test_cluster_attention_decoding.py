@@ -1,5 +1,6 @@
 """Incremental decoding with the "auto" cache (whole prefix first, ring buffers once the prefix
 reaches K x window positions) equals the full forward and the ring-buffer cache."""
+
 import pytest
 import torch
 

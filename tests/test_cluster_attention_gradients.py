@@ -7,6 +7,7 @@ empty blocks), with and without the previous block, with k = "auto" and carried 
 in the causal variant, with block attention on torch's CPU flash kernel (chunked backward) and
 on F.scaled_dot_product_attention.
 """
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -121,8 +122,13 @@ def test_causal_assignment_matches_elementwise_definition_on_ties(dtype):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(k=4), dict(k=4, previous_block=False), dict(k="auto", max_clusters=8), dict(k=3, causal=True, window=5),
-     dict(k=3, causal=True, window=5, local_heads=1)],
+    [
+        dict(k=4),
+        dict(k=4, previous_block=False),
+        dict(k="auto", max_clusters=8),
+        dict(k=3, causal=True, window=5),
+        dict(k=3, causal=True, window=5, local_heads=1),
+    ],
     ids=["encoder", "no-previous-block", "auto", "causal", "causal-local-heads"],
 )
 def test_flash_kernel_and_sdpa_give_the_same_outputs_and_gradients(kw, monkeypatch):

@@ -1,31 +1,33 @@
 """Cheap checks of the demo (scripts/demo.sh) and scripts/translate.sh. The real 15-minute demo run
 is not part of the test suite; here the same script runs on a 300-sentence slice of the shipped
 corpus with a tiny model and a handful of updates."""
+
 import gzip
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from fairseq_clusterformer.tools import mt_prep
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "translation"
 MULTI30K = REPO / "data" / "multi30k"
 
-from fairseq_clusterformer.tools import mt_prep
 
-TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
-              "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 "
-              "--encoder-attention-heads 2 --decoder-attention-heads 2")
+TINY_MODEL = (
+    "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+    "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 "
+    "--encoder-attention-heads 2 --decoder-attention-heads 2"
+)
 
 
 def run(cmd, env=None, input=None, timeout=600):
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=REPO, env=full_env, input=input, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, input=input, capture_output=True, text=True, timeout=timeout)
 
 
 def test_demo_help():
@@ -38,8 +40,9 @@ def test_demo_help():
 
 
 def test_translate_without_model_says_run_demo_first(tmp_path):
-    proc = run(["bash", "scripts/translate.sh"], env={"DEMO_WORK": str(tmp_path / "nothing")},
-               input="Ein Hund läuft.\n")
+    proc = run(
+        ["bash", "scripts/translate.sh"], env={"DEMO_WORK": str(tmp_path / "nothing")}, input="Ein Hund läuft.\n"
+    )
     assert proc.returncode != 0
     assert "run bash scripts/demo.sh first" in proc.stderr
     assert run(["bash", "scripts/translate.sh", "--help"]).stdout.startswith("Translate German")
@@ -74,9 +77,16 @@ def _slice_corpus(dest, n_train=300, n_small=20):
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    env = {"DEMO_DATA": str(_slice_corpus(root / "data")), "DEMO_WORK": str(root / "work"),
-           "DEMO_SKIP_SETUP": "1", "DEMO_MODEL_ARGS": TINY_MODEL, "DEMO_MAX_UPDATE": "4",
-           "DEMO_BPE_OPS": "200", "DEMO_BEAM": "2", "DEMO_MAX_TOKENS": "1000"}
+    env = {
+        "DEMO_DATA": str(_slice_corpus(root / "data")),
+        "DEMO_WORK": str(root / "work"),
+        "DEMO_SKIP_SETUP": "1",
+        "DEMO_MODEL_ARGS": TINY_MODEL,
+        "DEMO_MAX_UPDATE": "4",
+        "DEMO_BPE_OPS": "200",
+        "DEMO_BEAM": "2",
+        "DEMO_MAX_TOKENS": "1000",
+    }
     first = run(["bash", "scripts/demo.sh"], env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return env, root / "work", first
@@ -86,8 +96,9 @@ def test_tiny_demo_runs_end_to_end(tiny_demo):
     env, work, first = tiny_demo
     out = first.stdout
     assert "1/5 tokenising" in out and "4/5 training" in out and "5/5 translating all 20 sentences" in out
-    assert re.search(r"^demo BLEU \(sacrebleu, Multi30k test_2016, de-en\): \d+\.\d\d$",
-                     out.rstrip("\n").splitlines()[-1]), out[-500:]
+    assert re.search(
+        r"^demo BLEU \(sacrebleu, Multi30k test_2016, de-en\): \d+\.\d\d$", out.rstrip("\n").splitlines()[-1]
+    ), out[-500:]
     assert (work / "bpe" / "checkpoints" / "checkpoint_last.pt").is_file()
     assert len(mt_prep.read_lines(work / "bpe" / "output" / "hyp.detok.en")) == 20
 
@@ -96,16 +107,23 @@ def test_tiny_demo_second_run_reuses_everything(tiny_demo):
     env, work, _ = tiny_demo
     again = run(["bash", "scripts/demo.sh"], env=env)
     assert again.returncode == 0, again.stderr[-2000:]
-    for step in ("1/5 tokenised data exists, skipping", "2/5 bpe segmentation exists, skipping",
-                 "3/5 binarised data exists, skipping", "4/5 trained model exists, skipping",
-                 "5/5 translations exist, skipping"):
+    for step in (
+        "1/5 tokenised data exists, skipping",
+        "2/5 bpe segmentation exists, skipping",
+        "3/5 binarised data exists, skipping",
+        "4/5 trained model exists, skipping",
+        "5/5 translations exist, skipping",
+    ):
         assert step in again.stdout
     assert again.stdout.rstrip().splitlines()[-1].startswith("demo BLEU")
 
 
 def test_translate_with_the_tiny_demo_model(tiny_demo):
     env, _, _ = tiny_demo
-    proc = run(["bash", "scripts/translate.sh"], env={"DEMO_WORK": env["DEMO_WORK"]},
-               input="Ein Hund läuft im Park.\nZwei Männer spielen Fußball.\n")
+    proc = run(
+        ["bash", "scripts/translate.sh"],
+        env={"DEMO_WORK": env["DEMO_WORK"]},
+        input="Ein Hund läuft im Park.\nZwei Männer spielen Fußball.\n",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 2  # one English line per German line (any quality)

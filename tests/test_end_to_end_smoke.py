@@ -1,4 +1,5 @@
 """fairseq-train then fairseq-generate with --user-dir, on a tiny corpus the test writes itself."""
+
 from fairseq_helpers import generate, parse_generate
 
 

@@ -1,36 +1,56 @@
 """Smoke tests of the experiment tools: clusterformer-show-clusters, clusterformer-choose-k and
 python -m scripts.experiments.run_side_by_side, on the toy corpus with tiny models and a few updates.
 The real runs (minutes to hours) and their results are in docs/results.md."""
+
 import json
 import subprocess
 import sys
 
-from fairseq_helpers import REPO, cli, run
-
 from fairseq_clusterformer.tools import choose_k, expkit
+from fairseq_helpers import REPO, cli, run
 from scripts.experiments import run_side_by_side
 
 PY = sys.executable
-TINY_MODEL = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
-              "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 "
-              "--decoder-attention-heads 2 --share-all-embeddings")
+TINY_MODEL = (
+    "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+    "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 "
+    "--decoder-attention-heads 2 --share-all-embeddings"
+)
 
 
 def test_show_clusters_text_and_png(smoke_checkpoint_dir, toy_bin, tmp_path, capsys):
     from fairseq_clusterformer.tools import show_clusters
 
     out = tmp_path / "clusters.png"
-    assert show_clusters.main(["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin),
-                               "--sentence", "s1 s2 s3 s4 s5 s6 s7", "--target", "t1 t2 t3 t4 t5 t6 t7",
-                               "--out", str(out)]) == 0
+    assert (
+        show_clusters.main(
+            [
+                "--path",
+                str(smoke_checkpoint_dir / "checkpoint_last.pt"),
+                "--data",
+                str(toy_bin),
+                "--sentence",
+                "s1 s2 s3 s4 s5 s6 s7",
+                "--target",
+                "t1 t2 t3 t4 t5 t6 t7",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     for side in ("encoder", "decoder"):
         for layer in (1, 2):
             assert f"{side} layer {layer}:" in text
 
     def listed(block):
-        return sorted(w for line in block.splitlines() if line.strip().startswith("cluster")
-                      for w in line.split(":", 1)[1].split())
+        return sorted(
+            w
+            for line in block.splitlines()
+            if line.strip().startswith("cluster")
+            for w in line.split(":", 1)[1].split()
+        )
 
     # every token is listed once per layer, under exactly one cluster
     enc1 = text.split("encoder layer 1:")[1].split("encoder layer 2:")[0]
@@ -59,15 +79,23 @@ def test_show_clusters_unknown_tokens_stdin_and_stats(smoke_checkpoint_dir, toy_
         assert st["n"] == 2 and 1 <= st["clusters_used"] <= 3 and 0 < st["largest_share"] <= 1
     # the sentence (and target, on a second line) from stdin
     monkeypatch.setattr("sys.stdin", io.StringIO("s3 s4\nt3 t4\n"))
-    assert show_clusters.main(["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin),
-                               "--out", ""]) == 0
+    assert (
+        show_clusters.main(
+            ["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin), "--out", ""]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "encoder layer 2:" in text and "decoder layer 2:" in text and "t4" in text
 
 
 def test_choose_k_rule():
-    rows = [{"k": 1, "valid_nll": 3.00}, {"k": 2, "valid_nll": 3.02}, {"k": 4, "valid_nll": 3.04},
-            {"k": 8, "valid_nll": 3.30}]
+    rows = [
+        {"k": 1, "valid_nll": 3.00},
+        {"k": 2, "valid_nll": 3.02},
+        {"k": 4, "valid_nll": 3.04},
+        {"k": 8, "valid_nll": 3.30},
+    ]
     k, why = choose_k.recommend(rows, tolerance=0.05)
     assert k == 4 and "largest k" in why and "k=1" in why
     k, why = choose_k.recommend(rows, tolerance=0.01)
@@ -77,17 +105,19 @@ def test_choose_k_rule():
 
 
 def test_parse_train_log():
-    log = "\n".join([
-        "2026-01-01 00:00:01 | INFO | train_inner | epoch 001:     10 / 20 loss=5.1, nll_loss=5.0",
-        "2026-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 4.9 | nll_loss 4.5 "
-        "| ppl 22.6 | num_updates 20",
-        "2026-01-01 00:00:02 | INFO | train | epoch 001 | loss 5.0 | nll_loss 4.8 | wpb 100 | num_updates 20 "
-        "| train_wall 4 | wall 5",
-        "2026-01-01 00:00:04 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 4.7 | nll_loss 4.6 "
-        "| num_updates 30",
-        "2026-01-01 00:00:04 | INFO | train | epoch 002 | loss 4.8 | wpb 50 | num_updates 30 | train_wall 6",
-        "2026-01-01 00:00:04 | INFO | fairseq_cli.train | done training in 5.0 seconds",
-    ])
+    log = "\n".join(
+        [
+            "2026-01-01 00:00:01 | INFO | train_inner | epoch 001:     10 / 20 loss=5.1, nll_loss=5.0",
+            "2026-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 4.9 | nll_loss 4.5 "
+            "| ppl 22.6 | num_updates 20",
+            "2026-01-01 00:00:02 | INFO | train | epoch 001 | loss 5.0 | nll_loss 4.8 | wpb 100 | num_updates 20 "
+            "| train_wall 4 | wall 5",
+            "2026-01-01 00:00:04 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 4.7 | nll_loss 4.6 "
+            "| num_updates 30",
+            "2026-01-01 00:00:04 | INFO | train | epoch 002 | loss 4.8 | wpb 50 | num_updates 30 | train_wall 6",
+            "2026-01-01 00:00:04 | INFO | fairseq_cli.train | done training in 5.0 seconds",
+        ]
+    )
     parsed = expkit.parse_train_log(log)
     assert parsed["done"] and parsed["updates"] == 30
     assert [v["nll_loss"] for v in parsed["valid"]] == [4.5, 4.6]
@@ -103,9 +133,27 @@ def test_repetition_rate():
 
 def test_choose_k_smoke(toy_bin, tmp_path, capsys):
     out = tmp_path / "ck"
-    proc = run([cli("clusterformer-choose-k"), "--data", toy_bin, "--ks", "1,2", "--max-update", "3",
-                "--model-args", TINY_MODEL, "--out", out, "--", "--max-tokens", "500", "--causal-window", "8"],
-               timeout=300)
+    proc = run(
+        [
+            cli("clusterformer-choose-k"),
+            "--data",
+            toy_bin,
+            "--ks",
+            "1,2",
+            "--max-update",
+            "3",
+            "--model-args",
+            TINY_MODEL,
+            "--out",
+            out,
+            "--",
+            "--max-tokens",
+            "500",
+            "--causal-window",
+            "8",
+        ],
+        timeout=300,
+    )
     assert "Recommended k = " in proc.stdout
     result = json.loads((out / "choose_k.json").read_text())
     assert [r["k"] for r in result["per_k"]] == [1, 2]
@@ -114,39 +162,94 @@ def test_choose_k_smoke(toy_bin, tmp_path, capsys):
     assert (out / "choose_k.csv").read_text().startswith("k,")
     assert (out / "choose_k.png").read_bytes()[:4] == b"\x89PNG"
     # a second call reuses the recorded runs instead of training again
-    assert choose_k.main(["--data", str(toy_bin), "--ks", "1,2", "--max-update", "3", "--model-args", TINY_MODEL,
-                          "--out", str(out), "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert (
+        choose_k.main(
+            [
+                "--data",
+                str(toy_bin),
+                "--ks",
+                "1,2",
+                "--max-update",
+                "3",
+                "--model-args",
+                TINY_MODEL,
+                "--out",
+                str(out),
+                "--",
+                "--max-tokens",
+                "500",
+                "--causal-window",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("already in") == 2
 
 
 def test_side_by_side_plan_ablations():
-    plan = run_side_by_side.plan_runs(["clusterformer", "transformer"], ["base", "no-sorting-loss"], [1, 4],
-                                      [1, 2])
+    plan = run_side_by_side.plan_runs(["clusterformer", "transformer"], ["base", "no-sorting-loss"], [1, 4], [1, 2])
     names = [(m, v, s) for m, v, _, _, s in plan]
-    assert names[:5] == [("clusterformer", "base", 1), ("clusterformer", "no-sorting-loss", 1),
-                         ("clusterformer", "k=1", 1), ("clusterformer", "k=4", 1), ("transformer", "base", 1)]
+    assert names[:5] == [
+        ("clusterformer", "base", 1),
+        ("clusterformer", "no-sorting-loss", 1),
+        ("clusterformer", "k=1", 1),
+        ("clusterformer", "k=4", 1),
+        ("transformer", "base", 1),
+    ]
     assert len(plan) == 10  # the ablations run for clusterformer only
     args = {v: a for _, v, a, _, _ in plan}
     assert args["no-sorting-loss"] == ["--sorting-loss-weight", "0"] and args["k=4"] == ["--num-clusters", "4"]
-    labelled = run_side_by_side.plan_runs(["clusterformer"], ["base", "no-clustering-loss"], [2], [1],
-                                          label="w8", extra=["--causal-window", "8"])
+    labelled = run_side_by_side.plan_runs(
+        ["clusterformer"], ["base", "no-clustering-loss"], [2], [1], label="w8", extra=["--causal-window", "8"]
+    )
     assert [(v, a) for _, v, a, _, _ in labelled] == [
         ("w8", ["--causal-window", "8"]),
         ("no-clustering-loss+w8", ["--clustering-loss-weight", "0", "--causal-window", "8"]),
-        ("k=2+w8", ["--num-clusters", "2", "--causal-window", "8"])]
+        ("k=2+w8", ["--num-clusters", "2", "--causal-window", "8"]),
+    ]
 
 
 def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
     ds = tmp_path / "toyds"
     ds.mkdir()
-    (ds / "dataset.json").write_text(json.dumps({
-        "name": "toy", "src": "src", "tgt": "tgt", "data_bin": str(toy_bin), "remove_bpe": "subword_nmt",
-        "detok_lang": "en", "tests": [{"subset": "test", "label": "test", "ref": str(toy_bin.parent / "raw" / "test.tgt")}],
-    }))
+    (ds / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "toy",
+                "src": "src",
+                "tgt": "tgt",
+                "data_bin": str(toy_bin),
+                "remove_bpe": "subword_nmt",
+                "detok_lang": "en",
+                "tests": [{"subset": "test", "label": "test", "ref": str(toy_bin.parent / "raw" / "test.tgt")}],
+            }
+        )
+    )
     work = tmp_path / "work"
-    proc = run([PY, "-m", "scripts.experiments.run_side_by_side", "run", "--dataset", ds, "--work", work,
-                "--code", "worktree", "--max-update", "3", "--max-tokens", "500", "--beam", "1",
-                "--model-args", TINY_MODEL], timeout=300)
+    proc = run(
+        [
+            PY,
+            "-m",
+            "scripts.experiments.run_side_by_side",
+            "run",
+            "--dataset",
+            ds,
+            "--work",
+            work,
+            "--code",
+            "worktree",
+            "--max-update",
+            "3",
+            "--max-tokens",
+            "500",
+            "--beam",
+            "1",
+            "--model-args",
+            TINY_MODEL,
+        ],
+        timeout=300,
+    )
     assert proc.stdout.count("sacrebleu") >= 2
     records = expkit.read_jsonl(work / "results.jsonl")
     assert [(r["model"], r["variant"]) for r in records] == [("clusterformer", "base"), ("transformer", "base")]
@@ -158,15 +261,39 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
         assert "fairseq-generate" in t["command"] and "--required-batch-size-multiple 1" in t["command"]
     assert (work / "results.csv").read_text().startswith("run_id,")
     # recorded runs are skipped
-    run_side_by_side.main(["run", "--dataset", str(ds), "--work", str(work), "--code", "worktree", "--max-update",
-                           "3", "--models", "transformer", "--max-tokens", "500", "--beam", "1", "--model-args",
-                           TINY_MODEL])
+    run_side_by_side.main(
+        [
+            "run",
+            "--dataset",
+            str(ds),
+            "--work",
+            str(work),
+            "--code",
+            "worktree",
+            "--max-update",
+            "3",
+            "--models",
+            "transformer",
+            "--max-tokens",
+            "500",
+            "--beam",
+            "1",
+            "--model-args",
+            TINY_MODEL,
+        ]
+    )
     assert "already in" in capsys.readouterr().out and len(expkit.read_jsonl(work / "results.jsonl")) == 2
     md = tmp_path / "results.md"
-    md.write_text("# hand-written intro\n\n" + run_side_by_side.BEGIN + "\nold\n" + run_side_by_side.END
-                  + "\n\nhand-written conclusion\n")
-    run_side_by_side.main(["report", "--results", str(work / "results.jsonl"), "--md", str(md),
-                           "--img-dir", str(tmp_path / "img")])
+    md.write_text(
+        "# hand-written intro\n\n"
+        + run_side_by_side.BEGIN
+        + "\nold\n"
+        + run_side_by_side.END
+        + "\n\nhand-written conclusion\n"
+    )
+    run_side_by_side.main(
+        ["report", "--results", str(work / "results.jsonl"), "--md", str(md), "--img-dir", str(tmp_path / "img")]
+    )
     text = md.read_text()
     assert text.startswith("# hand-written intro") and text.rstrip().endswith("hand-written conclusion")
     assert "old" not in text.split(run_side_by_side.BEGIN)[1].split(run_side_by_side.END)[0].split()
@@ -176,9 +303,17 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
 
 
 def test_scripts_help():
-    commands = [[cli(name)] for name in ("clusterformer-show-clusters", "clusterformer-choose-k",
-                                         "clusterformer-prepare-data", "clusterformer-average-checkpoints",
-                                         "clusterformer-mt-prep", "clusterformer-autoload")]
+    commands = [
+        [cli(name)]
+        for name in (
+            "clusterformer-show-clusters",
+            "clusterformer-choose-k",
+            "clusterformer-prepare-data",
+            "clusterformer-average-checkpoints",
+            "clusterformer-mt-prep",
+            "clusterformer-autoload",
+        )
+    ]
     commands += [[PY, "-m", "scripts.experiments.run_side_by_side"], [PY, "-m", "scripts.check_offline"]]
     for command in commands:
         proc = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True)
@@ -186,11 +321,15 @@ def test_scripts_help():
 
 
 def test_prepare_data_needs_an_explicit_iwslt14_source(tmp_path):
-    proc = subprocess.run([cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "iwslt14 needs --source DIR" in proc.stderr
-    proc = subprocess.run([cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path), "--source",
-                           str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path), "--source", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "does not hold the IWSLT14 material" in proc.stderr
 
 

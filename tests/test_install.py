@@ -1,4 +1,5 @@
 """The install path: the plugin's fairseq check, --user-dir registration, the bootstrap fast path."""
+
 import subprocess
 import sys
 import textwrap
@@ -49,13 +50,19 @@ def test_too_old_fairseq_names_the_missing_piece(tmp_path):
 
 
 def test_user_dir_registers_plugin_arch():
-    out = run([sys.executable, "-c", (
-        "from fairseq import options;"
-        "p = options.get_training_parser();"
-        "a = options.parse_args_and_arch(p, ['/nonexistent', '--user-dir', 'fairseq_clusterformer',"
-        " '--arch', 'clusterformer_iwslt', '--task', 'translation']);"
-        "print('ARCH', a.arch, a.encoder_attention_heads, a.num_clusters, a.causal_window)"
-    )])
+    out = run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "from fairseq import options;"
+                "p = options.get_training_parser();"
+                "a = options.parse_args_and_arch(p, ['/nonexistent', '--user-dir', 'fairseq_clusterformer',"
+                " '--arch', 'clusterformer_iwslt', '--task', 'translation']);"
+                "print('ARCH', a.arch, a.encoder_attention_heads, a.num_clusters, a.causal_window)"
+            ),
+        ]
+    )
     assert "ARCH clusterformer_iwslt 8 3 64" in out.stdout
 
 

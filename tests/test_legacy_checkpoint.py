@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from fairseq_helpers import generate, parse_generate
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_checkpoint"

@@ -1,11 +1,12 @@
 """The clusterformer model in-process: causality, exact incremental decoding, batch invariance."""
+
 import copy
 
 import pytest
 import torch
+from fairseq import options, tasks
 
 import fairseq_clusterformer  # noqa: F401
-from fairseq import options, tasks
 from fairseq_clusterformer.models.clusterformer import ClusterformerModel
 from fairseq_helpers import TINY
 
@@ -35,6 +36,7 @@ def batch(task, n=4, src_len=9, tgt_len=11, seed=0):
 def test_only_self_attention_is_swapped(toy_bin):
     _, model = build(toy_bin)
     from fairseq.modules import MultiheadAttention
+
     from fairseq_clusterformer.modules.fairseq_cluster_attention import FairseqClusterAttention
 
     for layer in model.encoder.layers:
@@ -62,9 +64,24 @@ def test_full_attention_options(toy_bin):
 
 
 def test_every_cluster_flag_reaches_the_module(toy_bin):
-    _, model = build(toy_bin, ["--num-clusters", "auto", "--causal-num-clusters", "5", "--causal-window", "3",
-                               "--causal-local-heads", "1",
-                               "--no-previous-block", "--cluster-similarity", "dot", "--max-clusters", "16"])
+    _, model = build(
+        toy_bin,
+        [
+            "--num-clusters",
+            "auto",
+            "--causal-num-clusters",
+            "5",
+            "--causal-window",
+            "3",
+            "--causal-local-heads",
+            "1",
+            "--no-previous-block",
+            "--cluster-similarity",
+            "dot",
+            "--max-clusters",
+            "16",
+        ],
+    )
     enc = model.encoder.layers[0].self_attn.attention
     dec = model.decoder.layers[0].self_attn.attention
     assert (enc.num_clusters, enc.previous_block, enc.similarity, enc.max_clusters) == ("auto", False, "dot", 16)
@@ -190,8 +207,11 @@ def test_each_encoder_layer_clusters_with_the_previous_layers_centroids(toy_bin)
     assert grad_handed.abs().sum() > 0 and grad_first.abs().sum() > 0
 
 
-@pytest.mark.parametrize("flags", [["--checkpoint-activations"], ["--checkpoint-activations", "--offload-activations"]],
-                         ids=["checkpoint", "offload"])
+@pytest.mark.parametrize(
+    "flags",
+    [["--checkpoint-activations"], ["--checkpoint-activations", "--offload-activations"]],
+    ids=["checkpoint", "offload"],
+)
 def test_activation_checkpointing_gives_the_same_gradients(toy_bin, flags):
     grads = {}
     for name, extra in (("plain", []), ("checkpointed", flags)):

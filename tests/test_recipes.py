@@ -1,6 +1,7 @@
 """The translation recipes (examples/translation), exercised offline on the reference data in
 ../shared/data: the Python steps must reproduce fairseq's Perl/grep/sed preparation of IWSLT14,
 and the shell recipes must run end to end on pre-downloaded raw files (ORIG=...)."""
+
 import gzip
 import os
 import re
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from fairseq_clusterformer.tools import mt_prep
+from scripts import check_offline
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "translation"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-from scripts import check_offline
-from fairseq_clusterformer.tools import mt_prep
 
 needs_data = pytest.mark.skipif(
     not (DATA / "iwslt14").is_dir(),
@@ -32,8 +34,9 @@ MIN_BPE_MATCH = 0.999
 def run_script(script, *args, env=None, check=True, timeout=300):
     full_env = dict(os.environ, PYTHON=sys.executable, WORKERS="1", OMP_NUM_THREADS="1")
     full_env.update(env or {})
-    proc = subprocess.run(["bash", str(RECIPES / script), *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["bash", str(RECIPES / script), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -53,20 +56,31 @@ def test_xml_segs_like_grep_sed():
 
 
 def test_train_tags_like_grep_sed():
-    lines = ["<url>http://x</url>", "<keywords>a,b</keywords>", "<talkid>1</talkid>",
-             "<title>My talk</title>", "<description>About it</description>", "Plain text."]
+    lines = [
+        "<url>http://x</url>",
+        "<keywords>a,b</keywords>",
+        "<talkid>1</talkid>",
+        "<title>My talk</title>",
+        "<description>About it</description>",
+        "Plain text.",
+    ]
     assert list(mt_prep.train_tags(lines)) == ["My talk", "About it", "Plain text."]
 
 
 def test_clean_pairs_like_clean_corpus_n():
-    pairs = [("a b c", "x y z"),        # kept
-             ("a  b ", " x   y"),       # kept, whitespace squeezed
-             ("", "x"),                 # empty side
-             ("a b c d", "x y"),        # ratio 2 > 1.5
-             ("a " * 176, "x " * 176),  # longer than 175
-             ("a|b", "x")]              # '|' removed -> "ab" vs "x": kept
+    pairs = [
+        ("a b c", "x y z"),  # kept
+        ("a  b ", " x   y"),  # kept, whitespace squeezed
+        ("", "x"),  # empty side
+        ("a b c d", "x y"),  # ratio 2 > 1.5
+        ("a " * 176, "x " * 176),  # longer than 175
+        ("a|b", "x"),
+    ]  # '|' removed -> "ab" vs "x": kept
     assert list(mt_prep.clean_pairs(pairs, ratio=1.5, min_len=1, max_len=175)) == [
-        ("a b c", "x y z"), ("a b", "x y"), ("ab", "x")]
+        ("a b c", "x y z"),
+        ("a b", "x y"),
+        ("ab", "x"),
+    ]
 
 
 def test_split_every_like_awk():
@@ -81,15 +95,26 @@ def test_final_period_split_like_tokenizer_perl():
 
 
 def test_compound_split_convention():
-    assert mt_prep.compound_split("state-of-the-art 3-2 a - b") == \
-        "state ##AT##-##AT## of ##AT##-##AT## the ##AT##-##AT## art 3 ##AT##-##AT## 2 a - b"
+    assert (
+        mt_prep.compound_split("state-of-the-art 3-2 a - b")
+        == "state ##AT##-##AT## of ##AT##-##AT## the ##AT##-##AT## art 3 ##AT##-##AT## 2 a - b"
+    )
     # like Perl's s///g, matches do not overlap: a one-letter part between two hyphens
     assert mt_prep.compound_split("x-y-z") == "x ##AT##-##AT## y-z"
 
 
 def test_parse_generate_ignores_noise_and_sorts():
-    out = ["hydra warning", "S-1\tzwei", "T-1\ttwo", "H-1\t-0.5\ttwo", "D-1\t-0.5\ttwo",
-           "S-0\teins", "T-0\tone", "H-0\t-0.1\tone", "H-0\t-0.9\tworse"]
+    out = [
+        "hydra warning",
+        "S-1\tzwei",
+        "T-1\ttwo",
+        "H-1\t-0.5\ttwo",
+        "D-1\t-0.5\ttwo",
+        "S-0\teins",
+        "T-0\tone",
+        "H-0\t-0.1\tone",
+        "H-0\t-0.9\tworse",
+    ]
     parsed = mt_prep.parse_generate(out)
     assert parsed["H"] == {0: "one", 1: "two"} and parsed["T"][1] == "two"
 
@@ -97,7 +122,7 @@ def test_parse_generate_ignores_noise_and_sorts():
 def test_sentencepiece_roundtrip(tmp_path):
     text = tmp_path / "train.txt"
     words = "der die das ein eine hund katze läuft springt über den zaun im park .".split()
-    text.write_text("".join(" ".join(words[i % 7:] + words[: i % 7]) + "\n" for i in range(200)))
+    text.write_text("".join(" ".join(words[i % 7 :] + words[: i % 7]) + "\n" for i in range(200)))
     mt_prep.spm_train([text], tmp_path / "spm", vocab_size=60)
     lines = ["der hund läuft im park .", "eine katze springt über den zaun ."]
     pieces = list(mt_prep.spm_encode(lines, tmp_path / "spm.model"))
@@ -129,8 +154,8 @@ def test_iwslt_tokenize_lowercase_matches_reference(tokenized):
         total = sum(r[1] for r in results.values())
         assert total == 6750
         assert same / total >= MIN_TOKENIZE_MATCH, (
-            f"{lang}: {same}/{total} lines match; first differences: "
-            f"{[d for r in results.values() for d in r[2]][:3]}")
+            f"{lang}: {same}/{total} lines match; first differences: {[d for r in results.values() for d in r[2]][:3]}"
+        )
 
 
 @needs_data
@@ -180,12 +205,22 @@ def iwslt_orig(tmp_path_factory):
     raw.mkdir()
     for xml in (DATA / "iwslt14" / "orig").glob("IWSLT14.*.xml"):
         _write_small_xml(xml, raw / xml.name, N_SEGS)
-    meta = {"de": ["<url>http://www.ted.com/talks/x.html</url>", "<keywords>talks</keywords>",
-                   "<talkid>1</talkid>", "<title>Ein Titel</title>",
-                   "<description>Eine Beschreibung.</description>"],
-            "en": ["<url>http://www.ted.com/talks/x.html</url>", "<keywords>talks</keywords>",
-                   "<talkid>1</talkid>", "<title>A title</title>",
-                   "<description>A description.</description>"]}
+    meta = {
+        "de": [
+            "<url>http://www.ted.com/talks/x.html</url>",
+            "<keywords>talks</keywords>",
+            "<talkid>1</talkid>",
+            "<title>Ein Titel</title>",
+            "<description>Eine Beschreibung.</description>",
+        ],
+        "en": [
+            "<url>http://www.ted.com/talks/x.html</url>",
+            "<keywords>talks</keywords>",
+            "<talkid>1</talkid>",
+            "<title>A title</title>",
+            "<description>A description.</description>",
+        ],
+    }
     for lang in ("de", "en"):
         body = _raw_like(DATA / "iwslt14" / "train-sample" / f"train.{lang}", lang, 400)
         lines = meta[lang] + body[:200] + meta[lang] + body[200:]
@@ -196,8 +231,7 @@ def iwslt_orig(tmp_path_factory):
 @pytest.fixture(scope="module")
 def iwslt_prepared(iwslt_orig, tmp_path_factory):
     prep = tmp_path_factory.mktemp("iwslt_prep") / "iwslt14.tokenized.de-en"
-    proc = run_script("prepare-iwslt14.sh", env={"ORIG": str(iwslt_orig), "PREP": str(prep),
-                                                  "BPE_TOKENS": "300"})
+    proc = run_script("prepare-iwslt14.sh", env={"ORIG": str(iwslt_orig), "PREP": str(prep), "BPE_TOKENS": "300"})
     return prep, proc
 
 
@@ -210,8 +244,11 @@ def test_prepare_iwslt14_offline(iwslt_prepared):
     assert (prep / "code").read_text().startswith("#version: 0.2")
     # test = the five sets in fairseq's order, identical to the reference tokenisation
     for lang in ("de", "en"):
-        expected = [line for s in check_offline.IWSLT_SETS
-                    for line in mt_prep.read_lines(DATA / "iwslt14" / "tok" / f"{s}.de-en.{lang}")[:N_SEGS]]
+        expected = [
+            line
+            for s in check_offline.IWSLT_SETS
+            for line in mt_prep.read_lines(DATA / "iwslt14" / "tok" / f"{s}.de-en.{lang}")[:N_SEGS]
+        ]
         assert mt_prep.read_lines(tmp / f"test.{lang}") == expected
         assert list(mt_prep.remove_bpe(mt_prep.read_lines(prep / f"test.{lang}"))) == expected
         # valid = every 23rd line of the cleaned, lowercased training text
@@ -230,11 +267,11 @@ def test_prepare_iwslt14_offline(iwslt_prepared):
 
 def test_prepare_iwslt14_resumes_then_switches_to_sentencepiece(iwslt_orig, iwslt_prepared):
     prep, _ = iwslt_prepared
-    again = run_script("prepare-iwslt14.sh", env={"ORIG": str(iwslt_orig), "PREP": str(prep),
-                                                   "BPE_TOKENS": "300"})
+    again = run_script("prepare-iwslt14.sh", env={"ORIG": str(iwslt_orig), "PREP": str(prep), "BPE_TOKENS": "300"})
     assert again.stdout.count("already done, skipping") == 7, again.stdout
-    spm = run_script("prepare-iwslt14.sh", "--sentencepiece",
-                     env={"ORIG": str(iwslt_orig), "PREP": str(prep), "BPE_TOKENS": "300"})
+    spm = run_script(
+        "prepare-iwslt14.sh", "--sentencepiece", env={"ORIG": str(iwslt_orig), "PREP": str(prep), "BPE_TOKENS": "300"}
+    )
     assert "segmentation changed" in spm.stdout and (prep / "spm.model").is_file()
     for lang in ("de", "en"):
         pieces = mt_prep.read_lines(prep / f"test.{lang}")
@@ -253,9 +290,15 @@ def test_prepare_iwslt14_failed_download_is_clear(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     _fake_tool(fake_bin, "wget", "echo 'wget: unable to resolve host address' >&2; exit 4")
-    proc = run_script("prepare-iwslt14.sh", check=False, env={
-        "ORIG": str(tmp_path / "orig"), "PREP": str(tmp_path / "prep"),
-        "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    proc = run_script(
+        "prepare-iwslt14.sh",
+        check=False,
+        env={
+            "ORIG": str(tmp_path / "orig"),
+            "PREP": str(tmp_path / "prep"),
+            "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        },
+    )
     assert proc.returncode != 0
     assert "download failed: http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz" in proc.stderr
     assert not (tmp_path / "orig" / "de-en.tgz").exists()  # no half-downloaded file left behind
@@ -264,8 +307,11 @@ def test_prepare_iwslt14_failed_download_is_clear(tmp_path):
 def test_prepare_scripts_missing_python_package_is_clear(tmp_path):
     fake_py = _fake_tool(tmp_path, "python", 'echo "ModuleNotFoundError" >&2; exit 1')
     for script in ("prepare-iwslt14.sh", "prepare-wmt14en2de.sh"):
-        proc = run_script(script, check=False, env={
-            "PYTHON": str(fake_py), "ORIG": str(tmp_path / "orig"), "PREP": str(tmp_path / "prep")})
+        proc = run_script(
+            script,
+            check=False,
+            env={"PYTHON": str(fake_py), "ORIG": str(tmp_path / "orig"), "PREP": str(tmp_path / "prep")},
+        )
         assert proc.returncode != 0
         assert "missing Python package(s)" in proc.stderr and "pip install sacremoses subword-nmt" in proc.stderr
 
@@ -291,7 +337,7 @@ def wmt_orig(tmp_path_factory):
         for lang, lines in (("en", en), ("de", de)):
             path = orig / f"{corpus}.{lang}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(lines[100 * i: 100 * (i + 1)]) + "\n", encoding="utf-8")
+            path.write_text("\n".join(lines[100 * i : 100 * (i + 1)]) + "\n", encoding="utf-8")
     (orig / "test-full").mkdir()
     for name in ("newstest2014-deen-src.en.sgm", "newstest2014-deen-ref.de.sgm"):
         _write_small_xml(DATA / "wmt" / name, orig / "test-full" / name, N_WMT_TEST)
@@ -300,8 +346,9 @@ def wmt_orig(tmp_path_factory):
 
 def test_prepare_wmt14en2de_offline(wmt_orig, tmp_path):
     prep = tmp_path / "wmt14_en_de"
-    proc = run_script("prepare-wmt14en2de.sh", "--icml17",
-                      env={"ORIG": str(wmt_orig), "PREP": str(prep), "BPE_TOKENS": "300"})
+    proc = run_script(
+        "prepare-wmt14en2de.sh", "--icml17", env={"ORIG": str(wmt_orig), "PREP": str(prep), "BPE_TOKENS": "300"}
+    )
     assert "nothing to download" in proc.stdout
     tmp = prep / "tmp"
     for lang in ("en", "de"):
@@ -324,7 +371,8 @@ def test_compound_split_bleu_script(tmp_path):
         "some hydra warning\n"
         "S-1\tsrc\nT-1\tdas ist ein state-of-the-art Modell .\nH-1\t-0.2\tdas ist ein state-of-the-art Modell .\n"
         "S-0\tsrc\nT-0\tdie Katze sitzt .\nH-0\t-0.3\tdie Katze sitzt .\n"
-        "Generate test with beam=5: BLEU4 = 100.00\n")
+        "Generate test with beam=5: BLEU4 = 100.00\n"
+    )
     proc = run_script("compound_split_bleu.sh", str(gen), "2")
     assert re.search(r"^BLEU4 = 100\.00", proc.stdout, re.M), proc.stdout
     assert "state ##AT##-##AT## of ##AT##-##AT## the ##AT##-##AT## art" in (tmp_path / "gen.out.sys").read_text()

@@ -1,4 +1,5 @@
 """Bad input, faults, lost sentences, reproducibility, long inputs (docs/reliability.md)."""
+
 import os
 import re
 import signal
@@ -6,15 +7,22 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 import fairseq_clusterformer  # noqa: F401  (allow-lists the checkpoint globals for torch.load)
-
 from fairseq_helpers import (
-    CLUSTER_CRITERION, REPO, TINY, USER_DIR, cli, generate, parse_generate, preprocess, run, train, write_toy_corpus,
+    CLUSTER_CRITERION,
+    REPO,
+    TINY,
+    USER_DIR,
+    cli,
+    generate,
+    parse_generate,
+    preprocess,
+    run,
+    train,
+    write_toy_corpus,
 )
 
 
@@ -30,7 +38,13 @@ def test_empty_and_one_token_lines_train_and_translate(tmp_path):
             lines[5] = "" if side == "tgt" else "s3 s4"
             f.write_text("\n".join(lines) + "\n")
     data = preprocess(raw, tmp_path / "bin")
-    out = train(data, tmp_path / "ck", "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "2"], max_update=30)
+    out = train(
+        data,
+        tmp_path / "ck",
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + ["--max-epoch", "2"],
+        max_update=30,
+    )
     log = out.stdout + out.stderr
     assert "nan" not in log.lower().replace("nan_", "")
     hyps = parse_generate(generate(data, tmp_path / "ck" / "checkpoint_last.pt").stdout)
@@ -41,11 +55,18 @@ def test_sequences_longer_than_max_positions(tmp_path):
     raw = write_toy_corpus(tmp_path / "raw", n_train=80, n_valid=8, n_test=8, max_len=30)
     data = preprocess(raw, tmp_path / "bin")
     limits = ["--max-source-positions", "16", "--max-target-positions", "16"]
-    out = train(data, tmp_path / "a", "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + limits, max_update=5, check=False)
+    out = train(
+        data, tmp_path / "a", "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + limits, max_update=5, check=False
+    )
     assert out.returncode != 0
     assert "skip-invalid-size-inputs-valid-test" in out.stderr  # fairseq's error names the flag
-    out = train(data, tmp_path / "b", "clusterformer_iwslt",
-                extra=TINY + CLUSTER_CRITERION + limits + ["--skip-invalid-size-inputs-valid-test"], max_update=5)
+    out = train(
+        data,
+        tmp_path / "b",
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + limits + ["--skip-invalid-size-inputs-valid-test"],
+        max_update=5,
+    )
     assert "done training" in out.stdout + out.stderr
 
 
@@ -78,7 +99,7 @@ def test_without_the_plugin_the_error_names_user_dir(smoke_checkpoint_dir):
         fairseq_clusterformer_autoload.install_hook()  # what the opt-in .pth file does
         sys.modules['fairseq_clusterformer'] = None  # the plugin cannot be imported
         from fairseq import checkpoint_utils
-        checkpoint_utils.load_checkpoint_to_cpu({str(smoke_checkpoint_dir / 'checkpoint_last.pt')!r})
+        checkpoint_utils.load_checkpoint_to_cpu({str(smoke_checkpoint_dir / "checkpoint_last.pt")!r})
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode != 0
@@ -88,8 +109,13 @@ def test_without_the_plugin_the_error_names_user_dir(smoke_checkpoint_dir):
 # --- no lost data ----------------------------------------------------------------------------------
 def test_every_documented_generate_command_keeps_every_sentence():
     """The forks drop sentences unless --required-batch-size-multiple 1 (docs/install.md)."""
-    files = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("scripts/*.sh"),
-             *REPO.glob("examples/translation/*.sh"), *REPO.glob("examples/translation/*.md")]
+    files = [
+        REPO / "README.md",
+        *REPO.glob("docs/*.md"),
+        *REPO.glob("scripts/*.sh"),
+        *REPO.glob("examples/translation/*.sh"),
+        *REPO.glob("examples/translation/*.md"),
+    ]
     checked = 0
     for f in files:
         text = f.read_text().replace("\\\n", " ")
@@ -103,8 +129,10 @@ def test_every_documented_generate_command_keeps_every_sentence():
 
 def test_translation_is_independent_of_batch_size(toy_bin, smoke_checkpoint_dir):
     ckpt = smoke_checkpoint_dir / "checkpoint_last.pt"
-    runs = [parse_generate(generate(toy_bin, ckpt, extra=extra).stdout)
-            for extra in (["--batch-size", "1"], ["--batch-size", "7"], ["--max-tokens", "60", "--batch-size", "100"])]
+    runs = [
+        parse_generate(generate(toy_bin, ckpt, extra=extra).stdout)
+        for extra in (["--batch-size", "1"], ["--batch-size", "7"], ["--max-tokens", "60", "--batch-size", "100"])
+    ]
     for other in runs[1:]:
         assert sorted(other) == sorted(runs[0]) == list(range(20))
         for i in runs[0]:
@@ -115,12 +143,42 @@ def test_translation_is_independent_of_batch_size(toy_bin, smoke_checkpoint_dir)
 # --- faults --------------------------------------------------------------------------------------
 def test_sigkill_mid_epoch_then_restart_finishes_with_the_same_updates(toy_bin, tmp_path):
     save = tmp_path / "kill"
-    extra = TINY + CLUSTER_CRITERION + ["--max-tokens", "100", "--save-interval-updates", "10",
-                                        "--keep-interval-updates", "2", "--max-epoch", "100"]
-    cmd = [cli("fairseq-train"), "--user-dir", USER_DIR, str(toy_bin), "--arch", "clusterformer_iwslt",
-           "--save-dir", str(save), "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt",
-           "--warmup-updates", "20", "--max-update", "300", "--cpu", "--seed", "1", "--num-workers", "0",
-           "--log-format", "simple", "--no-progress-bar", "--required-batch-size-multiple", "1", *extra]
+    extra = (
+        TINY
+        + CLUSTER_CRITERION
+        + ["--max-tokens", "100", "--save-interval-updates", "10", "--keep-interval-updates", "2", "--max-epoch", "100"]
+    )
+    cmd = [
+        cli("fairseq-train"),
+        "--user-dir",
+        USER_DIR,
+        str(toy_bin),
+        "--arch",
+        "clusterformer_iwslt",
+        "--save-dir",
+        str(save),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "20",
+        "--max-update",
+        "300",
+        "--cpu",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "simple",
+        "--no-progress-bar",
+        "--required-batch-size-multiple",
+        "1",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -155,7 +213,13 @@ def test_sigkill_mid_epoch_then_restart_finishes_with_the_same_updates(toy_bin, 
 def test_same_seed_gives_bit_identical_checkpoints(toy_bin, tmp_path):
     states = []
     for name in ("a", "b"):
-        train(toy_bin, tmp_path / name, "clusterformer_iwslt", extra=TINY + CLUSTER_CRITERION + ["--dropout", "0.1"], max_update=25)
+        train(
+            toy_bin,
+            tmp_path / name,
+            "clusterformer_iwslt",
+            extra=TINY + CLUSTER_CRITERION + ["--dropout", "0.1"],
+            max_update=25,
+        )
         states.append(torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=True))
     a, b = states
     assert a["model"].keys() == b["model"].keys()

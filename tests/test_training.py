@@ -1,10 +1,24 @@
 """ClusterFormer through fairseq's command-line tools, end to end on the toy corpus."""
+
 import re
 
 import pytest
 import torch
 
-from fairseq_helpers import CLUSTER_CRITERION as CRIT, TINY as SMALL, cli, generate, parse_generate, preprocess, run, train
+from fairseq_helpers import (
+    CLUSTER_CRITERION as CRIT,
+)
+from fairseq_helpers import (
+    TINY as SMALL,
+)
+from fairseq_helpers import (
+    cli,
+    generate,
+    parse_generate,
+    run,
+    train,
+)
+
 
 def scalar(log, name):
     """All values of `name` in fairseq's simple-format train log lines."""
@@ -14,7 +28,13 @@ def scalar(log, name):
 @pytest.fixture(scope="module")
 def trained(toy_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("cf")
-    out = train(toy_bin, save, "clusterformer_iwslt", extra=SMALL + CRIT + ["--max-epoch", "100", "--no-epoch-checkpoints"], max_update=300)
+    out = train(
+        toy_bin,
+        save,
+        "clusterformer_iwslt",
+        extra=SMALL + CRIT + ["--max-epoch", "100", "--no-epoch-checkpoints"],
+        max_update=300,
+    )
     return save, out.stdout + out.stderr
 
 
@@ -55,9 +75,25 @@ def test_score_reference_equals_incremental_beam1_scores(toy_bin, trained, tmp_p
     hyp = [gen[i]["H"][1] for i in sorted(gen)]
     (tmp / "test.src").write_text("\n".join(src) + "\n")
     (tmp / "test.tgt").write_text("\n".join(hyp) + "\n")
-    run([cli("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt", "--testpref", tmp / "test",
-         "--destdir", tmp / "bin", "--srcdict", toy_bin / "dict.src.txt", "--tgtdict", toy_bin / "dict.tgt.txt",
-         "--workers", "1"])
+    run(
+        [
+            cli("fairseq-preprocess"),
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--testpref",
+            tmp / "test",
+            "--destdir",
+            tmp / "bin",
+            "--srcdict",
+            toy_bin / "dict.src.txt",
+            "--tgtdict",
+            toy_bin / "dict.tgt.txt",
+            "--workers",
+            "1",
+        ]
+    )
     scored = parse_generate(generate(tmp / "bin", save / "checkpoint_last.pt", extra=["--score-reference"]).stdout)
     assert sorted(scored) == sorted(gen)
     for i in sorted(gen):

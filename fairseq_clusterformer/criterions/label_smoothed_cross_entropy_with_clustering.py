@@ -9,10 +9,9 @@ the summed sample size. Multiplying the means by this batch's sample size puts t
 scale, so the weights mean the same thing whatever the batch size, --update-freq or number of
 GPUs. With cosine similarity (the default) each term lies in [-1, 1]; -1 is a perfect fit.
 """
+
 import math
 from dataclasses import dataclass, field
-
-import torch
 
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
@@ -26,14 +25,18 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 class LabelSmoothedCrossEntropyWithClusteringConfig(LabelSmoothedCrossEntropyCriterionConfig):
     clustering_loss_weight: float = field(
         default=0.01,
-        metadata={"help": "weight lambda1 of the clustering loss (mean over words of -sim(word, its "
-                  "updated centroid)); 0 disables it. 0.01 (default): at 0.1 it cost 0.3 bits of "
-                  "validation nll in our runs (docs/results.md)"},
+        metadata={
+            "help": "weight lambda1 of the clustering loss (mean over words of -sim(word, its "
+            "updated centroid)); 0 disables it. 0.01 (default): at 0.1 it cost 0.3 bits of "
+            "validation nll in our runs (docs/results.md)"
+        },
     )
     sorting_loss_weight: float = field(
         default=0.01,
-        metadata={"help": "weight lambda2 of the centroid-sorting loss (mean over adjacent centroid "
-                  "pairs of -sim(c_i, c_i+1)); 0 disables it (default 0.01)"},
+        metadata={
+            "help": "weight lambda2 of the centroid-sorting loss (mean over adjacent centroid "
+            "pairs of -sim(c_i, c_i+1)); 0 disables it (default 0.01)"
+        },
     )
 
 
@@ -49,8 +52,16 @@ def _check_weight(name, value):
 )
 class LabelSmoothedCrossEntropyWithClusteringCriterion(LabelSmoothedCrossEntropyCriterion):
     # fairseq passes config fields by name: no **kwargs allowed here.
-    def __init__(self, task, sentence_avg, label_smoothing, clustering_loss_weight=0.01,
-                 sorting_loss_weight=0.01, ignore_prefix_size=0, report_accuracy=False):
+    def __init__(
+        self,
+        task,
+        sentence_avg,
+        label_smoothing,
+        clustering_loss_weight=0.01,
+        sorting_loss_weight=0.01,
+        ignore_prefix_size=0,
+        report_accuracy=False,
+    ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.clustering_loss_weight = _check_weight("clustering_loss_weight", clustering_loss_weight)
         self.sorting_loss_weight = _check_weight("sorting_loss_weight", sorting_loss_weight)

@@ -6,17 +6,15 @@ layer; decoder layers use their own learned centroids (so decoding stays causal 
 decoding exact, see docs/attention.md). The forward's extra output carries the two clustering
 losses, averaged over the clustering layers, for the criterion.
 """
+
 import argparse
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor
-
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.distributed import fsdp_wrap
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
     TransformerDecoderBase,
@@ -26,8 +24,10 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de,
     transformer_wmt_en_de_big,
 )
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from fairseq.utils import safe_getattr
+from torch import Tensor
 
 from ..modules.cluster_attention import ClusterAttention, parse_num_clusters
 from ..modules.fairseq_cluster_attention import FairseqClusterAttention
@@ -41,40 +41,54 @@ SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
 class ClusterformerConfig(FairseqDataclass):
     num_clusters: str = field(
         default="3",
-        metadata={"help": "encoder clusters k per layer (the paper: 3 for MT), or 'auto' for "
-                  "ceil(sqrt(L)) per sentence (the paper's setting for long texts)"},
+        metadata={
+            "help": "encoder clusters k per layer (the paper: 3 for MT), or 'auto' for "
+            "ceil(sqrt(L)) per sentence (the paper's setting for long texts)"
+        },
     )
     causal_num_clusters: Optional[int] = field(
         default=None,
-        metadata={"help": "decoder clusters per layer (default: --num-clusters; must be an integer, "
-                  "since the decoder does not know the final length)"},
+        metadata={
+            "help": "decoder clusters per layer (default: --num-clusters; must be an integer, "
+            "since the decoder does not know the final length)"
+        },
     )
     causal_window: int = field(
         default=64,
-        metadata={"help": "decoder: each word attends to the most recent W words of its own cluster "
-                  "(itself included). Fixed, so incremental decoding is exact; costs O(W) per word"},
+        metadata={
+            "help": "decoder: each word attends to the most recent W words of its own cluster "
+            "(itself included). Fixed, so incremental decoding is exact; costs O(W) per word"
+        },
     )
     causal_local_heads: str = field(
         default="half",
-        metadata={"help": "decoder: how many of each layer's heads attend to the most recent W words "
-                  "of any cluster (a sliding causal window) instead of the word's own cluster; the "
-                  "other heads stay clustered. An integer, or 'half' (default: without local heads "
-                  "the decoder loops at generation, docs/results.md); 0: all heads clustered"},
+        metadata={
+            "help": "decoder: how many of each layer's heads attend to the most recent W words "
+            "of any cluster (a sliding causal window) instead of the word's own cluster; the "
+            "other heads stay clustered. An integer, or 'half' (default: without local heads "
+            "the decoder loops at generation, docs/results.md); 0: all heads clustered"
+        },
     )
     no_previous_block: bool = field(
         default=False,
-        metadata={"help": "encoder: blocks attend only to themselves (w keys) instead of also to the "
-                  "previous block of the sorted sequence (2w keys, the paper)"},
+        metadata={
+            "help": "encoder: blocks attend only to themselves (w keys) instead of also to the "
+            "previous block of the sorted sequence (2w keys, the paper)"
+        },
     )
     cluster_similarity: SIMILARITY_CHOICES = field(
         default="cosine",
-        metadata={"help": "similarity in the clustering and sorting losses: cosine (bounded; default) "
-                  "or dot (the paper's dot product, divided by d)"},
+        metadata={
+            "help": "similarity in the clustering and sorting losses: cosine (bounded; default) "
+            "or dot (the paper's dot product, divided by d)"
+        },
     )
     max_clusters: int = field(
         default=256,
-        metadata={"help": "largest number of clusters; with --num-clusters auto, the number of "
-                  "learned first-layer centroids (k is clipped to it)"},
+        metadata={
+            "help": "largest number of clusters; with --num-clusters auto, the number of "
+            "learned first-layer centroids (k is clipped to it)"
+        },
     )
     self_attention_encoder: ATTENTION_CHOICES = field(
         default="cluster", metadata={"help": "encoder self-attention: cluster (ClusterFormer) or full"}
@@ -100,8 +114,9 @@ def _local_heads(cfg, num_heads: int) -> int:
     return local
 
 
-def build_cluster_attention(cfg, embed_dim: int, num_heads: int, causal: bool,
-                            takes_carried_centroids: bool = False) -> FairseqClusterAttention:
+def build_cluster_attention(
+    cfg, embed_dim: int, num_heads: int, causal: bool, takes_carried_centroids: bool = False
+) -> FairseqClusterAttention:
     num_clusters = parse_num_clusters(str(safe_getattr(cfg, "num_clusters", CLUSTER_DEFAULTS.num_clusters)))
     if causal:
         causal_k = safe_getattr(cfg, "causal_num_clusters", None)
@@ -148,12 +163,20 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
         if safe_getattr(cfg, "self_attention_encoder", "cluster") == "full":
             return super().build_self_attention(embed_dim, cfg)
         return build_cluster_attention(
-            cfg, embed_dim, cfg.encoder.attention_heads, causal=False,
+            cfg,
+            embed_dim,
+            cfg.encoder.attention_heads,
+            causal=False,
             takes_carried_centroids=self.takes_carried_centroids,
         )
 
-    def forward(self, x, encoder_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor] = None,
-                centroids: Optional[Tensor] = None):
+    def forward(
+        self,
+        x,
+        encoder_padding_mask: Optional[Tensor],
+        attn_mask: Optional[Tensor] = None,
+        centroids: Optional[Tensor] = None,
+    ):
         if not isinstance(self.self_attn, FairseqClusterAttention):
             return super().forward(x, encoder_padding_mask, attn_mask), None, None, None
         if attn_mask is not None:
@@ -219,8 +242,13 @@ class ClusterformerEncoder(TransformerEncoderBase):
         layer = ClusterformerEncoderLayer(cfg, takes_carried_centroids=self._built_layers > 1)
         return _wrap_layer(layer, cfg)
 
-    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None, return_all_hiddens: bool = False,
-                           token_embeddings: Optional[Tensor] = None):
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+    ):
         # fairseq's TransformerEncoderBase.forward_scriptable, with centroids passed from layer
         # to layer and each layer's losses collected.
         encoder_padding_mask = src_tokens.eq(self.padding_idx)
@@ -232,7 +260,7 @@ class ClusterformerEncoder(TransformerEncoderBase):
 
         encoder_states = [x] if return_all_hiddens else []
         centroids = None
-        clustering_losses, sorting_losses, assignments = [], [], []
+        clustering_losses, sorting_losses = [], []
         for layer in self.layers:
             x, centroids, clustering_loss, sorting_loss = layer(
                 x, encoder_padding_mask=encoder_padding_mask if has_pads else None, centroids=centroids
@@ -265,9 +293,15 @@ class ClusterformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         return _wrap_layer(ClusterformerDecoderLayer(cfg, no_encoder_attn), cfg)
 
-    def extract_features_scriptable(self, prev_output_tokens, encoder_out: Optional[Dict[str, List[Tensor]]],
-                                    incremental_state=None, full_context_alignment: bool = False,
-                                    alignment_layer: Optional[int] = None, alignment_heads: Optional[int] = None):
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out: Optional[Dict[str, List[Tensor]]],
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
         # fairseq's TransformerDecoderBase.extract_features_scriptable, collecting each layer's
         # clustering losses (returned by the layer call).
         if alignment_layer is None:
@@ -309,9 +343,14 @@ class ClusterformerDecoder(TransformerDecoderBase):
             if incremental_state is None and not full_context_alignment:
                 self_attn_mask = self.buffered_future_mask(x)
             x, layer_attn, _, clustering_loss, sorting_loss = layer(
-                x, enc, padding_mask, incremental_state, self_attn_mask=self_attn_mask,
+                x,
+                enc,
+                padding_mask,
+                incremental_state,
+                self_attn_mask=self_attn_mask,
                 self_attn_padding_mask=self_attn_padding_mask,
-                need_attn=bool(idx == alignment_layer), need_head_weights=bool(idx == alignment_layer),
+                need_attn=bool(idx == alignment_layer),
+                need_head_weights=bool(idx == alignment_layer),
             )
             if clustering_loss is not None:
                 clustering_losses.append(clustering_loss)
@@ -329,8 +368,10 @@ class ClusterformerDecoder(TransformerDecoderBase):
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)
         return x, {
-            "attn": [attn], "inner_states": inner_states,
-            "clustering_losses": clustering_losses, "sorting_losses": sorting_losses,
+            "attn": [attn],
+            "inner_states": inner_states,
+            "clustering_losses": clustering_losses,
+            "sorting_losses": sorting_losses,
         }
 
 
@@ -371,19 +412,32 @@ class ClusterformerModel(TransformerModel):
         from fairseq.models.transformer import TransformerConfig
 
         return ClusterformerDecoder(
-            TransformerConfig.from_namespace(args), tgt_dict, embed_tokens,
+            TransformerConfig.from_namespace(args),
+            tgt_dict,
+            embed_tokens,
             no_encoder_attn=safe_getattr(args, "no_cross_attention", False),
         )
 
-    def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
-                features_only: bool = False, alignment_layer: Optional[int] = None,
-                alignment_heads: Optional[int] = None):
+    def forward(
+        self,
+        src_tokens,
+        src_lengths,
+        prev_output_tokens,
+        return_all_hiddens: bool = True,
+        features_only: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
         """fairseq's forward; the extra output also holds ``clustering_loss`` and
         ``sorting_loss``, each the mean over all clustering layers (None without any)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths, return_all_hiddens=return_all_hiddens)
         x, extra = self.decoder(
-            prev_output_tokens, encoder_out=encoder_out, features_only=features_only,
-            alignment_layer=alignment_layer, alignment_heads=alignment_heads, src_lengths=src_lengths,
+            prev_output_tokens,
+            encoder_out=encoder_out,
+            features_only=features_only,
+            alignment_layer=alignment_layer,
+            alignment_heads=alignment_heads,
+            src_lengths=src_lengths,
             return_all_hiddens=return_all_hiddens,
         )
         clustering = encoder_out["clustering_losses"] + extra["clustering_losses"]
@@ -399,8 +453,17 @@ def _set_cluster_defaults(args):
         # checkpoint saved before the option existed, whose decoder had no local heads. (The arch
         # functions run on a loaded checkpoint's args before build_model does.)
         args.causal_local_heads = "0"
-    for name in ("num_clusters", "causal_num_clusters", "causal_window", "causal_local_heads", "no_previous_block",
-                 "cluster_similarity", "max_clusters", "self_attention_encoder", "self_attention_decoder"):
+    for name in (
+        "num_clusters",
+        "causal_num_clusters",
+        "causal_window",
+        "causal_local_heads",
+        "no_previous_block",
+        "cluster_similarity",
+        "max_clusters",
+        "self_attention_encoder",
+        "self_attention_decoder",
+    ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))
 

@@ -377,7 +377,9 @@ class ClusterAttention(nn.Module):
         # sequence's K x W layout, where r_j = undo_sort_j is its sorted position.
         word_row = undo_sort
         if words.pad is not None:
-            word_row = torch.addcmul(undo_sort, torch.div(undo_sort, w_b[:, None], rounding_mode="floor"), W - w_b[:, None])
+            word_row = torch.addcmul(
+                undo_sort, torch.div(undo_sort, w_b[:, None], rounding_mode="floor"), W - w_b[:, None]
+            )
         out = self._attend_in_blocks(x, words, block_word, word_row, key_ok[:, :, None, :], slot_real, paired)
         return out, ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
 

@@ -54,6 +54,7 @@ def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring
         "local_count": torch.zeros(batch_size, dtype=torch.long, device=device),
     }
 
+
 def step(
     attn, x: Tensor, state: Optional[Dict[str, Tensor]] = None, key_padding_mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -163,6 +164,7 @@ def _attend_rings(attn, state, q, k, v, cluster, real):
         )
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
 
+
 def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
     """The ring-buffer state equal to a whole-prefix one: the n-th word of cluster c (n from 0)
     sits in slot n % w of c's buffer, if it is among c's last w words."""
@@ -188,6 +190,7 @@ def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict
     state["local_value"][b, m[b, j] % w] = values[b, j, :Hl]
     state["local_count"] = total
     return state
+
 
 def reorder_state(state: Dict[str, Tensor], new_order: Tensor) -> Dict[str, Tensor]:
     """Beam search: select/reorder the batch entries of a decoding state."""

@@ -214,7 +214,14 @@ class FlashBlockAttention(torch.autograd.Function):
         for first in range(0, M, size):
             c = slice(first, first + size)
             gq, gk, gv = FLASH_CPU_OPS[1](
-                grad_out[c], q[c], k[c], v[c], out[c], lse[c], 0.0, False,
+                grad_out[c],
+                q[c],
+                k[c],
+                v[c],
+                out[c],
+                lse[c],
+                0.0,
+                False,
                 attn_mask=_additive_mask(allowed[c], qkv.dtype),
             )  # M_c x H x W|n_keys x hd
             _add_block_grads(grad_qkv, first, gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), W, paired)
@@ -359,8 +366,6 @@ class ClusteringFunction(torch.autograd.Function):
         if coef is not None:
             grad_x.addcmul_(x, coef[:, :, None])
         return grad_x, grad_cw, None, None, None, None, None, None, None
-
-
 
 
 def cluster_words(

@@ -9,6 +9,7 @@ The output keeps everything but the model (config, optimizer history) from the n
 fairseq-generate and fairseq-interactive load it like any checkpoint. Checkpoints are read with
 torch's safe weights_only loader (see docs/install.md).
 """
+
 import argparse
 import collections
 import os
@@ -56,10 +57,14 @@ def average(paths):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", nargs="+", required=True, help="checkpoint files, or one folder with --num-*-checkpoints")
+    parser.add_argument(
+        "--inputs", nargs="+", required=True, help="checkpoint files, or one folder with --num-*-checkpoints"
+    )
     parser.add_argument("--output", required=True, help="where to write the averaged checkpoint")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--num-epoch-checkpoints", type=int, help="average the last N checkpoint{epoch}.pt in the folder")
+    group.add_argument(
+        "--num-epoch-checkpoints", type=int, help="average the last N checkpoint{epoch}.pt in the folder"
+    )
     group.add_argument("--num-update-checkpoints", type=int, help="average the last N checkpoint_{epoch}_{update}.pt")
     args = parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ the seed-to-seed spread of the nll at this budget (run --seeds 1,2 to see it): d
 smaller than that are noise. On short sentences (MT), the measured speed barely depends on k; the
 choice matters for long inputs.
 """
+
 import argparse
 import csv
 import json
@@ -44,19 +45,23 @@ def recommend(rows, tolerance):
     others = ", ".join(f"k={r['k']}: {r['valid_nll']:.3f}" for r in sorted(scored, key=lambda r: r["k"]))
     if choice["k"] == best["k"]:
         larger = [r for r in scored if r["k"] > best["k"]]
-        why = (f"k={best['k']} has the best validation nll ({best['valid_nll']:.3f} bits/token) and "
-               + (f"no larger k is within the tolerance of {tolerance:g} bits"
-                  if larger else "it is the largest k tried"))
+        why = f"k={best['k']} has the best validation nll ({best['valid_nll']:.3f} bits/token) and " + (
+            f"no larger k is within the tolerance of {tolerance:g} bits" if larger else "it is the largest k tried"
+        )
     else:
-        why = (f"k={choice['k']} is the largest k whose validation nll ({choice['valid_nll']:.3f}) is within "
-               f"{tolerance:g} bits/token of the best (k={best['k']}: {best['valid_nll']:.3f}); larger k means "
-               f"smaller blocks, i.e. the cheapest attention for long inputs at no more than that loss")
+        why = (
+            f"k={choice['k']} is the largest k whose validation nll ({choice['valid_nll']:.3f}) is within "
+            f"{tolerance:g} bits/token of the best (k={best['k']}: {best['valid_nll']:.3f}); larger k means "
+            f"smaller blocks, i.e. the cheapest attention for long inputs at no more than that loss"
+        )
     speed = [r for r in scored if r.get("tokens_per_s")]
     if speed:
         fastest = max(speed, key=lambda r: r["tokens_per_s"])
         slowest = min(speed, key=lambda r: r["tokens_per_s"])
-        why += (f". Measured training speed here ranges {slowest['tokens_per_s']:.0f} (k={slowest['k']}) to "
-                f"{fastest['tokens_per_s']:.0f} (k={fastest['k']}) target tokens/s")
+        why += (
+            f". Measured training speed here ranges {slowest['tokens_per_s']:.0f} (k={slowest['k']}) to "
+            f"{fastest['tokens_per_s']:.0f} (k={fastest['k']}) target tokens/s"
+        )
     return choice["k"], f"Recommended k = {choice['k']}: {why}. (All: {others}.)"
 
 
@@ -73,13 +78,20 @@ def aggregate(runs):
     rows = []
     for k in sorted(by_k):
         rs = by_k[k]
-        rows.append({
-            "k": k, "seeds": ",".join(str(x["seed"]) for x in rs),
-            "valid_nll": mean(rs, "valid_nll"), "valid_nll_min": min(x["valid_nll"] for x in rs),
-            "valid_nll_max": max(x["valid_nll"] for x in rs), "valid_loss": mean(rs, "valid_loss"),
-            "wall_s": mean(rs, "wall_s"), "train_wall_s": mean(rs, "train_wall_s"),
-            "tokens_per_s": mean(rs, "tokens_per_s"), "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
-        })
+        rows.append(
+            {
+                "k": k,
+                "seeds": ",".join(str(x["seed"]) for x in rs),
+                "valid_nll": mean(rs, "valid_nll"),
+                "valid_nll_min": min(x["valid_nll"] for x in rs),
+                "valid_nll_max": max(x["valid_nll"] for x in rs),
+                "valid_loss": mean(rs, "valid_loss"),
+                "wall_s": mean(rs, "wall_s"),
+                "train_wall_s": mean(rs, "train_wall_s"),
+                "tokens_per_s": mean(rs, "tokens_per_s"),
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            }
+        )
     return rows
 
 
@@ -119,17 +131,25 @@ def plot(rows, path, title):
 
 def main(argv=None):
     argv, extra = expkit.split_extra_args(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--data", required=True, help="binarised data (fairseq-preprocess output)")
     p.add_argument("--ks", default="1,2,3,4,6,8", help="comma-separated k values (default: %(default)s)")
     p.add_argument("--max-update", type=int, required=True, help="updates per k")
     p.add_argument("--arch", default="clusterformer_iwslt")
     p.add_argument("--seeds", default="1", help="comma-separated seeds; the nll is averaged over them")
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="bits/token of validation nll a larger k may lose (default: %(default)s)")
-    p.add_argument("--model-args", default=None,
-                   help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)}; '' for the arch's)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="bits/token of validation nll a larger k may lose (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-args",
+        default=None,
+        help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)}; '' for the arch's)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "work" / "choose_k", help="output folder")
     p.add_argument("--user-dir", default=expkit.USER_DIR)
     p.add_argument("--keep-checkpoints", action="store_true", help="save checkpoints (default: --no-save)")
@@ -146,8 +166,15 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "choose_k.json"
     previous = json.loads(store.read_text())["runs"] if store.exists() and not a.force else []
-    runs = [r for r in previous if r["k"] in ks and r["seed"] in seeds and r.get("data") == str(a.data)
-            and r.get("max_update") == a.max_update and r.get("extra") == extra]
+    runs = [
+        r
+        for r in previous
+        if r["k"] in ks
+        and r["seed"] in seeds
+        and r.get("data") == str(a.data)
+        and r.get("max_update") == a.max_update
+        and r.get("extra") == extra
+    ]
     have = {(r["k"], r["seed"]) for r in runs}
     for seed in seeds:
         for k in ks:
@@ -158,29 +185,57 @@ def main(argv=None):
             log = run_dir / "train.log"
             if log.exists():
                 log.unlink()
-            cmd = expkit.train_command(a.data, run_dir / "checkpoints", a.arch, a.max_update, seed,
-                                       model_args=model_args, extra=["--num-clusters", str(k), *extra],
-                                       save=a.keep_checkpoints, user_dir=a.user_dir)
+            cmd = expkit.train_command(
+                a.data,
+                run_dir / "checkpoints",
+                a.arch,
+                a.max_update,
+                seed,
+                model_args=model_args,
+                extra=["--num-clusters", str(k), *extra],
+                save=a.keep_checkpoints,
+                user_dir=a.user_dir,
+            )
             say(f"k={k} seed {seed}: training {a.max_update} updates")
             measured = expkit.run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
             parsed = expkit.parse_train_log(log.read_text())
             if measured["rc"] != 0 or not parsed["done"]:
                 sys.exit(f"fairseq-train failed for k={k} (exit {measured['rc']}); see {log}")
             best = expkit.best_valid(parsed) or {}
-            run = {"k": k, "seed": seed, "data": str(a.data), "max_update": a.max_update, "extra": extra,
-                   "valid_nll": best.get("nll_loss"), "valid_loss": best.get("loss"),
-                   "valid_updates": best.get("num_updates"), "wall_s": measured["wall_s"],
-                   "train_wall_s": parsed["train_wall_s"], "tokens_per_s": parsed["tokens_per_s"],
-                   "peak_rss_mb": measured["peak_rss_mb"], "command": expkit.shell_join(cmd)}
-            say(f"k={k} seed {seed}: valid nll {run['valid_nll']} | {run['wall_s']:.0f} s | "
-                f"{run['tokens_per_s']} tokens/s | peak RSS {run['peak_rss_mb']:.0f} MB")
+            run = {
+                "k": k,
+                "seed": seed,
+                "data": str(a.data),
+                "max_update": a.max_update,
+                "extra": extra,
+                "valid_nll": best.get("nll_loss"),
+                "valid_loss": best.get("loss"),
+                "valid_updates": best.get("num_updates"),
+                "wall_s": measured["wall_s"],
+                "train_wall_s": parsed["train_wall_s"],
+                "tokens_per_s": parsed["tokens_per_s"],
+                "peak_rss_mb": measured["peak_rss_mb"],
+                "command": expkit.shell_join(cmd),
+            }
+            say(
+                f"k={k} seed {seed}: valid nll {run['valid_nll']} | {run['wall_s']:.0f} s | "
+                f"{run['tokens_per_s']} tokens/s | peak RSS {run['peak_rss_mb']:.0f} MB"
+            )
             runs.append(run)
             store.write_text(json.dumps({"runs": runs}, indent=2) + "\n")  # keep partial progress
     rows = aggregate(runs)
     k, sentence = recommend(rows, a.tolerance)
-    result = {"runs": runs, "per_k": rows, "tolerance": a.tolerance, "recommended_k": k,
-              "recommendation": sentence, "arch": a.arch, "max_update": a.max_update, "seeds": seeds,
-              "machine": expkit.machine_info()}
+    result = {
+        "runs": runs,
+        "per_k": rows,
+        "tolerance": a.tolerance,
+        "recommended_k": k,
+        "recommendation": sentence,
+        "arch": a.arch,
+        "max_update": a.max_update,
+        "seeds": seeds,
+        "machine": expkit.machine_info(),
+    }
     store.write_text(json.dumps(result, indent=2) + "\n")
     with open(a.out / "choose_k.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -190,8 +245,10 @@ def main(argv=None):
     print()
     print(f"{'k':>3} {'valid nll':>10} {'loss':>8} {'wall s':>8} {'tok/s':>8} {'RSS MB':>8}")
     for r in rows:
-        print(f"{r['k']:>3} {r['valid_nll']:>10.3f} {r['valid_loss'] or float('nan'):>8.3f} {r['wall_s']:>8.0f} "
-              f"{(r['tokens_per_s'] or 0):>8.0f} {r['peak_rss_mb']:>8.0f}")
+        print(
+            f"{r['k']:>3} {r['valid_nll']:>10.3f} {r['valid_loss'] or float('nan'):>8.3f} {r['wall_s']:>8.0f} "
+            f"{(r['tokens_per_s'] or 0):>8.0f} {r['peak_rss_mb']:>8.0f}"
+        )
     print(f"\nwrote {store}, {a.out / 'choose_k.csv'}, {a.out / 'choose_k.png'}")
     print(sentence)
     return 0

@@ -10,6 +10,7 @@ Every step runs fairseq's console scripts in a subprocess, as a user would, sing
 - :func:`generate_and_score` translates a subset with ``fairseq-generate``, keeps fairseq's
   tokenised BLEU line and computes sacrebleu on detokenised text against a raw reference.
 """
+
 import json
 import os
 import platform
@@ -29,19 +30,51 @@ USER_DIR = str(Path(__file__).resolve().parents[1])
 # The small model of the experiments: the same for both architectures (only attention differs).
 # Sized for ~10 minutes of single-threaded training on a shared 2-core machine (docs/results.md).
 SMALL_MODEL = [
-    "--encoder-layers", "3", "--decoder-layers", "3",
-    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
-    "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--encoder-layers",
+    "3",
+    "--decoder-layers",
+    "3",
+    "--encoder-embed-dim",
+    "128",
+    "--decoder-embed-dim",
+    "128",
+    "--encoder-ffn-embed-dim",
+    "512",
+    "--decoder-ffn-embed-dim",
+    "512",
+    "--encoder-attention-heads",
+    "4",
+    "--decoder-attention-heads",
+    "4",
     "--share-all-embeddings",
 ]
 # Optimisation, identical for both architectures (scripts/demo.sh's, with a shorter warmup and
 # smaller batches for short runs).
 TRAIN_SETTINGS = [
-    "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0",
-    "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100",
-    "--warmup-init-lr", "1e-07", "--dropout", "0.1", "--weight-decay", "0.0001",
-    "--label-smoothing", "0.1", "--max-tokens", "2048", "--required-batch-size-multiple", "1",
+    "--optimizer",
+    "adam",
+    "--adam-betas",
+    "(0.9, 0.98)",
+    "--clip-norm",
+    "0.0",
+    "--lr",
+    "0.002",
+    "--lr-scheduler",
+    "inverse_sqrt",
+    "--warmup-updates",
+    "100",
+    "--warmup-init-lr",
+    "1e-07",
+    "--dropout",
+    "0.1",
+    "--weight-decay",
+    "0.0001",
+    "--label-smoothing",
+    "0.1",
+    "--max-tokens",
+    "2048",
+    "--required-batch-size-multiple",
+    "1",
 ]
 CLUSTER_CRITERION = ["--criterion", "label_smoothed_cross_entropy_with_clustering"]
 PLAIN_CRITERION = ["--criterion", "label_smoothed_cross_entropy"]
@@ -75,8 +108,9 @@ def code_snapshot(rev="HEAD", root=None):
     PYTHONPATH), so their numbers belong to one commit even while the working tree is being
     edited."""
     root = Path(root) if root else REPO / "work" / "experiments" / "code"
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
     dest = root / sha[:12]
     if not (dest / ".done").exists():
         shutil.rmtree(dest, ignore_errors=True)
@@ -100,7 +134,7 @@ def split_extra_args(argv=None):
     if "--" not in argv:
         return argv, []
     i = argv.index("--")
-    return argv[:i], argv[i + 1:]
+    return argv[:i], argv[i + 1 :]
 
 
 def say(msg):
@@ -126,8 +160,9 @@ def run_measured(cmd, log_path, cwd=REPO, env=None, echo=PROGRESS, poll_s=0.5):
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: follow it live
         log.write("# command: " + " ".join(_quote(c) for c in cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(full, cwd=cwd, env=child_env(env), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            full, cwd=cwd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         poller = None
         if not time_bin:
             poller = _RssPoller(proc.pid, poll_s)
@@ -242,18 +277,50 @@ def best_valid(parsed, key="nll_loss"):
     return min(vals, key=lambda v: v[key])
 
 
-def train_command(data_bin, save_dir, arch, max_update, seed, model_args=SMALL_MODEL,
-                  train_settings=TRAIN_SETTINGS, criterion=None, extra=(), save=True,
-                  log_interval=50, user_dir=USER_DIR):
+def train_command(
+    data_bin,
+    save_dir,
+    arch,
+    max_update,
+    seed,
+    model_args=SMALL_MODEL,
+    train_settings=TRAIN_SETTINGS,
+    criterion=None,
+    extra=(),
+    save=True,
+    log_interval=50,
+    user_dir=USER_DIR,
+):
     """The fairseq-train command line (a list). The best checkpoint is chosen by valid nll_loss,
     which both criteria log on the same scale (the clustering criterion's `loss` also contains the
     two clustering terms, which are negative)."""
     if criterion is None:
         criterion = CLUSTER_CRITERION if arch.startswith("clusterformer") else PLAIN_CRITERION
-    cmd = [tool("fairseq-train"), data_bin, "--user-dir", user_dir, "--arch", arch, *model_args,
-           *train_settings, *criterion, "--max-update", str(max_update), "--seed", str(seed),
-           "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", str(log_interval),
-           "--no-progress-bar", "--best-checkpoint-metric", "nll_loss"]
+    cmd = [
+        tool("fairseq-train"),
+        data_bin,
+        "--user-dir",
+        user_dir,
+        "--arch",
+        arch,
+        *model_args,
+        *train_settings,
+        *criterion,
+        "--max-update",
+        str(max_update),
+        "--seed",
+        str(seed),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "simple",
+        "--log-interval",
+        str(log_interval),
+        "--no-progress-bar",
+        "--best-checkpoint-metric",
+        "nll_loss",
+    ]
     if save:
         cmd += ["--save-dir", save_dir, "--no-epoch-checkpoints"]
     else:
@@ -271,9 +338,21 @@ def count_parameters_from_log(text):
 _BLEU_LINE = re.compile(r"Generate (\S+) with beam=(\d+): (BLEU4? = ([\d.]+).*)$")
 
 
-def generate_and_score(data_bin, checkpoint, subset, out_dir, detok_lang, raw_refs, beam=5,
-                       batch_size=128, remove_bpe="subword_nmt", extra=(), label=None, user_dir=USER_DIR,
-                       env=None):
+def generate_and_score(
+    data_bin,
+    checkpoint,
+    subset,
+    out_dir,
+    detok_lang,
+    raw_refs,
+    beam=5,
+    batch_size=128,
+    remove_bpe="subword_nmt",
+    extra=(),
+    label=None,
+    user_dir=USER_DIR,
+    env=None,
+):
     """Translate SUBSET, score it two ways, return a dict:
 
     - bleu_tok: fairseq-generate's own BLEU line (on the tokenised text after BPE removal, against
@@ -286,10 +365,28 @@ def generate_and_score(data_bin, checkpoint, subset, out_dir, detok_lang, raw_re
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     label = label or subset
-    cmd = [tool("fairseq-generate"), data_bin, "--user-dir", user_dir, "--path", checkpoint,
-           "--gen-subset", subset, "--beam", str(beam), "--batch-size", str(batch_size),
-           "--required-batch-size-multiple", "1", "--cpu", "--num-workers", "0",
-           "--remove-bpe", "@@ " if remove_bpe == "subword_nmt" else remove_bpe, *extra]
+    cmd = [
+        tool("fairseq-generate"),
+        data_bin,
+        "--user-dir",
+        user_dir,
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        subset,
+        "--beam",
+        str(beam),
+        "--batch-size",
+        str(batch_size),
+        "--required-batch-size-multiple",
+        "1",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--remove-bpe",
+        "@@ " if remove_bpe == "subword_nmt" else remove_bpe,
+        *extra,
+    ]
     gen_out = out_dir / f"generate.{label}.out"
     t0 = time.monotonic()
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=child_env(env), capture_output=True, text=True)
@@ -302,7 +399,8 @@ def generate_and_score(data_bin, checkpoint, subset, out_dir, detok_lang, raw_re
     ids = sorted(parsed["H"])
     if ids != list(range(len(raw_refs))):
         raise RuntimeError(
-            f"fairseq-generate translated {len(ids)} sentences of {subset}, expected ids 0..{len(raw_refs) - 1}")
+            f"fairseq-generate translated {len(ids)} sentences of {subset}, expected ids 0..{len(raw_refs) - 1}"
+        )
     hyps_tok = [parsed["H"][i] for i in ids]
     hyps = list(mt_prep.detokenize(hyps_tok, detok_lang))
     mt_prep.write_lines(out_dir / f"hyp.{label}.tok", hyps_tok)
@@ -338,7 +436,7 @@ def repetition_rate(hyps, n=3, times=3):
     loops = 0
     for h in hyps:
         w = h.split()
-        grams = Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+        grams = Counter(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
         loops += bool(grams) and max(grams.values()) >= times
     return round(100.0 * loops / len(hyps), 1)
 
@@ -355,8 +453,12 @@ def machine_info():
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1 (set by the runner)")}
+    info = {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1 (set by the runner)"),
+    }
     try:
         import torch
 
@@ -372,8 +474,12 @@ def machine_info():
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         return None
 

@@ -26,6 +26,7 @@ IN/OUT may be ``-`` (stdin/stdout); ``.gz`` inputs are read transparently. Files
 ``OUT.tmp`` and renamed when complete, so a killed step never leaves a half-written output that
 looks finished.
 """
+
 import argparse
 import gzip
 import io
@@ -91,8 +92,8 @@ _SEG_CLOSE = re.compile(r"\s*</seg>\s*")
 def xml_segs(lines):
     """IWSLT dev/test XML and WMT SGML, as fairseq's pipeline does it::
 
-        grep '<seg id' $o | sed -e 's/<seg id="[0-9]*">\\s*//g' | sed -e 's/\\s*<\\/seg>\\s*//g' |
-        sed -e "s/\\’/\\'/g"
+    grep '<seg id' $o | sed -e 's/<seg id="[0-9]*">\\s*//g' | sed -e 's/\\s*<\\/seg>\\s*//g' |
+    sed -e "s/\\’/\\'/g"
     """
     for line in lines:
         if "<seg id" not in line:
@@ -109,9 +110,9 @@ _TRAIN_UNTAG = ("<title>", "</title>", "<description>", "</description>")
 def train_tags(lines):
     """IWSLT ``train.tags.*``, as fairseq's pipeline does it::
 
-        grep -v '<url>' | grep -v '<talkid>' | grep -v '<keywords>' |
-        sed -e 's/<title>//g' | sed -e 's/<\\/title>//g' |
-        sed -e 's/<description>//g' | sed -e 's/<\\/description>//g'
+    grep -v '<url>' | grep -v '<talkid>' | grep -v '<keywords>' |
+    sed -e 's/<title>//g' | sed -e 's/<\\/title>//g' |
+    sed -e 's/<description>//g' | sed -e 's/<\\/description>//g'
     """
     for line in lines:
         if any(tag in line for tag in _TRAIN_DROP):
@@ -147,8 +148,7 @@ def _moses_tokenizer(lang):
                     tokens[i] = prefix + " ."
                 elif (
                     ("." in prefix and self.isanyalpha(prefix))
-                    or (prefix in self.NONBREAKING_PREFIXES
-                        and prefix not in self.NUMERIC_ONLY_PREFIXES)
+                    or (prefix in self.NONBREAKING_PREFIXES and prefix not in self.NUMERIC_ONLY_PREFIXES)
                     or (tokens[i + 1] and self.islower(tokens[i + 1][0]))
                 ):
                     pass
@@ -197,9 +197,7 @@ def _tokenize_one(line):
         line = w["norm"].normalize(line)
     if w["remove_non_printing"]:
         line = remove_non_printing(line)
-    out = w["tok"].tokenize(
-        line, aggressive_dash_splits=w["aggressive_dash"], return_str=True, escape=True
-    )
+    out = w["tok"].tokenize(line, aggressive_dash_splits=w["aggressive_dash"], return_str=True, escape=True)
     # tokenizer.perl squeezes and strips whitespace; sacremoses does too, this makes it certain.
     out = " ".join(out.split())
     return out.lower() if w["lowercase"] else out
@@ -232,8 +230,16 @@ def _parallel(fn, lines, workers, chunk_size, initializer, initargs):
                 yield from chunk
 
 
-def tokenize(lines, lang, lowercase=False, aggressive_dash=False, normalize_punct=False,
-             remove_non_printing=False, workers=1, chunk_size=2000):
+def tokenize(
+    lines,
+    lang,
+    lowercase=False,
+    aggressive_dash=False,
+    normalize_punct=False,
+    remove_non_printing=False,
+    workers=1,
+    chunk_size=2000,
+):
     """Moses ``tokenizer.perl -l LANG [-a]`` (optionally preceded by ``normalize-punctuation.perl
     LANG`` and ``remove-non-printing-char.perl``, followed by ``lowercase.perl``), line by line,
     in order. ``workers`` > 1 tokenises chunks in parallel processes (like ``-threads``)."""
@@ -354,8 +360,9 @@ def learn_bpe(inputs, codes_path, symbols, min_frequency=2):
     codes_path = Path(codes_path)
     tmp = codes_path.with_name(codes_path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
-        _learn(all_lines(), out, symbols, min_frequency=min_frequency, verbose=False,
-               is_dict=False, total_symbols=False)
+        _learn(
+            all_lines(), out, symbols, min_frequency=min_frequency, verbose=False, is_dict=False, total_symbols=False
+        )
     os.replace(tmp, codes_path)
 
 
@@ -387,8 +394,15 @@ def apply_bpe(lines, codes_path, workers=1, chunk_size=2000):
 # ---------------------------------------------------------------------------- sentencepiece
 
 
-def spm_train(inputs, model_prefix, vocab_size, model_type="bpe", character_coverage=1.0,
-              input_sentence_size=2_000_000, num_threads=None):
+def spm_train(
+    inputs,
+    model_prefix,
+    vocab_size,
+    model_type="bpe",
+    character_coverage=1.0,
+    input_sentence_size=2_000_000,
+    num_threads=None,
+):
     """Train a sentencepiece model on the (already tokenised) INPUTS, jointly for both languages.
     Writes MODEL_PREFIX.model and MODEL_PREFIX.vocab."""
     import sentencepiece as spm
@@ -543,18 +557,25 @@ def _cli(argv=None):
             for path in ins:
                 yield from open_text(path)
 
-        n = write_lines(out, tokenize(
-            lines(), a.lang, lowercase=a.lowercase, aggressive_dash=a.aggressive_dash,
-            normalize_punct=a.normalize_punct, remove_non_printing=a.remove_non_printing,
-            workers=a.workers))
+        n = write_lines(
+            out,
+            tokenize(
+                lines(),
+                a.lang,
+                lowercase=a.lowercase,
+                aggressive_dash=a.aggressive_dash,
+                normalize_punct=a.normalize_punct,
+                remove_non_printing=a.remove_non_printing,
+                workers=a.workers,
+            ),
+        )
         a.output = out
     elif a.cmd == "lowercase":
         n = write_lines(a.output, lowercase(open_text(a.input)))
     elif a.cmd == "detokenize":
         n = write_lines(a.output, detokenize(open_text(a.input), a.lang))
     elif a.cmd == "clean":
-        read, kept = clean_corpus(a.prefix, a.l1, a.l2, a.out_prefix, a.min_len, a.max_len,
-                                  a.ratio)
+        read, kept = clean_corpus(a.prefix, a.l1, a.l2, a.out_prefix, a.min_len, a.max_len, a.ratio)
         log(f"clean: input {read} lines, output {kept} lines -> {a.out_prefix}.{{{a.l1},{a.l2}}}")
         return 0
     elif a.cmd == "split":
@@ -574,8 +595,7 @@ def _cli(argv=None):
         if len(a.input) < 2:
             p.error("spm-train needs at least one input and the model prefix")
         *ins, prefix = a.input
-        spm_train(ins, prefix, a.vocab_size, a.model_type,
-                  input_sentence_size=a.input_sentence_size)
+        spm_train(ins, prefix, a.vocab_size, a.model_type, input_sentence_size=a.input_sentence_size)
         log(f"spm-train: vocabulary {a.vocab_size} -> {prefix}.model")
         return 0
     elif a.cmd == "spm-encode":
@@ -591,8 +611,10 @@ def _cli(argv=None):
         if a.expect is not None:
             missing = sorted(set(range(a.expect)) - set(ids))
             if len(ids) != a.expect or missing:
-                log(f"ERROR: {len(ids)} hypotheses in {a.generate_output}, expected {a.expect}"
-                    f" (missing ids: {missing[:20]}{' ...' if len(missing) > 20 else ''})")
+                log(
+                    f"ERROR: {len(ids)} hypotheses in {a.generate_output}, expected {a.expect}"
+                    f" (missing ids: {missing[:20]}{' ...' if len(missing) > 20 else ''})"
+                )
                 return 1
         write_lines(a.hyp, (parsed["H"][i] for i in ids))
         write_lines(a.ref, (parsed["T"].get(i, "") for i in ids))

@@ -19,6 +19,7 @@ train-sample/sample2 (4,200) + the lines of valid.* not held out; valid = every 
 Each data set folder gets a dataset.json that scripts/experiments/run_side_by_side.py reads: the
 binarised data, and per test subset the untokenised reference that sacrebleu scores against.
 """
+
 import argparse
 import json
 import shutil
@@ -40,10 +41,24 @@ def binarise(prefix_dir, dest, src, tgt, train="train", valid="valid", tests=("t
         say(f"binarised data exists: {dest}")
         return dest
     shutil.rmtree(dest, ignore_errors=True)
-    cmd = [tool("fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt,
-           "--trainpref", f"{prefix_dir}/{train}", "--validpref", f"{prefix_dir}/{valid}",
-           "--testpref", ",".join(f"{prefix_dir}/{t}" for t in tests),
-           "--destdir", dest, "--joined-dictionary", "--workers", str(workers)]
+    cmd = [
+        tool("fairseq-preprocess"),
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--trainpref",
+        f"{prefix_dir}/{train}",
+        "--validpref",
+        f"{prefix_dir}/{valid}",
+        "--testpref",
+        ",".join(f"{prefix_dir}/{t}" for t in tests),
+        "--destdir",
+        dest,
+        "--joined-dictionary",
+        "--workers",
+        str(workers),
+    ]
     say("binarising: " + expkit.shell_join(cmd))
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=expkit.child_env(), capture_output=True, text=True)
     (dest.parent / "preprocess.log").write_text(proc.stdout + proc.stderr)
@@ -77,8 +92,9 @@ def prepare_multi30k(root, bpe_ops=8000, workers=1, raw=MULTI30K):
                 shutil.copy(demo_tok, out_tok)
             else:
                 say(f"tokenising {split}.{lang}")
-                mt_prep.write_lines(out_tok, mt_prep.tokenize(mt_prep.open_text(raw / f"{split}.{lang}.gz"),
-                                                              lang, workers=workers))
+                mt_prep.write_lines(
+                    out_tok, mt_prep.tokenize(mt_prep.open_text(raw / f"{split}.{lang}.gz"), lang, workers=workers)
+                )
     code = seg / "code"
     if not code.exists():
         if reuse:
@@ -94,22 +110,30 @@ def prepare_multi30k(root, bpe_ops=8000, workers=1, raw=MULTI30K):
             if reuse and (demo_seg / f"{split}.{lang}").exists():
                 shutil.copy(demo_seg / f"{split}.{lang}", out)
             else:
-                mt_prep.write_lines(out, mt_prep.apply_bpe(mt_prep.open_text(tok / f"{split}.{lang}"), code,
-                                                           workers=workers))
-    bin_dir = binarise(seg, root / "data-bin", "de", "en", valid="val",
-                       tests=("test_2016_flickr", "test_2017_flickr"), workers=workers)
-    write_dataset_json(root, {
-        "name": "multi30k",
-        "description": "Multi30k de-en (data/multi30k): Moses tokeniser (sacremoses), joint subword-nmt "
-                       f"BPE ({'the demo codes' if reuse else f'{bpe_ops} merges'}) learnt on train; "
-                       "train 29,000 / val 1,014 pairs",
-        "src": "de", "tgt": "en", "data_bin": str(bin_dir), "remove_bpe": "subword_nmt",
-        "detok_lang": "en",
-        "tests": [
-            {"subset": "test", "label": "test_2016", "ref": str(raw / "test_2016_flickr.en.gz")},
-            {"subset": "test1", "label": "test_2017", "ref": str(raw / "test_2017_flickr.en.gz")},
-        ],
-    })
+                mt_prep.write_lines(
+                    out, mt_prep.apply_bpe(mt_prep.open_text(tok / f"{split}.{lang}"), code, workers=workers)
+                )
+    bin_dir = binarise(
+        seg, root / "data-bin", "de", "en", valid="val", tests=("test_2016_flickr", "test_2017_flickr"), workers=workers
+    )
+    write_dataset_json(
+        root,
+        {
+            "name": "multi30k",
+            "description": "Multi30k de-en (data/multi30k): Moses tokeniser (sacremoses), joint subword-nmt "
+            f"BPE ({'the demo codes' if reuse else f'{bpe_ops} merges'}) learnt on train; "
+            "train 29,000 / val 1,014 pairs",
+            "src": "de",
+            "tgt": "en",
+            "data_bin": str(bin_dir),
+            "remove_bpe": "subword_nmt",
+            "detok_lang": "en",
+            "tests": [
+                {"subset": "test", "label": "test_2016", "ref": str(raw / "test_2016_flickr.en.gz")},
+                {"subset": "test1", "label": "test_2017", "ref": str(raw / "test_2017_flickr.en.gz")},
+            ],
+        },
+    )
     return root
 
 
@@ -151,40 +175,58 @@ def prepare_iwslt14(root, source, every=7, workers=1):
             shutil.copy(source / f"test.{lang}", raw / f"test.{lang}")
         # The reference for sacrebleu: the (lowercased, tokenised) test.en with BPE removed, then
         # Moses-detokenised; the hypotheses are detokenised the same way.
-        mt_prep.write_lines(raw / "test.ref.detok.en", mt_prep.detokenize(
-            mt_prep.remove_bpe(mt_prep.open_text(source / "test.en")), "en"))
-        counts = {"train-sample/train": n_sample, "train-sample/sample2": n_tsv,
-                  "valid lines used for training": len(vde) - len(held_de), "held-out valid": len(held_de),
-                  "train pairs kept": len(keep), "test": len(mt_prep.read_lines(source / "test.en"))}
+        mt_prep.write_lines(
+            raw / "test.ref.detok.en",
+            mt_prep.detokenize(mt_prep.remove_bpe(mt_prep.open_text(source / "test.en")), "en"),
+        )
+        counts = {
+            "train-sample/train": n_sample,
+            "train-sample/sample2": n_tsv,
+            "valid lines used for training": len(vde) - len(held_de),
+            "held-out valid": len(held_de),
+            "train pairs kept": len(keep),
+            "test": len(mt_prep.read_lines(source / "test.en")),
+        }
         (raw / "counts.json").write_text(json.dumps(counts, indent=2) + "\n")
         (raw / ".done").write_text("ok\n")
         say(f"IWSLT14 raw BPE'd files: {counts}")
     bin_dir = binarise(raw, root / "data-bin", "de", "en", workers=workers)
     counts = json.loads((raw / "counts.json").read_text())
-    write_dataset_json(root, {
-        "name": "iwslt14",
-        "description": "IWSLT14 de-en offline sample (lowercased, tokenised, BPE'd by prepare-iwslt14.sh): "
-                       f"train {counts['train pairs kept']} pairs (train-sample + sample2 + valid minus "
-                       f"every {every}th line), valid {counts['held-out valid']} held-out lines, "
-                       f"test {counts['test']} (official)",
-        "src": "de", "tgt": "en", "data_bin": str(bin_dir), "remove_bpe": "subword_nmt",
-        "detok_lang": "en",
-        "tests": [{"subset": "test", "label": "test", "ref": str(raw / "test.ref.detok.en")}],
-    })
+    write_dataset_json(
+        root,
+        {
+            "name": "iwslt14",
+            "description": "IWSLT14 de-en offline sample (lowercased, tokenised, BPE'd by prepare-iwslt14.sh): "
+            f"train {counts['train pairs kept']} pairs (train-sample + sample2 + valid minus "
+            f"every {every}th line), valid {counts['held-out valid']} held-out lines, "
+            f"test {counts['test']} (official)",
+            "src": "de",
+            "tgt": "en",
+            "data_bin": str(bin_dir),
+            "remove_bpe": "subword_nmt",
+            "detok_lang": "en",
+            "tests": [{"subset": "test", "label": "test", "ref": str(raw / "test.ref.detok.en")}],
+        },
+    )
     return root
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("dataset", choices=("multi30k", "iwslt14"))
     p.add_argument("--work", type=Path, default=WORK, help="parent folder (default: %(default)s)")
     p.add_argument("--bpe-ops", type=int, default=8000, help="multi30k: BPE merges (default 8000, as the demo)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--source", type=Path, default=None,
-                   help="iwslt14: the folder of the offline IWSLT14 material (test.de, valid.de, "
-                        "train-sample/, ...), e.g. ../shared/data/iwslt14; multi30k: the folder of the "
-                        "gzipped corpus (default: data/multi30k of this checkout)")
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="iwslt14: the folder of the offline IWSLT14 material (test.de, valid.de, "
+        "train-sample/, ...), e.g. ../shared/data/iwslt14; multi30k: the folder of the "
+        "gzipped corpus (default: data/multi30k of this checkout)",
+    )
     a = p.parse_args(argv)
     if a.dataset == "multi30k":
         prepare_multi30k(a.work / "multi30k", a.bpe_ops, a.workers, **({"source": a.source} if a.source else {}))

@@ -21,6 +21,7 @@ decoder layer's own learned centroids, computed in one teacher-forced forward ov
 "</s> target..." (the decoder's input: column t shows the token fed at position t, whose cluster
 decides which earlier tokens it attends to; see docs/attention.md).
 """
+
 import argparse
 import sys
 from collections import OrderedDict
@@ -32,8 +33,9 @@ def load(path, data, user_dir=None):
         from fairseq import utils as fairseq_utils
 
         fairseq_utils.import_user_module(argparse.Namespace(user_dir=str(user_dir)))
-    import fairseq_clusterformer  # noqa: F401  (registers the model; safe checkpoint loading)
     from fairseq import checkpoint_utils
+
+    import fairseq_clusterformer  # noqa: F401  (registers the model; safe checkpoint loading)
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
     model = models[0]
@@ -131,8 +133,9 @@ def cluster_stats(model, task, sources, targets=None, limit=None):
                 acc[0] += len(counts)
                 acc[1] += max(counts) / len(real)
                 acc[2] += 1
-    return OrderedDict((key, {"clusters_used": a / n, "largest_share": b / n, "n": n})
-                       for key, (a, b, n) in sums.items())
+    return OrderedDict(
+        (key, {"clusters_used": a / n, "largest_share": b / n, "n": n}) for key, (a, b, n) in sums.items()
+    )
 
 
 def draw(assignments, out_path, title=None):
@@ -156,9 +159,14 @@ def draw(assignments, out_path, title=None):
     norm = BoundaryNorm(np.arange(-1.5, n_clusters + 0.5), cmap.N)
     max_cols = max(len(w) for _s, w, _l in panels)
     heights = [len(layers) for _s, _w, layers in panels]
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, dpi=80,
-                             figsize=(min(2 + 0.55 * max_cols, 18), 1.3 + 0.45 * sum(heights) + 0.9 * len(panels)),
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        squeeze=False,
+        dpi=80,
+        figsize=(min(2 + 0.55 * max_cols, 18), 1.3 + 0.45 * sum(heights) + 0.9 * len(panels)),
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, (side, words, layers) in zip(axes[:, 0], panels):
         grid = np.array(layers)
         ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
@@ -184,8 +192,9 @@ def draw(assignments, out_path, title=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--path", required=True, help="a clusterformer checkpoint (.pt)")
     p.add_argument("--data", required=True, help="the binarised data folder (for the dictionaries)")
     p.add_argument("--user-dir", default=None, help="fairseq --user-dir (default: import fairseq_clusterformer)")
