@@ -29,7 +29,7 @@ def smoke_checkpoint_dir(toy_bin, tmp_path_factory):
 # same examples on every run), about 200 examples per property, no per-example deadline
 # (the machine may be loaded). "thorough", for a developer's machine:
 # `pytest --hypothesis-profile=thorough` (fresh randomness, 10x more examples).
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [
     HealthCheck.too_slow,

@@ -15,9 +15,9 @@ import math
 import torch
 from hypothesis import event, given, note
 from hypothesis import strategies as st
-from reference_cluster_attention import reference_forward
 
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+from reference_cluster_attention import reference_forward
 
 MAX_LEN = 300
 REF_MAX_LEN = 40  # the reference is a per-query Python loop
@@ -48,9 +48,7 @@ def options(draw, causal=None):
         kw["num_clusters"] = draw(st.one_of(st.just("auto"), st.integers(1, 12)))
         kw["previous_block"] = draw(st.booleans())
         if kw["num_clusters"] == "auto":
-            kw["max_clusters"] = draw(
-                st.sampled_from([2, 5, 256])
-            )  # small: k_b gets clipped
+            kw["max_clusters"] = draw(st.sampled_from([2, 5, 256]))  # small: k_b gets clipped
     return kw, draw(st.integers(0, 2**31 - 1))
 
 
@@ -65,17 +63,9 @@ def batches(draw, max_len=MAX_LEN, max_batch=3):
 
 def describe(kw, lengths):
     """Events that `--hypothesis-show-statistics` counts, to see that the corners are drawn."""
-    event(
-        f"longest sentence {'> 100' if max(lengths) > 100 else '11-100' if max(lengths) > 10 else '<= 10'}"
-    )
+    event(f"longest sentence {'> 100' if max(lengths) > 100 else '11-100' if max(lengths) > 10 else '<= 10'}")
     k = kw["num_clusters"]
-    event(
-        "k = auto"
-        if k == "auto"
-        else "k > shortest sentence"
-        if k > min(lengths)
-        else "k <= shortest sentence"
-    )
+    event("k = auto" if k == "auto" else "k > shortest sentence" if k > min(lengths) else "k <= shortest sentence")
     if len(lengths) > 1:
         event("batch with padding")
 
@@ -101,9 +91,7 @@ def clusters_needed(kw, lengths):
     k = kw["num_clusters"]
     if k != "auto":
         return k
-    return min(
-        max(math.ceil(math.sqrt(L)) for L in lengths), kw.get("max_clusters", 256)
-    )
+    return min(max(math.ceil(math.sqrt(L)) for L in lengths), kw.get("max_clusters", 256))
 
 
 # --- the module equals the float64 reference --------------------------------------------------------
@@ -116,9 +104,7 @@ def test_module_equals_float64_reference(opts, batch, carry_centroids):
     d = kw["embed_dim"]
     x, pad = make_input(lengths, left, N, d, xseed)
     centroids = None
-    if (
-        carried
-    ):  # a previous layer's B x K x d centroids instead of the learned parameter
+    if carried:  # a previous layer's B x K x d centroids instead of the learned parameter
         g = torch.Generator().manual_seed(xseed + 1)
         centroids = torch.randn(
             len(lengths),
@@ -131,9 +117,7 @@ def test_module_equals_float64_reference(opts, batch, carry_centroids):
     describe(kw, lengths)
     with torch.no_grad():
         out, info = m(x, pad, centroids=centroids)
-    ref, ref_centroids, ref_cl, ref_sl, ref_assign = reference_forward(
-        m, x, pad, centroids=centroids
-    )
+    ref, ref_centroids, ref_cl, ref_sl, ref_assign = reference_forward(m, x, pad, centroids=centroids)
     valid = ~pad
     assert torch.equal(info.assignments[valid], ref_assign[valid])
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-9, rtol=1e-7)
@@ -141,9 +125,7 @@ def test_module_equals_float64_reference(opts, batch, carry_centroids):
     assert abs(info.sorting_loss.item() - ref_sl) < 1e-9
     if not kw["causal"]:
         for b, c in enumerate(ref_centroids):
-            torch.testing.assert_close(
-                info.centroids[b, : c.size(0)], c, atol=1e-9, rtol=1e-7
-            )
+            torch.testing.assert_close(info.centroids[b, : c.size(0)], c, atol=1e-9, rtol=1e-7)
 
 
 # --- a sentence's output does not depend on its batch or its padding --------------------------------
@@ -163,9 +145,7 @@ def test_output_is_independent_of_batch_and_padding(opts, batch, which):
     assert torch.equal(info.assignments[b, real], alone_info.assignments[0])
     if not kw["causal"]:
         k_b = clusters_needed(kw, [lengths[b]])
-        torch.testing.assert_close(
-            info.centroids[b, :k_b], alone_info.centroids[0, :k_b], atol=1e-9, rtol=1e-7
-        )
+        torch.testing.assert_close(info.centroids[b, :k_b], alone_info.centroids[0, :k_b], atol=1e-9, rtol=1e-7)
 
 
 # --- causality: a later word never changes an earlier output ----------------------------------------
@@ -184,9 +164,7 @@ def test_causal_later_words_never_change_earlier_outputs(opts, batch, cut, dtype
     t = min(int(cut * N), N - 1)  # positions 0..t keep their words; t+1.. get new ones
     y = x.clone()
     g = torch.Generator().manual_seed(xseed + 7)
-    y[:, t + 1 :] = (
-        torch.randn(y[:, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
-    ).to(dtype)
+    y[:, t + 1 :] = (torch.randn(y[:, t + 1 :].shape, generator=g, dtype=torch.float64) * 10).to(dtype)
     note(f"options {kw}, lengths {lengths}, left {left}, N {N}, t {t}")
     describe(kw, lengths)
     xg = x.clone().requires_grad_(True)
@@ -194,20 +172,14 @@ def test_causal_later_words_never_change_earlier_outputs(opts, batch, cut, dtype
     out2, info2 = m(y, pad)
     keep = ~pad[:, : t + 1]
     early, early2 = out[:, : t + 1][keep], out2[:, : t + 1][keep]
-    assert torch.equal(
-        info2.assignments[:, : t + 1][keep], info.assignments[:, : t + 1][keep]
-    )
+    assert torch.equal(info2.assignments[:, : t + 1][keep], info.assignments[:, : t + 1][keep])
     # No information flows backwards: d out[<= t] / d x[> t] is exactly zero...
     if t + 1 < N:
         early.double().sum().backward()
         assert torch.equal(xg.grad[:, t + 1 :], torch.zeros_like(xg.grad[:, t + 1 :]))
     # ...so the earlier outputs agree to rounding, and (docs/attention.md) are bit-identical.
-    torch.testing.assert_close(
-        early2, early.detach(), atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0
-    )
-    assert torch.equal(early2, early.detach()), (
-        f"max difference {(early2 - early).abs().max().item():.3g}"
-    )
+    torch.testing.assert_close(early2, early.detach(), atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
+    assert torch.equal(early2, early.detach()), f"max difference {(early2 - early).abs().max().item():.3g}"
 
 
 # --- step-by-step decoding equals the full causal forward, with beam reordering ---------------------
@@ -217,17 +189,13 @@ def test_causal_later_words_never_change_earlier_outputs(opts, batch, cut, dtype
     st.integers(1, 40),
     st.sampled_from(["ring", "auto"]),
     st.lists(
-        st.tuples(
-            st.integers(0, 39), st.lists(st.integers(0, 2), min_size=3, max_size=3)
-        ),
+        st.tuples(st.integers(0, 39), st.lists(st.integers(0, 2), min_size=3, max_size=3)),
         max_size=4,
     ),
     st.lists(st.tuples(st.integers(0, 2), st.integers(0, 39)), max_size=4),
     st.integers(0, 2**31 - 1),
 )
-def test_step_decoding_equals_full_causal_forward(
-    opts, B, T, mode, reorders, pad_steps, xseed
-):
+def test_step_decoding_equals_full_causal_forward(opts, B, T, mode, reorders, pad_steps, xseed):
     kw, wseed = opts
     m = build(kw, wseed)
     d = kw["embed_dim"]
@@ -240,14 +208,8 @@ def test_step_decoding_equals_full_causal_forward(
     ) in pad_steps:  # padding steps anywhere (fairseq makes them for prefix tokens)
         if b < B and t < T:
             pad[b, t] = True
-    reorder_at = {
-        t: torch.tensor([i % B for i in order[:B]])
-        for t, order in reorders
-        if 0 < t < T
-    }
-    note(
-        f"options {kw}, B {B}, T {T}, mode {mode}, reorders {reorder_at}, pad {pad.nonzero().tolist()}"
-    )
+    reorder_at = {t: torch.tensor([i % B for i in order[:B]]) for t, order in reorders if 0 < t < T}
+    note(f"options {kw}, B {B}, T {T}, mode {mode}, reorders {reorder_at}, pad {pad.nonzero().tolist()}")
     state = m.init_state(B, torch.device("cpu"), torch.float64, mode=mode)
     outs, hist, hpad = [], x[:, :0], pad[:, :0]
     for t in range(T):
@@ -282,22 +244,16 @@ def test_gradients_are_finite_and_zero_at_padding(opts, batch, dtype_name, scale
     m = build(kw, wseed, dtype)
     x, pad = make_input(lengths, left, N, kw["embed_dim"], xseed, dtype, scale)
     x.requires_grad_(True)
-    note(
-        f"options {kw}, lengths {lengths}, left {left}, N {N}, dtype {dtype_name}, scale {scale}"
-    )
+    note(f"options {kw}, lengths {lengths}, left {left}, N {N}, dtype {dtype_name}, scale {scale}")
     describe(kw, lengths)
     out, info = m(x, pad)
     assert torch.isfinite(out[~pad]).all()
     assert torch.isfinite(info.clustering_loss) and torch.isfinite(info.sorting_loss)
-    weights = torch.randn(
-        out.shape, generator=torch.Generator().manual_seed(xseed), dtype=torch.float64
-    )
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(xseed), dtype=torch.float64)
     task = (out * weights.to(dtype) * (~pad)[..., None]).sum() / max(sum(lengths), 1)
     (task + info.clustering_loss + info.sorting_loss).backward()
     assert torch.isfinite(x.grad).all()
-    assert torch.equal(
-        x.grad[pad], torch.zeros_like(x.grad[pad])
-    )  # padding gets no gradient
+    assert torch.equal(x.grad[pad], torch.zeros_like(x.grad[pad]))  # padding gets no gradient
     assert x.grad[~pad].abs().sum() > 0  # the real words do
     for name, p in m.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
