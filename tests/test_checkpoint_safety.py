@@ -2,6 +2,9 @@
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -19,13 +22,27 @@ class Payload:
         return (os.system, ("echo pwned > /tmp/clusterformer-pwned",))
 
 
-def test_torch_loads_weights_only_by_default_and_env_switch_unset():
-    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
-    import inspect
-
-    # torch >= 2.6: weights_only defaults to True, which is what makes the allow-list necessary.
-    sig = inspect.signature(torch.load)
-    assert sig.parameters["weights_only"].default in (None, True)
+def test_the_allow_list_is_what_lets_the_safe_loader_read_a_fairseq_checkpoint(smoke_checkpoint_dir, tmp_path):
+    """In a fresh process, torch's weights-only loader refuses a fairseq checkpoint (it pickles an
+    argparse.Namespace); after the plugin's allow-list it loads, still weights-only."""
+    ckpt = str(smoke_checkpoint_dir / "checkpoint_last.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        try:
+            torch.load({ckpt!r}, weights_only=True)
+            print("LOADED-WITHOUT-ALLOW-LIST")
+        except Exception as err:
+            print("REFUSED", type(err).__name__, "argparse.Namespace" in str(err))
+        from fairseq_clusterformer.checkpoint_safety import allow_fairseq_checkpoint_globals
+        allow_fairseq_checkpoint_globals()
+        state = torch.load({ckpt!r}, weights_only=True)
+        print("LOADED", sorted(state)[:2])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REFUSED UnpicklingError True" in proc.stdout
+    assert "LOADED ['args', 'cfg']" in proc.stdout
 
 
 def test_fairseq_checkpoint_loads_with_weights_only(smoke_checkpoint_dir):

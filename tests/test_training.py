@@ -67,10 +67,45 @@ def test_generate_translates_every_sentence(toy_bin, trained):
 def test_score_reference_equals_incremental_beam1_scores(toy_bin, trained, tmp_path):
     """Per-token scores of a hypothesis decoded incrementally equal the full-forward scores of the
     same tokens under --score-reference: the decoder's incremental state is exact."""
-    save, _ = trained
-    gen = parse_generate(generate(toy_bin, save / "checkpoint_last.pt", extra=["--beam", "1"]).stdout)
+    _assert_incremental_scores_equal_score_reference(toy_bin, trained[0] / "checkpoint_last.pt", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def trained_auto_dot(toy_bin, tmp_path_factory):
+    """--num-clusters auto and --cluster-similarity dot, with the clustering loss at weight 1."""
+    save = tmp_path_factory.mktemp("cf_auto_dot")
+    options = ["--num-clusters", "auto", "--causal-num-clusters", "3", "--cluster-similarity", "dot"]
+    out = train(
+        toy_bin,
+        save,
+        "clusterformer_iwslt",
+        extra=SMALL
+        + CRIT
+        + options
+        + ["--clustering-loss-weight", "1", "--max-epoch", "100", "--no-epoch-checkpoints"],
+        max_update=60,
+    )
+    return save, out.stdout + out.stderr
+
+
+def test_auto_and_dot_train_lower_the_clustering_loss_and_decode_exactly(toy_bin, trained_auto_dot, tmp_path):
+    save, log = trained_auto_dot
+    losses = scalar("\n".join(line for line in log.splitlines() if "| train |" in line), "clustering_loss")
+    assert len(losses) >= 10
+    assert losses[-1] < losses[0] - 0.3, losses  # the clustering loss is trained down
+    from fairseq import checkpoint_utils
+
+    import fairseq_clusterformer  # noqa: F401  (the safe loader's allow-list)
+
+    cfg = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))["cfg"]["model"]
+    assert (cfg.num_clusters, cfg.causal_num_clusters, cfg.cluster_similarity) == ("auto", 3, "dot")
+    _assert_incremental_scores_equal_score_reference(toy_bin, save / "checkpoint_last.pt", tmp_path)
+
+
+def _assert_incremental_scores_equal_score_reference(toy_bin, checkpoint, tmp):
+    gen = parse_generate(generate(toy_bin, checkpoint, extra=["--beam", "1"]).stdout)
+    assert sorted(gen) == list(range(20))
     # Write hypotheses as the references of a new test set, then score them with --score-reference.
-    tmp = tmp_path
     src = [gen[i]["S"] for i in sorted(gen)]
     hyp = [gen[i]["H"][1] for i in sorted(gen)]
     (tmp / "test.src").write_text("\n".join(src) + "\n")
@@ -94,7 +129,7 @@ def test_score_reference_equals_incremental_beam1_scores(toy_bin, trained, tmp_p
             "1",
         ]
     )
-    scored = parse_generate(generate(tmp / "bin", save / "checkpoint_last.pt", extra=["--score-reference"]).stdout)
+    scored = parse_generate(generate(tmp / "bin", checkpoint, extra=["--score-reference"]).stdout)
     assert sorted(scored) == sorted(gen)
     for i in sorted(gen):
         a = torch.tensor(gen[i]["P"])
