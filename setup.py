@@ -41,6 +41,23 @@ extras_require = {
         "tensorboardX==2.6.5",
     ],
     "bench": ["matplotlib", "psutil"],
+    # The paper's baselines (--self-attention-encoder/-decoder lsh|routing, docs/baselines.md):
+    # the published implementations and every package they pull in, pinned exactly (their
+    # releases are from 2021 and their dependencies float). Resolved by pip on torch 2.13 CPU;
+    # torch itself stays the user's (install_requires), and packaging, which CoLT5-attention
+    # also needs, is a pip/setuptools dependency already present in every environment.
+    "baselines": [
+        "reformer-pytorch==1.4.4",
+        "routing-transformer==1.6.1",
+        "axial-positional-embedding==0.3.12",
+        "CoLT5-attention==0.11.2",
+        "einops==0.8.2",
+        "hyper-connections==0.4.11",
+        "local-attention==1.11.2",
+        "mixture-of-experts==0.2.3",
+        "product-key-memory==0.3.0",
+        "torch-einops-utils==0.2.0",
+    ],
 }
 extras_require["all"] = sorted({dep for deps in extras_require.values() for dep in deps})
 

@@ -92,9 +92,9 @@ else
     "$VPY" -c 'import fairseq' || die "fairseq was installed but does not import (error above)"
 fi
 
-# 4. This package, editable, with the test extras.
-step "installing fairseq-clusterformer (pip install -e .[test])"
-"${PIP[@]}" install --progress-bar off -q -e ".[test]" || die "pip install -e .[test] failed"
+# 4. This package, editable, with the test extras and the pinned LSH/routing baselines.
+step "installing fairseq-clusterformer (pip install -e .[test,baselines])"
+"${PIP[@]}" install --progress-bar off -q -e ".[test,baselines]" || die "pip install -e .[test,baselines] failed"
 "$VPY" -c "import fairseq_clusterformer" || die "the plugin does not import (error above)"
 # The checkpoint autoload hook is opt-in (clusterformer-autoload --install; docs/install.md).
 echo "$fingerprint" >"$STAMP"

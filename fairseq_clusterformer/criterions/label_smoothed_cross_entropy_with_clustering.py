@@ -2,12 +2,19 @@
 
     loss = LSCE + clustering_loss_weight * clustering_loss * sample_size
                 + sorting_loss_weight * sorting_loss * sample_size
+                + commitment_loss_weight * commitment_loss * sample_size
+
+(The commitment term comes from Routing Transformer layers, ``--self-attention-* routing``: the
+mean squared distance of a word's unit vector to its k-means mean; docs/baselines.md. A model
+with no clustering or routing layer, e.g. LSH or full attention on both sides, gets plain LSCE.)
 
 The clustering losses are means (over words, and over centroid pairs, each averaged over the
 clustering layers), while fairseq's LSCE is a sum over target tokens that the trainer divides by
 the summed sample size. Multiplying the means by this batch's sample size puts them on the same
 scale, so the weights mean the same thing whatever the batch size, --update-freq or number of
-GPUs. With cosine similarity (the default) each term lies in [-1, 1]; -1 is a perfect fit.
+GPUs. With cosine similarity (the default) each clustering term lies in [-1, 1]; -1 is a
+perfect fit. Each term is logged (``clustering_loss``, ``sorting_loss``, ``commitment_loss``)
+when the model has it.
 """
 
 import math
@@ -38,6 +45,14 @@ class LabelSmoothedCrossEntropyWithClusteringConfig(LabelSmoothedCrossEntropyCri
             "pairs of -sim(c_i, c_i+1)); 0 disables it (default 0.01)"
         },
     )
+    commitment_loss_weight: float = field(
+        default=1e-4,
+        metadata={
+            "help": "weight of the routing baseline's k-means commitment loss (mean over real words "
+            "of |x/|x| - mu|^2 / d, over the routing layers); default 1e-4, the routing-transformer "
+            "package's commitment factor"
+        },
+    )
 
 
 def _check_weight(name, value):
@@ -59,12 +74,14 @@ class LabelSmoothedCrossEntropyWithClusteringCriterion(LabelSmoothedCrossEntropy
         label_smoothing,
         clustering_loss_weight=0.01,
         sorting_loss_weight=0.01,
+        commitment_loss_weight=1e-4,
         ignore_prefix_size=0,
         report_accuracy=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.clustering_loss_weight = _check_weight("clustering_loss_weight", clustering_loss_weight)
         self.sorting_loss_weight = _check_weight("sorting_loss_weight", sorting_loss_weight)
+        self.commitment_loss_weight = _check_weight("commitment_loss_weight", commitment_loss_weight)
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
@@ -78,20 +95,25 @@ class LabelSmoothedCrossEntropyWithClusteringCriterion(LabelSmoothedCrossEntropy
             "sample_size": sample_size,
         }
         extra = net_output[1] if isinstance(net_output[1], dict) else {}
-        clustering, sorting = extra.get("clustering_loss"), extra.get("sorting_loss")
-        if clustering is None:
+        if "clustering_loss" not in extra:
             raise RuntimeError(
                 "label_smoothed_cross_entropy_with_clustering needs a model that returns the "
-                "clustering losses (--arch clusterformer_*); with self-attention 'full' on both "
-                "sides, use --criterion label_smoothed_cross_entropy"
+                "clustering losses (--arch clusterformer_*); for other models use --criterion "
+                "label_smoothed_cross_entropy"
             )
         # Summed-loss scale (see the module docstring); logged as sums, reduced per sample.
-        clustering_sum = clustering.float() * sample_size
-        sorting_sum = sorting.float() * sample_size
-        loss = loss + self.clustering_loss_weight * clustering_sum + self.sorting_loss_weight * sorting_sum
+        for name, weight in (
+            ("clustering_loss", self.clustering_loss_weight),
+            ("sorting_loss", self.sorting_loss_weight),
+            ("commitment_loss", self.commitment_loss_weight),
+        ):
+            term = extra.get(name)
+            if term is None:  # the model has no layer with this loss
+                continue
+            term_sum = term.float() * sample_size
+            loss = loss + weight * term_sum
+            logging_output[name] = term_sum.data
         logging_output["loss"] = loss.data
-        logging_output["clustering_loss"] = clustering_sum.data
-        logging_output["sorting_loss"] = sorting_sum.data
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
@@ -102,7 +124,9 @@ class LabelSmoothedCrossEntropyWithClusteringCriterion(LabelSmoothedCrossEntropy
     def reduce_metrics(cls, logging_outputs) -> None:
         super().reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
-        for name in ("clustering_loss", "sorting_loss"):
+        for name in ("clustering_loss", "sorting_loss", "commitment_loss"):
+            if not any(name in log for log in logging_outputs):
+                continue
             total = sum(log.get(name, 0) for log in logging_outputs)
             # Plain means (not divided by log 2 like the CE terms): -1 is a perfect fit.
             metrics.log_scalar(name, total / max(sample_size, 1), sample_size, round=4)

@@ -5,6 +5,12 @@ FFNs and everything else are fairseq's. Encoder layers pass their updated centro
 layer; decoder layers use their own learned centroids (so decoding stays causal and incremental
 decoding exact, see docs/attention.md). The forward's extra output carries the two clustering
 losses, averaged over the clustering layers, for the criterion.
+
+The paper's baselines are choices of the same model (``--self-attention-encoder/-decoder lsh|routing``,
+docs/baselines.md): on the encoder side the published reformer-pytorch / routing-transformer
+attentions (fairseq_clusterformer/baselines, imported only when chosen), on the decoder side the
+causal ClusterAttention with their assignment rule (a router). Routing layers' commitment losses,
+averaged over those layers, go to the criterion beside the clustering losses.
 """
 
 import argparse
@@ -32,7 +38,7 @@ from torch import Tensor
 from ..modules.cluster_attention import ClusterAttention, parse_num_clusters
 from ..modules.fairseq_cluster_attention import FairseqClusterAttention
 
-ATTENTION_CHOICES = ChoiceEnum(["cluster", "full"])
+ATTENTION_CHOICES = ChoiceEnum(["cluster", "full", "lsh", "routing"])
 SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
 
 
@@ -91,45 +97,80 @@ class ClusterformerConfig(FairseqDataclass):
         },
     )
     self_attention_encoder: ATTENTION_CHOICES = field(
-        default="cluster", metadata={"help": "encoder self-attention: cluster (ClusterFormer) or full"}
+        default="cluster",
+        metadata={
+            "help": "encoder self-attention: cluster (ClusterFormer), full, lsh (Reformer's LSH attention, "
+            "reformer-pytorch) or routing (Routing Transformer, routing-transformer); lsh and routing "
+            "need the baselines extra (pip install -e .[baselines]) and size their buckets/windows from "
+            "k (docs/baselines.md)"
+        },
     )
     self_attention_decoder: ATTENTION_CHOICES = field(
-        default="cluster", metadata={"help": "decoder self-attention: cluster (causal ClusterFormer) or full"}
+        default="cluster",
+        metadata={
+            "help": "decoder self-attention: cluster (causal ClusterFormer), full, lsh (the causal "
+            "clustering decoder with LSH buckets of fixed random rotations) or routing (with the "
+            "nearest EMA k-means mean); all but full decode exactly (docs/baselines.md)"
+        },
+    )
+    lsh_n_hashes: int = field(
+        default=8,
+        metadata={
+            "help": "encoder lsh: hashing rounds (the package's default 8; each round costs one more "
+            "attention pass). The lsh decoder hashes once"
+        },
+    )
+    routing_local_heads: str = field(
+        default="half",
+        metadata={
+            "help": "encoder routing: how many heads are local (windowed) heads; the rest are routed "
+            "(k-means) heads. An integer below the head count, or 'half' (default). The routing "
+            "decoder's split is --causal-local-heads"
+        },
     )
 
 
 CLUSTER_DEFAULTS = ClusterformerConfig()
+ROUTING_EMA_DECAY = 0.999  # the package's kmeans_ema_decay
 
 
-def _local_heads(cfg, num_heads: int) -> int:
-    local = safe_getattr(cfg, "causal_local_heads", None)
+def lsh_buckets(k: int) -> int:
+    """LSH buckets for ClusterFormer's k: hashing by argmax over [xR; -xR] gives an even count,
+    so k rounds up to the next even number (k = 3: 4 buckets)."""
+    return 2 * -(-k // 2)
+
+
+def _local_heads(cfg, num_heads: int, name: str = "causal_local_heads") -> int:
+    local = safe_getattr(cfg, name, None)
+    flag = "--" + name.replace("_", "-")
     if local is None or str(local).strip().lower() == "half":
         return num_heads // 2
     try:
         local = int(local)
     except ValueError:
-        raise ValueError(f"--causal-local-heads must be an integer or 'half', got {local!r}") from None
+        raise ValueError(f"{flag} must be an integer or 'half', got {local!r}") from None
     if not 0 <= local <= num_heads:
-        raise ValueError(f"--causal-local-heads must be in [0, {num_heads}] (the decoder heads), got {local}")
+        raise ValueError(f"{flag} must be in [0, {num_heads}] (the heads), got {local}")
     return local
 
 
 def build_cluster_attention(
-    cfg, embed_dim: int, num_heads: int, causal: bool, takes_carried_centroids: bool = False
+    cfg, embed_dim: int, num_heads: int, causal: bool, takes_carried_centroids: bool = False, router: str = "cluster"
 ) -> FairseqClusterAttention:
-    num_clusters = parse_num_clusters(str(safe_getattr(cfg, "num_clusters", CLUSTER_DEFAULTS.num_clusters)))
-    if causal:
-        causal_k = safe_getattr(cfg, "causal_num_clusters", None)
-        if causal_k is None:
-            if num_clusters == "auto":
-                raise ValueError(
-                    "--num-clusters auto applies to the encoder only: give the decoder an integer "
-                    "with --causal-num-clusters"
-                )
-            causal_k = num_clusters
-        num_clusters = parse_num_clusters(causal_k)
+    """``router``: the decoder's assignment rule: ``cluster`` (learned centroids), ``lsh`` or
+    ``routing`` (baselines/routers.py; the rest of the causal layer is the same)."""
+    num_clusters = _num_clusters(cfg, causal)
     if safe_getattr(cfg, "cross_self_attention", False):
         raise ValueError("--cross-self-attention is not supported with clustering self-attention")
+    router_module = None
+    if router != "cluster":
+        from ..baselines.routers import LSHRouter, RoutingRouter
+
+        if router == "lsh":
+            num_clusters = lsh_buckets(num_clusters)
+            router_module = LSHRouter(embed_dim, num_clusters)
+        else:
+            router_module = RoutingRouter(embed_dim, num_clusters, ROUTING_EMA_DECAY)
     attention = ClusterAttention(
         embed_dim,
         num_heads,
@@ -141,16 +182,65 @@ def build_cluster_attention(
         max_clusters=safe_getattr(cfg, "max_clusters", CLUSTER_DEFAULTS.max_clusters),
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
+        router=router_module,
     )
     return FairseqClusterAttention(attention, takes_carried_centroids)
+
+
+def _num_clusters(cfg, causal: bool):
+    num_clusters = parse_num_clusters(str(safe_getattr(cfg, "num_clusters", CLUSTER_DEFAULTS.num_clusters)))
+    if causal:
+        causal_k = safe_getattr(cfg, "causal_num_clusters", None)
+        if causal_k is None:
+            if num_clusters == "auto":
+                raise ValueError(
+                    "--num-clusters auto applies to the encoder only: give the decoder an integer "
+                    "with --causal-num-clusters"
+                )
+            causal_k = num_clusters
+        num_clusters = parse_num_clusters(causal_k)
+    return num_clusters
+
+
+def build_baseline_encoder_attention(cfg, embed_dim: int, num_heads: int, kind: str):
+    """The published LSH or routing attention for an encoder layer (baselines/, docs/baselines.md)."""
+    k = _num_clusters(cfg, causal=False)
+    if k == "auto":
+        raise ValueError(f"--self-attention-encoder {kind} needs an integer --num-clusters (not 'auto')")
+    try:
+        from ..baselines.fairseq_adapters import FairseqBaselineAttention
+
+        if kind == "lsh":
+            from ..baselines.lsh import LSHEncoderAttention
+
+            n_hashes = int(safe_getattr(cfg, "lsh_n_hashes", CLUSTER_DEFAULTS.lsh_n_hashes))
+            if n_hashes < 1:
+                raise ValueError(f"--lsh-n-hashes must be >= 1, got {n_hashes}")
+            attention = LSHEncoderAttention(embed_dim, num_heads, lsh_buckets(k), n_hashes, cfg.attention_dropout)
+        else:
+            from ..baselines.routing import RoutingEncoderAttention
+
+            local = _local_heads(cfg, num_heads, "routing_local_heads")
+            if local >= num_heads:
+                raise ValueError(f"--routing-local-heads must leave a routed head (< {num_heads}), got {local}")
+            attention = RoutingEncoderAttention(
+                embed_dim, num_heads, k, local, cfg.attention_dropout, ROUTING_EMA_DECAY
+            )
+    except ImportError as e:
+        raise ImportError(
+            f"--self-attention-encoder {kind} needs the baselines extra: pip install -e .[baselines] ({e})"
+        ) from e
+    return FairseqBaselineAttention(attention)
 
 
 class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
     """fairseq's encoder layer whose self-attention clusters; centroids in, centroids out.
 
     ``forward(x, encoder_padding_mask, attn_mask=None, centroids=None)`` returns
-    ``(x, centroids', clustering_loss, sorting_loss)``: all tensors (None with full attention),
-    so fairseq's activation checkpointing recomputes the layer from the same centroids.
+    ``(x, centroids', clustering_loss, sorting_loss, commitment_loss)``: all tensors or None (the
+    losses a layer's attention does not have), so fairseq's activation checkpointing recomputes
+    the layer from the same centroids. With ``lsh``/``routing`` the self-attention is a
+    baselines.FairseqBaselineAttention (no centroids; routing has a commitment loss).
     """
 
     def __init__(self, cfg, takes_carried_centroids: bool, return_fc=False):
@@ -160,8 +250,11 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
             raise ValueError("return_fc is not supported by the clusterformer encoder")
 
     def build_self_attention(self, embed_dim, cfg):
-        if safe_getattr(cfg, "self_attention_encoder", "cluster") == "full":
+        kind = str(safe_getattr(cfg, "self_attention_encoder", "cluster"))
+        if kind == "full":
             return super().build_self_attention(embed_dim, cfg)
+        if kind in ("lsh", "routing"):
+            return build_baseline_encoder_attention(cfg, embed_dim, cfg.encoder.attention_heads, kind)
         return build_cluster_attention(
             cfg,
             embed_dim,
@@ -177,10 +270,10 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
         attn_mask: Optional[Tensor] = None,
         centroids: Optional[Tensor] = None,
     ):
-        if not isinstance(self.self_attn, FairseqClusterAttention):
-            return super().forward(x, encoder_padding_mask, attn_mask), None, None, None
+        if not hasattr(self.self_attn, "attend"):  # fairseq's MultiheadAttention
+            return super().forward(x, encoder_padding_mask, attn_mask), None, None, None, None
         if attn_mask is not None:
-            raise ValueError("clustering self-attention takes no attn_mask")
+            raise ValueError("clustering and baseline self-attention take no attn_mask")
         # fairseq's TransformerEncoderLayerBase.forward, with the self-attention call made
         # explicit so that centroids go in and the layer's ClusterInfo comes out.
         residual = x
@@ -202,30 +295,33 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
         x = self.residual_connection(x, residual)
         if not self.normalize_before:
             x = self.final_layer_norm(x)
-        return x, info.centroids, info.clustering_loss, info.sorting_loss
+        return x, info.centroids, info.clustering_loss, info.sorting_loss, info.commitment_loss
 
 
 class ClusterformerDecoderLayer(TransformerDecoderLayerBase):
     """fairseq's decoder layer whose self-attention clusters (with its own learned centroids).
 
-    Returns fairseq's ``(x, attn, self_attn_state)`` plus the layer's two losses (None in
-    incremental decoding and with full attention), as outputs of the layer call, so that they
-    keep their gradients under activation checkpointing.
+    Returns fairseq's ``(x, attn, self_attn_state)`` plus the layer's clustering, sorting and
+    commitment losses (None in incremental decoding and where the attention has no such loss),
+    as outputs of the layer call, so that they keep their gradients under activation
+    checkpointing. ``lsh`` and ``routing`` are the same causal clustering attention with another
+    assignment rule (baselines/routers.py).
     """
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
-        if safe_getattr(cfg, "self_attention_decoder", "cluster") == "full":
+        kind = str(safe_getattr(cfg, "self_attention_decoder", "cluster"))
+        if kind == "full":
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
         if add_bias_kv or add_zero_attn:
             raise ValueError("add_bias_kv/add_zero_attn are not supported with clustering self-attention")
-        return build_cluster_attention(cfg, embed_dim, cfg.decoder.attention_heads, causal=True)
+        return build_cluster_attention(cfg, embed_dim, cfg.decoder.attention_heads, causal=True, router=kind)
 
     def forward(self, *args, **kwargs):
         x, attn, self_attn_state = super().forward(*args, **kwargs)
         info = self.self_attn.take_info() if isinstance(self.self_attn, FairseqClusterAttention) else None
         if info is None:
-            return x, attn, self_attn_state, None, None
-        return x, attn, self_attn_state, info.clustering_loss, info.sorting_loss
+            return x, attn, self_attn_state, None, None, None
+        return x, attn, self_attn_state, info.clustering_loss, info.sorting_loss, info.commitment_loss
 
 
 class ClusterformerEncoder(TransformerEncoderBase):
@@ -260,14 +356,16 @@ class ClusterformerEncoder(TransformerEncoderBase):
 
         encoder_states = [x] if return_all_hiddens else []
         centroids = None
-        clustering_losses, sorting_losses = [], []
+        clustering_losses, sorting_losses, commitment_losses = [], [], []
         for layer in self.layers:
-            x, centroids, clustering_loss, sorting_loss = layer(
+            x, centroids, clustering_loss, sorting_loss, commitment_loss = layer(
                 x, encoder_padding_mask=encoder_padding_mask if has_pads else None, centroids=centroids
             )
             if clustering_loss is not None:
                 clustering_losses.append(clustering_loss)
                 sorting_losses.append(sorting_loss)
+            if commitment_loss is not None:
+                commitment_losses.append(commitment_loss)
             if return_all_hiddens:
                 encoder_states.append(x)
         if self.layer_norm is not None:
@@ -283,6 +381,7 @@ class ClusterformerEncoder(TransformerEncoderBase):
             "src_lengths": [src_lengths],
             "clustering_losses": clustering_losses,
             "sorting_losses": sorting_losses,
+            "commitment_losses": commitment_losses,
         }
 
 
@@ -337,12 +436,12 @@ class ClusterformerDecoder(TransformerDecoderBase):
 
         attn = None
         inner_states = [x]
-        clustering_losses, sorting_losses = [], []
+        clustering_losses, sorting_losses, commitment_losses = [], [], []
         for idx, layer in enumerate(self.layers):
             self_attn_mask = None
             if incremental_state is None and not full_context_alignment:
                 self_attn_mask = self.buffered_future_mask(x)
-            x, layer_attn, _, clustering_loss, sorting_loss = layer(
+            x, layer_attn, _, clustering_loss, sorting_loss, commitment_loss = layer(
                 x,
                 enc,
                 padding_mask,
@@ -355,6 +454,8 @@ class ClusterformerDecoder(TransformerDecoderBase):
             if clustering_loss is not None:
                 clustering_losses.append(clustering_loss)
                 sorting_losses.append(sorting_loss)
+            if commitment_loss is not None:
+                commitment_losses.append(commitment_loss)
             inner_states.append(x)
             if layer_attn is not None and idx == alignment_layer:
                 attn = layer_attn.float().to(x)
@@ -372,6 +473,7 @@ class ClusterformerDecoder(TransformerDecoderBase):
             "inner_states": inner_states,
             "clustering_losses": clustering_losses,
             "sorting_losses": sorting_losses,
+            "commitment_losses": commitment_losses,
         }
 
 
@@ -429,7 +531,8 @@ class ClusterformerModel(TransformerModel):
         alignment_heads: Optional[int] = None,
     ):
         """fairseq's forward; the extra output also holds ``clustering_loss`` and
-        ``sorting_loss``, each the mean over all clustering layers (None without any)."""
+        ``sorting_loss``, each the mean over all clustering layers (None without any), and
+        ``commitment_loss``, the mean over the routing layers (None without any)."""
         encoder_out = self.encoder(src_tokens, src_lengths=src_lengths, return_all_hiddens=return_all_hiddens)
         x, extra = self.decoder(
             prev_output_tokens,
@@ -444,6 +547,8 @@ class ClusterformerModel(TransformerModel):
         sorting = encoder_out["sorting_losses"] + extra["sorting_losses"]
         extra["clustering_loss"] = torch.stack(clustering).mean() if clustering else None
         extra["sorting_loss"] = torch.stack(sorting).mean() if sorting else None
+        commitment = encoder_out["commitment_losses"] + extra["commitment_losses"]
+        extra["commitment_loss"] = torch.stack(commitment).mean() if commitment else None
         return x, extra
 
 
@@ -463,6 +568,8 @@ def _set_cluster_defaults(args):
         "max_clusters",
         "self_attention_encoder",
         "self_attention_decoder",
+        "lsh_n_hashes",
+        "routing_local_heads",
     ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))

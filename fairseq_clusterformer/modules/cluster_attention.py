@@ -51,6 +51,9 @@ class ClusterInfo(NamedTuple):
     clustering_loss: Tensor  # scalar: mean over real words of -sim(x_j, c'_{a_j})
     sorting_loss: Tensor  # scalar: mean over adjacent centroid pairs of -sim(c'_i, c'_{i+1})
     assignments: Tensor  # B x N long cluster index per word (-1 at padding)
+    # A router's own loss (the routing baseline's k-means commitment loss; None otherwise). Layers
+    # with a router have no centroids, so their clustering_loss and sorting_loss are None.
+    commitment_loss: Optional[Tensor] = None
 
 
 class Words(NamedTuple):
@@ -122,6 +125,12 @@ class ClusterAttention(nn.Module):
         dropout: attention-probability dropout.
         bias: biases on the q/k/v/out projections (as fairseq's MultiheadAttention).
         impl: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
+        router: causal only: the assignment rule, replacing the learned centroids (the LSH and
+            routing baselines, fairseq_clusterformer/baselines/routers.py). A module with
+            ``num_groups`` (= num_clusters), ``directions(dtype)`` (K x d: a word goes to the
+            argmax of its dot products with these rows, a function of the word alone) and
+            ``losses(x, pad, assign)`` (its loss or None). Everything else of the causal variant
+            (window, local heads, fast and reference paths, the decoding cache) is unchanged.
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class ClusterAttention(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         impl: str = "fast",
+        router: Optional[nn.Module] = None,
     ):
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
@@ -176,6 +186,11 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        if router is not None:
+            if not causal:
+                raise ValueError("a router replaces the causal variant's centroids; the encoder variant takes none")
+            if router.num_groups != num_clusters:
+                raise ValueError(f"the router has {router.num_groups} groups, num_clusters is {num_clusters}")
 
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -194,9 +209,13 @@ class ClusterAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.centroid_proj = nn.Linear(embed_dim, embed_dim, bias=False)  # W_C
-        n_centroids = max_clusters if num_clusters == "auto" else num_clusters
-        self.centroids = nn.Parameter(torch.empty(n_centroids, embed_dim)) if learned_centroids else None
+        if router is None:
+            self.centroid_proj = nn.Linear(embed_dim, embed_dim, bias=False)  # W_C
+            n_centroids = max_clusters if num_clusters == "auto" else num_clusters
+            self.centroids = nn.Parameter(torch.empty(n_centroids, embed_dim)) if learned_centroids else None
+        else:  # the router assigns the words: no centroids (an unused parameter would break DDP)
+            self.centroid_proj = self.centroids = None
+        self.router = router
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -208,7 +227,8 @@ class ClusterAttention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
-        nn.init.xavier_uniform_(self.centroid_proj.weight)
+        if self.centroid_proj is not None:
+            nn.init.xavier_uniform_(self.centroid_proj.weight)
         if self.centroids is not None:
             # Random initialisation (the paper), at the scale of layer-normalised word states.
             nn.init.normal_(self.centroids, mean=0.0, std=1.0)
@@ -220,7 +240,7 @@ class ClusterAttention(nn.Module):
             f"local_heads={self.local_heads if self.causal else None}, "
             f"previous_block={self.previous_block if not self.causal else None}, "
             f"similarity={self.similarity}, impl={self.impl}"
-        )
+        ) + ("" if self.router is None else f", router={type(self.router).__name__}")
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -310,8 +330,13 @@ class ClusterAttention(nn.Module):
         the rounding error of either computation can bridge (then both argmaxes agree), and the
         elementwise product is computed only for the remaining near-ties: the same result as
         computing it everywhere.
+
+        With a router, its ``directions`` take the place of C W_C (the same exact argmax).
         """
-        cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
+        if self.router is not None:
+            cw = self.router.directions(x.dtype)  # K x d
+        else:
+            cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
         if cw.size(0) == 1:
             return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
         d = x.size(-1)
@@ -387,12 +412,17 @@ class ClusterAttention(nn.Module):
     # causal (decoder) variant
     def _forward_causal(self, x: Tensor, words: Words):
         B = x.size(0)
-        k_b = torch.full((B,), self.num_clusters, dtype=torch.long, device=x.device)
-        # The centroids are a parameter: the assignment of word t depends on x_t alone. C' (which
-        # sees all words) only feeds the losses, never the attention, so causality holds.
-        assign, _, clustering_loss, sorting_loss = self._cluster(
-            x, words, self.layer_centroids(x, words, None), k_b, assign=self.assign_per_word(x)
-        )
+        commitment_loss = None
+        if self.router is not None:
+            # The router's directions are fixed within a forward: word t's group depends on x_t alone.
+            assign, clustering_loss, sorting_loss, commitment_loss = self.route(x, words)
+        else:
+            k_b = torch.full((B,), self.num_clusters, dtype=torch.long, device=x.device)
+            # The centroids are a parameter: the assignment of word t depends on x_t alone. C' (which
+            # sees all words) only feeds the losses, never the attention, so causality holds.
+            assign, _, clustering_loss, sorting_loss = self._cluster(
+                x, words, self.layer_centroids(x, words, None), k_b, assign=self.assign_per_word(x)
+            )
         H, Hl = self.num_heads, self.local_heads
         out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
         if Hl < H:
@@ -402,7 +432,14 @@ class ClusterAttention(nn.Module):
             everyone = assign.clamp(max=0)
             local = self._causal_band_attention(x, words, everyone, 1, (0, Hl))
             out = local if out is None else local + out
-        return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
+        return out, ClusterInfo(None, clustering_loss, sorting_loss, assign, commitment_loss)
+
+    def route(self, x: Tensor, words: Words):
+        """With a router: (assignments, -1 at padding; None; None; the router's loss or None)."""
+        assign = self.assign_per_word(x)
+        if words.pad is not None:
+            assign = assign.masked_fill(words.pad, -1)
+        return assign, None, None, self.router.losses(x, words.pad, assign)
 
     def _causal_band_attention(self, x: Tensor, words: Words, assign: Tensor, K: int, heads: Tuple[int, int]):
         """Heads [heads[0], heads[1]) of the causal variant: each word attends to the most recent

@@ -35,27 +35,33 @@ def reference_forward(attn, x: Tensor, words: Words, centroids):
     k_b, K = attn.cluster_counts(words.lengths)
     fill = torch.finfo(x.dtype).min  # finite: a fully padded sequence softmaxes to uniform, not NaN
 
-    # 1. Similarity of words and centroids, U = X (C W_C)^T / sqrt(d): B x N x K.
-    C = attn.layer_centroids(x, words, centroids)  # B x K x d
-    U = x @ attn.centroid_proj(C).transpose(1, 2) / math.sqrt(d)
-
-    # 2. Each word goes to its most similar centroid (the decoder: per word, see assign_per_word).
-    if attn.causal:
-        assign = attn.assign_per_word(x)
+    commitment_loss = None
+    if attn.router is not None:
+        # A router (the LSH and routing baselines) assigns each word by itself; no centroids.
+        assign, clustering_loss, sorting_loss, commitment_loss = attn.route(x, words)
+        new_centroids = None
     else:
-        beyond_k = torch.arange(K, device=x.device) >= k_b[:, None]  # B x K: clusters sequence b lacks
-        assign = U.masked_fill(beyond_k[:, None, :], fill).argmax(-1)
-    assign = assign.masked_fill(pad, -1)  # B x N
+        # 1. Similarity of words and centroids, U = X (C W_C)^T / sqrt(d): B x N x K.
+        C = attn.layer_centroids(x, words, centroids)  # B x K x d
+        U = x @ attn.centroid_proj(C).transpose(1, 2) / math.sqrt(d)
 
-    # 3. Updated centroids C' = softmax over the real words of U, times X: B x K x d.
-    new_centroids = U.masked_fill(pad[:, :, None], fill).softmax(dim=1).transpose(1, 2) @ x
+        # 2. Each word goes to its most similar centroid (the decoder: per word, see assign_per_word).
+        if attn.causal:
+            assign = attn.assign_per_word(x)
+        else:
+            beyond_k = torch.arange(K, device=x.device) >= k_b[:, None]  # B x K: clusters sequence b lacks
+            assign = U.masked_fill(beyond_k[:, None, :], fill).argmax(-1)
+        assign = assign.masked_fill(pad, -1)  # B x N
 
-    # 4. Clustering loss: mean over real words of -sim(x_j, c'_{a_j}); sorting loss: mean over
-    #    adjacent pairs (i, i+1 < k_b) of -sim(c'_i, c'_{i+1}), averaged over sequences with pairs.
-    own = new_centroids.gather(1, assign.clamp(min=0)[:, :, None].expand(B, N, d))  # B x N x d
-    clustering_loss = -(similarity(attn, x, own) * real).sum() / words.n_words
-    pair_sim = similarity(attn, new_centroids[:, :-1], new_centroids[:, 1:])  # B x K-1
-    sorting_loss = -(pair_sim * attn.sorting_pair_weights(k_b, K, x.dtype)).sum()
+        # 3. Updated centroids C' = softmax over the real words of U, times X: B x K x d.
+        new_centroids = U.masked_fill(pad[:, :, None], fill).softmax(dim=1).transpose(1, 2) @ x
+
+        # 4. Clustering loss: mean over real words of -sim(x_j, c'_{a_j}); sorting loss: mean over
+        #    adjacent pairs (i, i+1 < k_b) of -sim(c'_i, c'_{i+1}), averaged over sequences with pairs.
+        own = new_centroids.gather(1, assign.clamp(min=0)[:, :, None].expand(B, N, d))  # B x N x d
+        clustering_loss = -(similarity(attn, x, own) * real).sum() / words.n_words
+        pair_sim = similarity(attn, new_centroids[:, :-1], new_centroids[:, 1:])  # B x K-1
+        sorting_loss = -(pair_sim * attn.sorting_pair_weights(k_b, K, x.dtype)).sum()
 
     # 5. Which words each word may see: B x H x N (queries) x N (keys).
     visible = _causal_visibility(attn, assign) if attn.causal else _block_visibility(attn, assign, words, k_b, K)
@@ -69,7 +75,7 @@ def reference_forward(attn, x: Tensor, words: Words, centroids):
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)  # B x H x N x hd
     out = out.transpose(1, 2).reshape(B, N, d).masked_fill(pad[:, :, None], 0.0)
     out = attn.out_proj(out)
-    info = ClusterInfo(None if attn.causal else new_centroids, clustering_loss, sorting_loss, assign)
+    info = ClusterInfo(None if attn.causal else new_centroids, clustering_loss, sorting_loss, assign, commitment_loss)
     return out, info
 
 
