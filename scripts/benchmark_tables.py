@@ -1,0 +1,235 @@
+"""Rebuild the tables of docs/benchmarks.md from the raw CSVs committed beside it.
+
+    python -m scripts.benchmark_tables                 # rewrite the generated blocks in place
+    python -m scripts.benchmark_tables --check         # exit 1 if the doc differs from the CSVs
+
+Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention --csv`` and
+``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
+attn_scaling_b1.csv, check2048.csv, translation.csv). Each generated block of the doc sits
+between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
+the blocks is left alone. A missing or empty CSV is an error: a table is never replaced by
+nothing.
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from scripts.benchmark_attention import fit_exponent, read_rows, series_label
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "benchmarks.md"
+DATA = REPO / "docs" / "data" / "cpu"
+ATTENTION_ORDER = [
+    "cluster k=sqrt",
+    "cluster k=3",
+    "cluster-causal k=sqrt",
+    "cluster-causal k=3",
+    "full",
+    "sdpa",
+    "naive",
+    "proj",
+]
+HEADINGS = {"cluster k=sqrt": "cluster k=√N", "cluster-causal k=sqrt": "cluster-causal k=√N"}
+
+
+class TableError(Exception):
+    pass
+
+
+def _rows(name, data=DATA):
+    path = Path(data) / name
+    if not path.exists():
+        raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
+    rows = read_rows(path) if name.startswith(("attn_", "check")) else list(csv.DictReader(path.open()))
+    if not rows:
+        raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
+    return rows
+
+
+def _fmt(value):
+    if value is None:
+        return "—"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _by_series(rows):
+    table = {}
+    for r in rows:
+        table[(r["n"], series_label(r))] = r
+    series = [s for s in ATTENTION_ORDER if any(k[1] == s for k in table)]
+    return table, series
+
+
+def attention_tables(rows):
+    """The time table and the memory table of one sweep (markdown)."""
+    table, series = _by_series(rows)
+    ns = sorted({n for n, _ in table})
+    head = "| N | batch | " + " | ".join(HEADINGS.get(s, s) for s in series) + " |"
+    rule = "|" + "---|" * (len(series) + 2)
+    out = []
+    for title, field in (("Time per step (ms)", "time_ms"), ("Extra peak memory (MiB)", "peak_mb")):
+        out += [f"**{title}**", "", head, rule]
+        for n in ns:
+            batch = next(table[(n, s)]["batch"] for s in series if (n, s) in table)
+            cells = [_fmt(table[(n, s)][field]) if (n, s) in table else "—" for s in series]
+            out.append(f"| {n} | {batch} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def exponents(rows, lo=1024, hi=8192):
+    """Fitted exponents of time per sequence on lo <= N <= hi, one line per series."""
+    table, series = _by_series(rows)
+    parts = []
+    for s in series:
+        pts = sorted((n, r["time_ms"] / r["batch"]) for (n, name), r in table.items() if name == s and lo <= n <= hi)
+        if len(pts) >= 2:
+            value = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
+            parts.append(f"{HEADINGS.get(s, s)} **{value:.2f}**")
+    return (
+        f"Fitted exponents of time per sequence on {lo} ≤ N ≤ {hi} (least squares on log-log): "
+        + ", ".join(parts)
+        + "."
+    )
+
+
+def check_table(rows):
+    """The N = 2048 side-by-side check: time, rounds, ratios, memory."""
+    table, series = _by_series(rows)
+    base = table[(2048, "cluster k=sqrt")]
+    has_rounds = all(r.get("rounds_ms") for r in table.values())
+    out = [
+        "| | time (ms) |" + (" rounds |" if has_rounds else "") + " ratio cluster / this | peak memory (MiB) | "
+        "ratio cluster / this |",
+        "|---|---|" + ("---|" if has_rounds else "") + "---|---|---|",
+    ]
+    for s in series:
+        r = table[(2048, s)]
+        t_ratio = "—" if s == "cluster k=sqrt" else f"{base['time_ms'] / r['time_ms']:.3f}"
+        m_ratio = "—" if s == "cluster k=sqrt" else f"{base['peak_mb'] / r['peak_mb']:.3f}"
+        rounds = f" {r['rounds_ms']} |" if has_rounds else ""
+        out.append(
+            f"| {HEADINGS.get(s, s)} | {r['time_ms']:.0f} |{rounds} {t_ratio} | {r['peak_mb']:.1f} | {m_ratio} |"
+        )
+    return "\n".join(out)
+
+
+def translation_tables(rows):
+    """Whole-model rows: the MT-length table and the synthetic-length table."""
+    ours, theirs = "clusterformer_iwslt", "transformer_iwslt_de_en"
+    index = {(r["setting"], r["phase"], r["arch"]): r for r in rows}
+    out = ["| setting | phase | clusterformer_iwslt | transformer_iwslt_de_en | ratio |", "|---|---|---|---|---|"]
+    settings = []
+    for r in rows:
+        if r["setting"] not in settings:
+            settings.append(r["setting"])
+    for setting in settings:
+        for phase in ("train", "generate"):
+            mine = index.get((setting, phase, ours)) or index.get((setting, phase, ours + "+auto"))
+            other = index.get((setting, phase, theirs))
+            if not mine or not other:
+                continue
+            ratio = float(mine["rate"]) / float(other["rate"])
+            label = setting if not mine["arch"].endswith("+auto") else setting + " (`--num-clusters auto`)"
+            out.append(
+                f"| {label} | {phase} | {float(mine['rate']):.4g} {mine['unit']} | "
+                f"{float(other['rate']):.4g} {other['unit']} | **{ratio:.2f}** |"
+            )
+    return "\n".join(out)
+
+
+def summary(train, check, translation):
+    """The headline ratios, each from numbers measured side by side in one run."""
+    t, _ = _by_series(check)
+    c, f, s = t[(2048, "cluster k=sqrt")], t[(2048, "full")], t[(2048, "sdpa")]
+    sweep, _ = _by_series(train)
+    naive = sweep.get((2048, "naive"))
+    cluster_sweep = sweep.get((2048, "cluster k=sqrt"))
+    idx = {(r["setting"], r["phase"], r["arch"]): float(r["rate"]) for r in translation}
+    mt_train = idx[("mt", "train", "clusterformer_iwslt")] / idx[("mt", "train", "transformer_iwslt_de_en")]
+    mt_gen = idx[("mt", "generate", "clusterformer_iwslt")] / idx[("mt", "generate", "transformer_iwslt_de_en")]
+    pts = sorted(
+        (n, r["time_ms"] / r["batch"])
+        for (n, name), r in sweep.items()
+        if name == "cluster k=sqrt" and 1024 <= n <= 8192
+    )
+    expo = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
+    rows = [
+        ("N = 2048 training step, cluster / full", f"{c['time_ms'] / f['time_ms']:.2f}", "check2048.csv"),
+        ("N = 2048 training step, cluster / sdpa", f"{c['time_ms'] / s['time_ms']:.2f}", "check2048.csv"),
+        ("N = 2048 peak memory, cluster / sdpa", f"{c['peak_mb'] / s['peak_mb']:.2f}", "check2048.csv"),
+    ]
+    if naive and cluster_sweep:
+        rows.append(
+            (
+                "N = 2048 peak memory, cluster / naive",
+                f"{cluster_sweep['peak_mb'] / naive['peak_mb']:.2f}",
+                "attn_train.csv",
+            )
+        )
+    rows += [
+        ("time exponent of cluster k=√N, 1024 ≤ N ≤ 8192", f"{expo:.2f}", "attn_train.csv"),
+        ("MT lengths, training throughput, clusterformer / transformer", f"{mt_train:.2f}", "translation.csv"),
+        ("MT lengths, beam-5 generation, clusterformer / transformer", f"{mt_gen:.2f}", "translation.csv"),
+    ]
+    out = ["| quantity | measured | raw data |", "|---|---|---|"]
+    out += [f"| {a} | **{b}** | `docs/data/cpu/{c}` |" for a, b, c in rows]
+    return "\n".join(out)
+
+
+def blocks(data=DATA):
+    train, forward = _rows("attn_train.csv", data), _rows("attn_forward.csv", data)
+    scaling, check = _rows("attn_scaling_b1.csv", data), _rows("check2048.csv", data)
+    translation = _rows("translation.csv", data)
+    return {
+        "summary": summary(train, check, translation),
+        "train": attention_tables(train) + "\n\n" + exponents(train),
+        "scaling": attention_tables(scaling) + "\n\n" + exponents(scaling),
+        "check2048": check_table(check),
+        "forward": attention_tables(forward) + "\n\n" + exponents(forward),
+        "translation": translation_tables(translation),
+    }
+
+
+def render(text, generated):
+    for name, body in generated.items():
+        begin, end = f"<!-- BEGIN GENERATED {name} -->", f"<!-- END GENERATED {name} -->"
+        if begin not in text or end not in text:
+            raise TableError(f"{DOC.name} has no '{begin}' ... '{end}' block for the {name} table")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the doc's tables differ from the CSVs")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the raw CSVs (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        text = args.doc.read_text()
+        new = render(text, blocks(args.data))
+    except TableError as err:
+        print(f"benchmark_tables: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"benchmark_tables: {args.doc} differs from docs/data/cpu; run python -m scripts.benchmark_tables")
+            return 1
+        print(f"{args.doc}: tables match the CSVs")
+        return 0
+    args.doc.write_text(new)
+    print(f"rewrote the generated tables of {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""docs/benchmarks.md's tables are rebuilt from the raw CSVs committed beside it."""
+
+import shutil
+import subprocess
+import sys
+
+from fairseq_helpers import REPO
+
+
+def _tables(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_tables", *map(str, args)], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_the_page_matches_its_csvs():
+    proc = _tables("--check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_changed_csv_changes_the_page_and_a_missing_one_is_refused(tmp_path):
+    data = tmp_path / "cpu"
+    shutil.copytree(REPO / "docs" / "data" / "cpu", data)
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
+    # Double the sdpa time of the check: the page's ratio must follow (0.43 -> 0.21).
+    lines = (data / "check2048.csv").read_text().splitlines()
+    lines = [
+        ",".join(
+            f"{float(c) * 2:.3f}" if i == 6 and line.startswith("sdpa,") else c for i, c in enumerate(line.split(","))
+        )
+        for line in lines
+    ]
+    (data / "check2048.csv").write_text("\n".join(lines) + "\n")
+    assert _tables("--check", "--doc", doc, "--data", data).returncode == 1
+    assert _tables("--doc", doc, "--data", data).returncode == 0
+    assert "| N = 2048 training step, cluster / sdpa | **0.21** |" in doc.read_text()
+    # An empty or missing CSV: refused, and the page is left as it was.
+    before = doc.read_text()
+    (data / "attn_train.csv").write_text("impl,n,k,batch,mode,device,time_ms,peak_mb\n")
+    proc = _tables("--doc", doc, "--data", data)
+    assert proc.returncode == 2 and "refusing to replace a table with nothing" in proc.stderr
+    shutil.copy(REPO / "docs" / "data" / "cpu" / "attn_train.csv", data)
+    (data / "translation.csv").unlink()
+    proc = _tables("--doc", doc, "--data", data)
+    assert proc.returncode == 2 and "is missing" in proc.stderr
+    assert doc.read_text() == before
