@@ -37,12 +37,13 @@ def accumulate(module, x: Tensor, buckets: Tensor, valid: Optional[Tensor]):
     padding) or None. Adds them to the module's pending per-cluster sums and counts."""
     b, G, n, D = x.shape
     C = module.means.size(1)
-    weight = torch.ones(b, 1, n, dtype=x.dtype, device=x.device)
+    x = x.float()  # statistics in float32 whatever the model's dtype
+    weight = torch.ones(b, 1, n, device=x.device)
     if valid is not None:
-        weight = weight * valid[:, None, :].to(x.dtype)
-    one_hot = F.one_hot(buckets, C).to(x.dtype) * weight[..., None]  # b x G x n x C
-    sums = torch.einsum("bgnc,bgnd->gcd", one_hot, x.float() if x.dtype != torch.float32 else x).float()
-    counts = one_hot.sum((0, 2)).float()  # G x C
+        weight = weight * valid[:, None, :].float()
+    one_hot = F.one_hot(buckets, C).float() * weight[..., None]  # b x G x n x C
+    sums = torch.einsum("bgnc,bgnd->gcd", one_hot, x)
+    counts = one_hot.sum((0, 2))  # G x C
     if module._pending_sum is None:
         module._pending_sum, module._pending_count = sums, counts
     else:
