@@ -17,12 +17,16 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
                   nn.Linear projections.
   naive           softmax(Q K^T / sqrt(hd)) V written with matmuls: materialises the N x N scores
                   (what a 2022 Transformer baseline did).
+  flash           torch's flash-attention kernel alone: F.scaled_dot_product_attention with no
+                  mask (a flash kernel takes none; the inputs have no padding anyway) and only
+                  the flash backend enabled (torch.nn.attention.sdpa_kernel), same projections.
+                  On CUDA it needs --dtype bfloat16 or float16. Not in the default --impl list.
   proj            not attention: the same four nn.Linear projections with no attention between
                   them: out_proj(v), with q and k summed into the loss at weight 0 so that all
                   four projections run forward and backward. The floor every method above pays; not in the
                   default --impl list.
 
-Every implementation gets a key_padding_mask (all False: every token is real).
+Every implementation but flash gets a key_padding_mask (all False: every token is real).
 
 Measurements, for each mode and length N:
   memory  each configuration in a fresh subprocess: one step, and the peak resident set size
@@ -66,7 +70,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj")
+IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj", "flash")
 DEFAULT_IMPLS = IMPLS[:5]
 CLUSTER_IMPLS = ("cluster", "cluster-causal")
 CSV_COLUMNS = ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
@@ -186,6 +190,16 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
         def step(x, kpm):
             q, k_, v = qkv(x)
             out = F.scaled_dot_product_attention(q, k_, v, attn_mask=~kpm[:, None, None, :])
+            return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
+
+        return step, False, m
+    if impl == "flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def step(x, kpm):  # kpm is all False here: no mask, so that the flash kernel can run
+            q, k_, v = qkv(x)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                out = F.scaled_dot_product_attention(q, k_, v)
             return m.out_proj(out.transpose(1, 2).reshape(x.shape)), None
 
         return step, False, m
@@ -580,6 +594,7 @@ def plot(rows, out_dir, fit_lo, fit_hi, stem="attention"):
         "sdpa": ":",
         "naive": "-.",
         "proj": ":",
+        "flash": "--",
     }
     for mode, device in sorted({(r["mode"], r["device"]) for r in rows}):
         sub = [r for r in rows if r["mode"] == mode and r["device"] == device]

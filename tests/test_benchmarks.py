@@ -267,6 +267,7 @@ def test_attention_benchmark_proj_floor_is_opt_in(tmp_path):
     assert all(float(r["time_ms"]) > 0 for r in rows)
     module = _benchmark_attention_module()
     assert "proj" in module.IMPLS and "proj" not in module.DEFAULT_IMPLS
+    assert "flash" in module.IMPLS and "flash" not in module.DEFAULT_IMPLS
 
 
 def test_translation_benchmark_rejects_unknown_phase():
@@ -349,51 +350,31 @@ def test_profile_attention_smoke():
 
 def test_attention_benchmark_in_process_mode(tmp_path):
     """--in-process (the default on CUDA): every configuration of a mode in one worker, timed side
-    by side per N, a row per configuration and N, and a method that runs out of memory stops."""
+    by side per N, a row per configuration and N, `flash` among them; a configuration over the
+    time cap is measured once and not run at larger N."""
+    common = [*ATTENTION, "--lengths", "64,128", "--impl", "cluster,full,sdpa,flash", "--k", "sqrt",
+              "--mode", "train", "--d", "32", "--heads", "4", "--batch", "2", "--threads", "1", "--in-process",
+              "--fit", "64,128"]  # fmt: skip
     out_csv = tmp_path / "inproc.csv"
-    stdout = _run(
-        [
-            *ATTENTION,
-            "--lengths",
-            "64,128",
-            "--impl",
-            "cluster,full,sdpa",
-            "--k",
-            "sqrt",
-            "--mode",
-            "train",
-            "--repeats",
-            "2",
-            "--warmup",
-            "1",
-            "--d",
-            "32",
-            "--heads",
-            "4",
-            "--batch",
-            "2",
-            "--threads",
-            "1",
-            "--in-process",
-            "--fit",
-            "64,128",
-            "--csv",
-            out_csv,
-        ],
-        timeout=120,
-    )
+    stdout = _run([*common, "--repeats", "2", "--warmup", "1", "--csv", out_csv], timeout=120)
     _, rows = _rows(out_csv)
     assert sorted((r["impl"], int(r["n"]), r["k"]) for r in rows) == [
-        ("cluster", 64, "8"),
-        ("cluster", 128, "12"),
-        ("full", 64, ""),
-        ("full", 128, ""),
-        ("sdpa", 64, ""),
-        ("sdpa", 128, ""),
-    ]
+        ("cluster", 64, "8"), ("cluster", 128, "12"), ("flash", 64, ""), ("flash", 128, ""), ("full", 64, ""),
+        ("full", 128, ""), ("sdpa", 64, ""), ("sdpa", 128, "")]  # fmt: skip
     assert all(float(r["time_ms"]) > 0 and r["device"] == "cpu" for r in rows)
     assert "in-process" in stdout and "(median of 2:" in stdout
     assert "# full (train) runs:" in stdout and "scaled_dot_product" in stdout
+
+    capped = tmp_path / "capped.csv"
+    stdout = _run([*common, "--repeats", "1", "--warmup", "0", "--time-cap", "1e-9", "--csv", capped], timeout=120)
+    _, rows = _rows(capped)
+    assert sorted((r["impl"], int(r["n"])) for r in rows) == [
+        ("cluster", 64),
+        ("flash", 64),
+        ("full", 64),
+        ("sdpa", 64),
+    ]
+    assert stdout.count("ONE cold step") == 4
 
 
 def test_attention_benchmark_cuda_batches_and_dtype():

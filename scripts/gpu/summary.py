@@ -56,13 +56,12 @@ def precision_lines(json_path):
     return lines
 
 
-def _label(r):
-    if r["impl"] in ("cluster", "cluster-causal") and r["k"]:
-        return f"{r['impl']} k={r['k']}"
-    return r["impl"]
+ATTN_ORDER = ("cluster", "cluster-causal", "full", "sdpa", "flash", "naive", "proj")
 
 
 def attention_lines(csv_path, log_text):
+    """Per N: time (ms) and extra peak memory (MiB) of each method, and cluster / sdpa and
+    cluster / flash ratios of both."""
     if not csv_path.exists():
         return ["attention: no CSV"]
     with open(csv_path) as f:
@@ -72,17 +71,27 @@ def attention_lines(csv_path, log_text):
     by_n = {}
     for r in rows:
         by_n.setdefault(int(r["n"]), {})[r["impl"]] = r
-    lines = ["attention, training step (time ms / extra peak MiB; cluster/sdpa ratios):"]
+    impls = [i for i in ATTN_ORDER if any(i in cells for cells in by_n.values())]
+    short = {"cluster-causal": "causal"}
+    head = " ".join(f"{short.get(i, i):>8s}" for i in impls)
+    lines = [
+        "attention, training step: time ms | extra peak MiB | cluster/sdpa and cluster/flash (time, mem)",
+        f"  {'N':>6s} {'b':>3s} {head} | {head} |",
+    ]
     for n in sorted(by_n):
         cells = by_n[n]
         batch = next(iter(cells.values()))["batch"]
-        parts = [f"{impl} {float(c['time_ms']):.3g}/{float(c['peak_mb']):.4g}" for impl, c in sorted(cells.items())]
-        ratio = ""
-        if "cluster" in cells and "sdpa" in cells:
-            t = float(cells["cluster"]["time_ms"]) / float(cells["sdpa"]["time_ms"])
-            m = float(cells["cluster"]["peak_mb"]) / max(float(cells["sdpa"]["peak_mb"]), 1e-9)
-            ratio = f" | time {t:.2f}, mem {m:.2f}"
-        lines.append(f"  N={n:<6d} b={batch:<3s} " + ", ".join(parts) + ratio)
+        t = " ".join(f"{float(cells[i]['time_ms']):8.3g}" if i in cells else f"{'-':>8s}" for i in impls)
+        m = " ".join(f"{float(cells[i]['peak_mb']):8.4g}" if i in cells else f"{'-':>8s}" for i in impls)
+        ratios = []
+        for base in ("sdpa", "flash"):
+            if "cluster" in cells and base in cells:
+                rt = float(cells["cluster"]["time_ms"]) / float(cells[base]["time_ms"])
+                rm = float(cells["cluster"]["peak_mb"]) / max(float(cells[base]["peak_mb"]), 1e-9)
+                ratios.append(f"{rt:.2f} {rm:.2f}")
+            else:
+                ratios.append("-")
+        lines.append(f"  {n:6d} {batch:>3s} {t} | {m} | " + " / ".join(ratios))
     exps = re.findall(r"# time exponent \S+\s+\S+ (.+?)\s+(-?[\d.]+|nan)\s+\(N", log_text)
     if exps:
         lines.append("  time exponents: " + ", ".join(f"{name.strip()} {value}" for name, value in exps))
