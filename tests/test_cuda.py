@@ -189,12 +189,13 @@ def test_batch_invariance(variant):
 
 
 def _sdpa_ops(fn):
-    """Names of the aten scaled_dot_product ops that fn() runs."""
+    """Names of the aten attention ops that fn() runs (scaled_dot_product_* and the flash /
+    memory-efficient kernels' own ops, e.g. aten::_efficient_attention_forward)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
-    return {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::") and "attention" in e.key}
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the flash and memory-efficient sdpa backends are CUDA's")

@@ -128,8 +128,8 @@ step precision 130 "$PY" -m scripts.gpu.cli_precision "${PREC[@]}" --work "$WORK
 
 # (c) the attention layer against flash attention
 if [[ $DRY == 1 ]]; then
-    ATTN=(--device cpu --in-process --lengths 64,128 --batch 2 --d 32 --heads 4 --repeats 1 --warmup 0
-        --threads 1 --fit 64,128)
+    ATTN=(--device cpu --dtype bfloat16 --in-process --lengths 64,128 --batch 2 --d 32 --heads 4 --repeats 1
+        --warmup 0 --threads 1 --fit 64,128)
 else
     ATTN=(--device cuda --dtype bfloat16 --lengths 512,1024,2048,4096,8192,16384,32768,65536
         --repeats 3 --warmup 1 --budget 10 --time-cap 20 --fit 4096,65536)
@@ -139,7 +139,7 @@ step attention 120 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode trai
 
 # (d) whole translation models
 if [[ $DRY == 1 ]]; then
-    MT=(--device cpu --settings 48 --layers 1 --embed-dim 32 --ffn-dim 64 --heads 4 --train-steps 1 --warmup 1
+    MT=(--device cpu --dtype bfloat16 --settings 48 --layers 1 --embed-dim 32 --ffn-dim 64 --heads 4 --train-steps 1 --warmup 1
         --gen-batches 1 --gen-warmup 0 --gen-batch-size 2 --gen-len-long 4 --max-tokens 400 --threads 1)
 else
     MT=(--device cuda --dtype bfloat16 --settings 512,2048 --train-steps 10 --warmup 2 --gen-batches 2
