@@ -3,8 +3,11 @@ python -m scripts.experiments.run_side_by_side, on the toy corpus with tiny mode
 The real runs (minutes to hours) and their results are in docs/results.md."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from fairseq_clusterformer.tools import choose_k, expkit
 from fairseq_helpers import REPO, cli, run
@@ -361,3 +364,156 @@ def test_k1_cluster_attention_is_fairseq_multihead_attention():
         out, _ = ca(x, pad)
         real = ~pad if pad is not None else torch.ones(batch, n, dtype=torch.bool)
         assert torch.allclose(out[real], ref[real], atol=1e-5), (causal, (out - ref)[real].abs().max())
+
+
+# ------------------------------------------------------------------ report from committed results
+
+
+def _generated_blocks(text):
+    return [m.group(0) for m in run_side_by_side._BLOCK.finditer(text)]
+
+
+def test_report_rebuilds_docs_results_from_the_committed_raw_results(tmp_path):
+    """docs/results.md's generated blocks are what `report` makes of the committed raw results
+    they name (docs/results/*.jsonl): rebuilding a copy changes nothing."""
+    import shutil
+
+    doc = REPO / "docs" / "results.md"
+    text = doc.read_text()
+    blocks = _generated_blocks(text)
+    sources = [m.group("src") for m in run_side_by_side._BLOCK.finditer(text)]
+    assert blocks and all(src and src.startswith("docs/results/") for src in sources)
+    (tmp_path / "img").mkdir()
+    for png in (REPO / "docs" / "img").glob("curves_*.png"):
+        shutil.copy(png, tmp_path / "img" / png.name)  # plots the records cannot redraw stay as they are
+    md = tmp_path / "results.md"
+    md.write_text(text.replace(blocks[0], blocks[0].replace("| transformer |", "| stale |")))
+    run_side_by_side.main(["report", "--md", str(md), "--img-dir", str(tmp_path / "img")])
+    assert _generated_blocks(md.read_text()) == blocks
+    # the transcribed quick-setting records give the published per-seed values and means
+    quick = expkit.read_jsonl(REPO / "docs" / "results" / "multi30k_quick.jsonl")
+    tf = [r for r in quick if r["model"] == "transformer" and r["variant"] == "base"]
+    assert [r["best_valid_nll"] for r in tf] == [4.685, 4.607]
+    assert "| transformer | base | 400 | 1,2 | 4.646 [4.685, 4.607] | 19.56 [18.41, 20.71] |" in text
+
+
+def test_report_refuses_to_replace_a_table_with_nothing(tmp_path):
+    md = tmp_path / "results.md"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    begin = run_side_by_side.BEGIN[: -len(" -->")]
+    original = f"# intro\n\n{begin} from {empty} -->\n| kept | table |\n{run_side_by_side.END}\n"
+    md.write_text(original)
+    proc = subprocess.run(
+        [PY, "-m", "scripts.experiments.run_side_by_side", "report", "--md", str(md), "--img-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "no run records in" in proc.stderr and "left unchanged" in proc.stderr
+    assert md.read_text() == original
+    # a missing file, and a block without a source given a missing --results, are refused alike
+    md.write_text(original.replace(str(empty), str(tmp_path / "missing.jsonl")))
+    with pytest.raises(SystemExit):
+        run_side_by_side.report([tmp_path / "nothing.jsonl"], md, tmp_path)
+    md.write_text(f"{run_side_by_side.BEGIN}\n| kept |\n{run_side_by_side.END}\n")
+    with pytest.raises(SystemExit):
+        run_side_by_side.report([tmp_path / "nothing.jsonl"], md, tmp_path)
+    assert md.read_text() == f"{run_side_by_side.BEGIN}\n| kept |\n{run_side_by_side.END}\n"
+
+
+def test_mean_cell_with_std():
+    assert run_side_by_side._mean_cell([30.0, 32.0, 34.0], std=True) == "32.00 ± 2.00 [30.00, 32.00, 34.00]"
+    assert run_side_by_side._mean_cell([1.0, 2.0]) == "1.50 [1.00, 2.00]"
+    assert run_side_by_side._mean_cell([1.0, 2.0], mean=1.6) == "1.60 [1.00, 2.00]"
+    assert run_side_by_side._mean_cell([None, 3.0], std=True) == "3.00"
+
+
+# ---------------------------------------------------------------------------- converged recipe
+
+
+def test_parse_segments_of_a_resumed_log():
+    def epoch(e, updates, wall, wpb=100):
+        return (
+            f"2026-01-01 00:00:0{e} | INFO | valid | epoch {e:03d} | valid on 'valid' subset | loss 4 "
+            f"| nll_loss {5 - e / 10} | num_updates {updates}\n"
+            f"2026-01-01 00:00:0{e} | INFO | train | epoch {e:03d} | loss 5 | wpb {wpb} "
+            f"| num_updates {updates} | train_wall {wall}\n"
+        )
+
+    # the first process finished epochs 1 and 2 and was killed after logging epoch 3 but before
+    # its checkpoint; the second redid epoch 3, did 4 and stopped early
+    log = (
+        "# command: fairseq-train a\n"
+        + epoch(1, 10, 5)
+        + epoch(2, 20, 5)
+        + epoch(3, 30, 9, wpb=999)
+        + "# command: fairseq-train a\n"
+        + epoch(3, 30, 5)
+        + epoch(4, 40, 5)
+        + "| INFO | fairseq_cli.train | early stop since valid performance hasn't improved for last 3 runs\n"
+        + "| INFO | fairseq_cli.train | done training in 9.0 seconds\n"
+    )
+    parsed = run_side_by_side.parse_segments(log)
+    assert parsed["segments"] == 2 and parsed["done"] and parsed["early_stop"]
+    assert [r["epoch"] for r in parsed["train"]] == [1, 2, 3, 4]
+    assert [v["num_updates"] for v in parsed["valid"]] == [10, 20, 30, 40]
+    assert parsed["updates"] == 40 and parsed["train_tokens"] == 4000 and parsed["train_wall_s"] == 20
+    assert parsed["tokens_per_s"] == 200.0
+    # killed before it finished: not done
+    assert not run_side_by_side.parse_segments(log.split("# command: fairseq-train a\n" + epoch(3, 30, 5))[0])["done"]
+
+
+def test_converged_recipe_resumes_after_a_kill(toy_bin, tmp_path):
+    """A converged-recipe run killed after its first checkpoint goes on from checkpoint_last.pt
+    when the same command is given again, and records both processes in one result."""
+    import gzip
+    import signal
+    import time
+
+    ds = tmp_path / "toyds"
+    ds.mkdir()
+    ref = toy_bin.parent / "raw" / "test.tgt"
+    (ds / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "toy",
+                "data_bin": str(toy_bin),
+                "detok_lang": "en",
+                "tests": [{"subset": "test", "label": "test", "ref": str(ref)}],
+            }
+        )
+    )
+    work, results, hyps = tmp_path / "work", tmp_path / "conv.jsonl", tmp_path / "hyps"
+    cmd = [
+        PY, "-m", "scripts.experiments.run_side_by_side", "run", "--recipe", "converged", "--dataset", str(ds),
+        "--work", str(work), "--results", str(results), "--hyp-dir", str(hyps), "--code", "worktree",
+        "--models", "transformer", "--max-tokens", "500", "--beam", "1", "--model-args", TINY_MODEL,
+        "--label", "e4", "--", "--max-epoch", "4", "--patience", "100",
+    ]  # fmt: skip
+    run_dir = work / "runs" / "toy.transformer.e4.s1.conv"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not (run_dir / "checkpoints" / "checkpoint_last.pt").exists() and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not results.exists()  # nothing recorded for the killed run
+    first = (run_dir / "train.log").read_text()
+    assert "done training" not in first
+    out = run(cmd, timeout=300).stdout
+    assert "resuming from" in out
+    (r,) = expkit.read_jsonl(results)
+    assert r["run_id"] == "toy.transformer.e4.s1.conv" and r["recipe"] == "converged"
+    assert r["train_processes"] == 2 and r["epochs"] == 4 and not r["stopped_by_patience"]
+    assert [c["epoch"] for c in r["curve"]] == [1, 2, 3, 4]
+    assert (run_dir / "train.log").read_text().count("# command: ") == 2
+    assert "Loaded checkpoint" in (run_dir / "train.log").read_text().split(first)[1]
+    (t,) = r["tests"]
+    with gzip.open(REPO / t["hyp_file"] if not t["hyp_file"].startswith("/") else t["hyp_file"], "rt") as f:
+        assert len(f.read().splitlines()) == 20
+    refs = expkit.mt_prep.read_lines(ref)
+    hyp_lines = expkit.mt_prep.read_lines(run_dir / "output" / "hyp.test.detok")
+    assert t["chrf"] == round(run_side_by_side.sacrebleu_chrf(hyp_lines, refs), 2)
+    assert "--patience 100" in r["train_command"] and "--max-update 0" in r["train_command"]

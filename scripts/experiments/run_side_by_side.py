@@ -44,9 +44,14 @@ from pathlib import Path
 from fairseq_clusterformer.tools import expkit
 from fairseq_clusterformer.tools.expkit import REPO, say
 
+from . import recipes
+
 WORK = REPO / "work" / "experiments"
 RESULTS = WORK / "results.jsonl"
 DOC = REPO / "docs" / "results.md"
+# The committed raw results behind docs/results.md's tables (report reads these by default).
+RAW = REPO / "docs" / "results"
+REPORT_RESULTS = [RAW / "multi30k_converged.jsonl", RAW / "multi30k_quick.jsonl", RAW / "iwslt14_quick.jsonl"]
 IMG = REPO / "docs" / "img"
 ARCHS = {"clusterformer": "clusterformer_iwslt", "transformer": "transformer_iwslt_de_en"}
 # The paper's ablations (clusterformer only), as fairseq-train arguments.
@@ -97,12 +102,45 @@ def plan_runs(models, variants, ks, seeds, label=None, extra=()):
     return plan
 
 
-def run_id(dataset, model, variant, seed, max_update):
-    return f"{dataset}.{model}.{variant}.s{seed}.u{max_update}"
+def run_id(dataset, model, variant, seed, max_update, recipe="quick"):
+    return f"{dataset}.{model}.{variant}.s{seed}.{recipes.budget_tag(recipe, max_update)}"
+
+
+def parse_segments(text):
+    """parse_train_log over a train.log that may hold several fairseq-train processes (a run
+    resumed from checkpoint_last.pt after an interruption): each process starts with the
+    "# command:" line run_measured writes. An epoch logged twice (the process was killed after
+    its summary but before its checkpoint) counts once, with the later record."""
+    parts = [p for p in re.split(r"^# command: .*$", text, flags=re.M) if p.strip()] or [text]
+    train, valid = OrderedDict(), OrderedDict()
+    for part in parts:
+        parsed = expkit.parse_train_log(part)
+        for rec in parsed["train"]:
+            train[rec["epoch"]] = rec
+        for rec in parsed["valid"]:
+            valid[(rec["epoch"], rec.get("num_updates"))] = rec
+    merged = expkit.parse_train_log("")
+    merged["train"], merged["valid"] = list(train.values()), list(valid.values())
+    merged["done"] = "done training" in parts[-1]
+    tokens, prev = 0.0, 0.0
+    for rec in merged["train"]:
+        n = rec.get("num_updates", prev)
+        tokens += rec.get("wpb", 0.0) * (n - prev)
+        prev = n
+    wall = sum(rec.get("train_wall", 0.0) for rec in merged["train"]) if merged["train"] else None
+    merged.update(
+        updates=int(prev),
+        train_wall_s=wall,
+        train_tokens=int(tokens),
+        tokens_per_s=round(tokens / wall, 1) if wall else None,
+        segments=len(parts),
+        early_stop="early stop since valid performance" in text,
+    )
+    return merged
 
 
 def train_settings(a):
-    settings = list(expkit.TRAIN_SETTINGS)
+    settings = list(recipes.RECIPES[a.recipe]["train_settings"])
     for flag, value in (("--max-tokens", a.max_tokens), ("--lr", a.lr), ("--warmup-updates", a.warmup)):
         if value is not None:
             settings[settings.index(flag) + 1] = str(value)
@@ -110,28 +148,45 @@ def train_settings(a):
 
 
 def one_run(a, meta, model, variant, extra, k, seed):
-    rid = run_id(meta["name"], model, variant, seed, a.max_update)
+    recipe = recipes.RECIPES[a.recipe]
+    max_update = 0 if a.recipe == "converged" else a.max_update
+    rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe)
     done = {r["run_id"] for r in expkit.read_jsonl(a.results)}
     if rid in done and not a.force:
         say(f"{rid}: already in {a.results}, skipping (--force runs it again)")
         return None
     run_dir = Path(a.work) / "runs" / rid
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted run is started over (its timing would be wrong)
-    run_dir.mkdir(parents=True)
+    code_dir, code_sha = a.code_dir, a.code_sha
+    resume = (
+        recipe["resumable"]
+        and not a.force
+        and (run_dir / "checkpoints" / "checkpoint_last.pt").exists()
+        and (run_dir / "run.json").exists()
+    )
+    if resume:
+        # the interrupted run goes on from its checkpoint_last.pt with the code it started with
+        pinned = json.loads((run_dir / "run.json").read_text())
+        if pinned["code_sha"]:
+            code_dir, code_sha = expkit.code_snapshot(pinned["code_sha"], Path(a.work) / "code")
+        say(f"{rid}: resuming from {run_dir / 'checkpoints' / 'checkpoint_last.pt'}")
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an interrupted quick run is started over (its timing would be wrong)
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"code_sha": code_sha, "recipe": a.recipe}) + "\n")
     arch = ARCHS[model]
-    model_args = a.model_args.split() if a.model_args else list(expkit.SMALL_MODEL)
+    model_args = a.model_args.split() if a.model_args else list(recipe["model_args"])
     settings = train_settings(a)
-    extra_all = [*extra, *a.extra]
+    extra_all = [*extra, *recipe["stopping"], *a.extra]
     if a.validate_interval_updates:
         extra_all += ["--validate-interval-updates", str(a.validate_interval_updates)]
-    user_dir = str(a.code_dir / "fairseq_clusterformer") if a.code_dir else expkit.USER_DIR
-    env = expkit.code_env(a.code_dir)
+    user_dir = str(code_dir / "fairseq_clusterformer") if code_dir else expkit.USER_DIR
+    env = expkit.code_env(code_dir)
     cmd = expkit.train_command(
         meta["data_bin"],
         run_dir / "checkpoints",
         arch,
-        a.max_update,
+        max_update,
         seed,
         model_args=model_args,
         train_settings=settings,
@@ -139,13 +194,26 @@ def one_run(a, meta, model, variant, extra, k, seed):
         user_dir=user_dir,
     )
     info = expkit.machine_info()
-    say(f"{rid}: training ({arch}, {a.max_update} updates, seed {seed})")
+    say(f"{rid}: training ({arch}, {a.recipe} recipe, seed {seed})")
     say("  " + expkit.shell_join(cmd))
-    measured = expkit.run_measured(cmd, run_dir / "train.log", env=env)
+    if resume and (run_dir / "segments.jsonl").exists() and parse_segments((run_dir / "train.log").read_text())["done"]:
+        say(f"{rid}: training had finished; translating and scoring")  # e.g. killed while translating
+        measured = {"rc": 0, **expkit.read_jsonl(run_dir / "segments.jsonl")[-1]}
+    else:
+        measured = expkit.run_measured(cmd, run_dir / "train.log", env=env)
+        expkit.append_jsonl(run_dir / "segments.jsonl", {**measured, "loadavg_start": info.get("loadavg_start")})
+    segments = expkit.read_jsonl(run_dir / "segments.jsonl")
     log_text = (run_dir / "train.log").read_text()
-    parsed = expkit.parse_train_log(log_text)
+    parsed = parse_segments(log_text)
     if measured["rc"] != 0 or not parsed["done"]:
         sys.exit(f"{rid}: fairseq-train failed (exit {measured['rc']}); see {run_dir / 'train.log'}")
+    if len(segments) > 1:
+        measured = {
+            **measured,
+            "wall_s": round(sum(seg["wall_s"] for seg in segments), 1),
+            "peak_rss_mb": max(seg["peak_rss_mb"] for seg in segments),
+        }
+        info["loadavg_start"] = segments[0].get("loadavg_start")
     best = expkit.best_valid(parsed) or {}
     ckpt = run_dir / "checkpoints" / "checkpoint_best.pt"
     tests = []
@@ -165,7 +233,12 @@ def one_run(a, meta, model, variant, extra, k, seed):
             env=env,
         )
         res["command"] = _env_prefix(env) + res["command"]
-        say(f"    sacrebleu {res['sacrebleu']} | tokenised {res['bleu_tok']}")
+        res["ref"] = _rel(t["ref"])
+        hyps = expkit.mt_prep.read_lines(run_dir / "output" / f"hyp.{t['label']}.detok")
+        res["chrf"] = round(sacrebleu_chrf(hyps, refs), 2)
+        if a.hyp_dir:
+            res["hyp_file"] = _rel(save_hyps(hyps, Path(a.hyp_dir) / f"{rid}.{t['label']}.detok.gz"))
+        say(f"    sacrebleu {res['sacrebleu']} | chrF {res['chrf']} | tokenised {res['bleu_tok']}")
         tests.append(res)
     if not a.keep_checkpoints:
         for p in (run_dir / "checkpoints").glob("checkpoint_last.pt"):
@@ -182,7 +255,10 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "variant": variant,
         "k": k if k is not None else (None if model == "transformer" else _k_from_args(cmd)),
         "seed": seed,
-        "max_update": a.max_update,
+        "recipe": a.recipe,
+        # the plugin's defaults: the base variant with no extra fairseq-train arguments
+        "defaults": model == "clusterformer" and variant == "base" and not extra_all_user(a),
+        "max_update": a.max_update if a.recipe != "converged" else "conv",
         "updates": parsed["updates"],
         "epochs": parsed["train"][-1]["epoch"] if parsed["train"] else None,
         "params": expkit.count_parameters_from_log(log_text),
@@ -201,6 +277,9 @@ def one_run(a, meta, model, variant, extra, k, seed):
             }
             for v in parsed["valid"]
         ],
+        "best_epoch": best.get("epoch"),
+        "stopped_by_patience": parsed["early_stop"],
+        "train_processes": parsed["segments"],  # fairseq-train processes (more than 1: resumed)
         "train_wall_clock_s": measured["wall_s"],
         "train_wall_s": parsed["train_wall_s"],
         "tokens_per_s": parsed["tokens_per_s"],
@@ -211,8 +290,8 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "train_command": _env_prefix(env) + expkit.shell_join(cmd),
         "run_dir": str(run_dir),
         "machine": info,
-        "git": a.code_sha or expkit.git_commit(),
-        "code": "snapshot of the commit (git archive)" if a.code_dir else "working tree",
+        "git": code_sha or expkit.git_commit(),
+        "code": "snapshot of the commit (git archive)" if code_dir else "working tree",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     expkit.append_jsonl(a.results, record)
@@ -223,6 +302,26 @@ def one_run(a, meta, model, variant, extra, k, seed):
         + f" | {measured['wall_s'] / 60:.1f} min | peak RSS {measured['peak_rss_mb']:.0f} MB"
     )
     return record
+
+
+def extra_all_user(a):
+    return list(a.extra) + (["--model-args"] if a.model_args else [])
+
+
+def sacrebleu_chrf(hyps, refs):
+    import sacrebleu
+
+    return sacrebleu.CHRF().corpus_score(list(hyps), [list(refs)]).score
+
+
+def save_hyps(hyps, path):
+    """The detokenised translations, gzipped, beside the raw results (for the paired test)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write("".join(h + "\n" for h in hyps).encode("utf-8"))
+    return path
 
 
 def _env_prefix(env):
@@ -289,14 +388,20 @@ def _int(x):
     return int(x) if isinstance(x, float) else x
 
 
-def _mean_cell(values, nd=2):
+def _mean_cell(values, nd=2, std=False, mean=None):
+    """mean [per seed]; with STD: mean ± sample standard deviation [per seed]. MEAN, if given, is
+    shown instead of the mean of VALUES (a published mean of unrounded values)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return "–"
-    mean = sum(vals) / len(vals)
+    mean = sum(vals) / len(vals) if mean is None else mean
     if len(vals) == 1:
         return f"{mean:.{nd}f}"
-    return f"{mean:.{nd}f} [{', '.join(f'{v:.{nd}f}' for v in vals)}]"
+    spread = ""
+    if std:
+        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+        spread = f" ± {sd:.{nd}f}"
+    return f"{mean:.{nd}f}{spread} [{', '.join(f'{v:.{nd}f}' for v in vals)}]"
 
 
 def _rel(text):
@@ -315,6 +420,8 @@ def _test(r, label, key):
 
 
 def _len_ratio(r, label):
+    if _test(r, label, "len_ratio") is not None:
+        return _test(r, label, "len_ratio")
     m = re.search(r"ratio = ([\d.]+)", _test(r, label, "sacrebleu_verbose") or "")
     return float(m.group(1)) if m else None
 
@@ -323,7 +430,7 @@ def _config_key(r):
     return (r["model"], r["variant"], r["max_update"])
 
 
-def plot_curves(records, path):
+def plot_curves(records, path, by_epoch=False):
     import logging
 
     import matplotlib
@@ -338,7 +445,8 @@ def plot_curves(records, path):
     styles = ["-", "--", ":", "-."]
     seeds = sorted({r["seed"] for r in records})
     for r in records:
-        pts = [(c["updates"], c["nll_loss"]) for c in r["curve"] if c.get("updates") is not None]
+        x = "epoch" if by_epoch else "updates"
+        pts = [(c[x], c["nll_loss"]) for c in r["curve"] if c.get(x) is not None and c.get("nll_loss") is not None]
         if not pts:
             continue
         i = configs.index(_config_key(r))
@@ -350,7 +458,7 @@ def plot_curves(records, path):
             markersize=3,
             label=f"{r['model']} {r['variant']} s{r['seed']}",
         )
-    ax.set_xlabel("updates")
+    ax.set_xlabel("epoch" if by_epoch else "updates")
     ax.set_ylabel("valid nll (bits/token)")
     ax.set_title(f"{records[0]['dataset']}: validation nll during training")
     ax.grid(alpha=0.3)
@@ -361,61 +469,131 @@ def plot_curves(records, path):
     plt.close(fig)
 
 
-def render(records, img_dir, doc_dir):
-    """The generated part of docs/results.md (markdown), writing the plots into IMG_DIR."""
-    out = [BEGIN, ""]
+def _minutes(r):
+    if r.get("train_wall_clock_min") is not None:  # transcribed records keep the published minutes
+        return r["train_wall_clock_min"]
+    return r["train_wall_clock_s"] / 60 if r.get("train_wall_clock_s") is not None else None
+
+
+def _compared_variant(groups):
+    """The ClusterFormer configuration set against the Transformer: the one at the current defaults."""
+    for (model, variant, _), rs in groups.items():
+        if model == "clusterformer" and any(r.get("defaults") for r in rs):
+            return variant
+    return "base"
+
+
+def paired_bootstrap(records, label, n_samples=1000):
+    """sacrebleu's paired bootstrap (``sacrebleu --paired-bs``; BLEU and chrF, its default seed) of
+    each configuration's seed-1 translations of LABEL against the Transformer's. Reads the gzipped
+    hypotheses the runner keeps (``hyp_file``) and the reference (``ref``) of each test record.
+    Returns [(configuration, {metric: (score, p value)})], the Transformer first; [] when the
+    Transformer's seed-1 translations are missing."""
+    import gzip
+
+    from sacrebleu.metrics import BLEU, CHRF
+    from sacrebleu.significance import PairedTest
+
+    def hyps(r):
+        path = _test(r, label, "hyp_file")
+        if not path or not (REPO / path).is_file():
+            return None
+        with gzip.open(REPO / path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    seed1 = [r for r in records if r["seed"] == 1 and hyps(r) is not None]
+    base = next((r for r in seed1 if r["model"] == "transformer" and r["variant"] == "base"), None)
+    if base is None or len(seed1) < 2:
+        return []
+    ref = next((_test(r, label, "ref") for r in [base, *records] if _test(r, label, "ref")), None)
+    if ref is None:
+        return []
+    refs = expkit.mt_prep.read_lines(REPO / ref)
+    systems = [("transformer base", hyps(base))] + [
+        (f"{r['model']} {r['variant']}", hyps(r)) for r in seed1 if r is not base
+    ]
+    _, scores = PairedTest(systems, {"BLEU": BLEU(), "chrF": CHRF()}, [refs], test_type="bs", n_samples=n_samples)()
+    bleu_key, chrf_key = [k for k in scores if k != "System"]  # sacrebleu's names: BLEU, chrF2
+    return [
+        (name, {m: (scores[k][i].score, scores[k][i].p_value) for m, k in (("BLEU", bleu_key), ("chrF", chrf_key))})
+        for i, name in enumerate(scores["System"])
+    ]
+
+
+def render(records, img_dir, doc_dir, begin=BEGIN):
+    """One generated block of docs/results.md (markdown), writing the plots into IMG_DIR."""
+    out = [begin, ""]
     if not records:
         return "\n".join(out + ["No runs recorded yet.", "", END])
-    datasets = list(OrderedDict.fromkeys(r["dataset"] for r in records))
-    for ds in datasets:
-        recs = [r for r in records if r["dataset"] == ds]
+    sections = list(OrderedDict.fromkeys((r["dataset"], r.get("recipe", "quick")) for r in records))
+    for ds, recipe in sections:
+        recs = [r for r in records if r["dataset"] == ds and r.get("recipe", "quick") == recipe]
+        converged = recipe == "converged"
         labels = _test_labels(recs)
-        out += [f"### {ds}", ""]
+        chrf = any(_test(r, lab, "chrf") is not None for r in recs for lab in labels)
+        tag = f"{ds}_converged" if converged else ds
+        out += [f"### {ds}, converged recipe" if converged else f"### {ds}", ""]
         # summary per configuration
         out += [
-            "Mean over seeds, per-seed values in brackets. BLEU: sacrebleu on detokenised output "
-            "(`sacre`) and fairseq-generate's tokenised BLEU (`tok`). nll: best validation nll "
-            "(bits/token). hyp/ref length: sacrebleu's length ratio (translations longer than the "
-            "references, e.g. repetition loops, show as > 1). loops %: share of translations in "
-            "which some word trigram occurs 3 or more times. Time: wall clock of the whole "
-            "fairseq-train process (incl. validation and checkpointing); tok/s: target tokens per "
-            "second inside training steps. RSS: peak resident memory of the training process.",
+            ("Mean ± standard deviation over seeds" if converged else "Mean over seeds")
+            + ", per-seed values in brackets. BLEU: sacrebleu on detokenised output "
+            "(`sacre`) and fairseq-generate's tokenised BLEU (`tok`)"
+            + ("; chrF: sacrebleu's chrF on the same output" if chrf else "")
+            + ". nll: best validation nll (bits/token). hyp/ref length: sacrebleu's length ratio "
+            "(translations longer than the references, e.g. repetition loops, show as > 1). loops %: "
+            "share of translations in which some word trigram occurs 3 or more times. Time: wall clock "
+            "of the whole fairseq-train process (incl. validation and checkpointing); tok/s: target "
+            "tokens per second inside training steps. RSS: peak resident memory of the training process.",
             "",
         ]
-        head = ["model", "variant", "updates", "seeds", "valid nll"]
+        head = ["model", "variant", "epochs" if converged else "updates", "seeds", "valid nll"]
         for lab in labels:
-            head += [f"{lab} sacre", f"{lab} tok"]
-        head += [f"{labels[0]} hyp/ref length", f"{labels[0]} loops %", "train min", "tok/s", "peak RSS MB"]
+            head += [f"{lab} sacre", *([f"{lab} chrF"] if chrf else []), f"{lab} tok"]
+        for lab in labels if converged else labels[:1]:
+            head += [f"{lab} hyp/ref length", f"{lab} loops %"]
+        head += ["train min", "tok/s", "peak RSS MB"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         groups = OrderedDict()
         for r in recs:
             groups.setdefault(_config_key(r), []).append(r)
         for (model, variant, mu), rs in groups.items():
             rs = sorted(rs, key=lambda r: r["seed"])
+
+            def cell(values, nd=2, column=None, std=converged, rs=rs):
+                # transcribed records carry the published mean where the mean of their rounded
+                # per-seed values could differ from it in the last digit
+                published = {r.get("published_means", {}).get(column) for r in rs}
+                mean = published.pop() if column and len(published) == 1 else None
+                return _mean_cell(values, nd, std=std, mean=mean)
+
             row = [
                 model,
                 variant,
-                str(mu),
+                cell([r.get("epochs") for r in rs], 1) if converged else str(mu),
                 ",".join(str(r["seed"]) for r in rs),
-                _mean_cell([r["best_valid_nll"] for r in rs], 3),
+                cell([r["best_valid_nll"] for r in rs], 3),
             ]
             for lab in labels:
+                row.append(cell([_test(r, lab, "sacrebleu") for r in rs]))
+                if chrf:
+                    row.append(cell([_test(r, lab, "chrf") for r in rs]))
+                row.append(cell([_test(r, lab, "bleu_tok") for r in rs]))
+            for lab in labels if converged else labels[:1]:
                 row += [
-                    _mean_cell([_test(r, lab, "sacrebleu") for r in rs]),
-                    _mean_cell([_test(r, lab, "bleu_tok") for r in rs]),
+                    cell([_len_ratio(r, lab) for r in rs], 2, f"{lab} hyp/ref length"),
+                    cell([_test(r, lab, "repeat_pct") for r in rs], 1, f"{lab} loops %"),
                 ]
             row += [
-                _mean_cell([_len_ratio(r, labels[0]) for r in rs]),
-                _mean_cell([_test(r, labels[0], "repeat_pct") for r in rs], 1),
-                _mean_cell([r["train_wall_clock_s"] / 60 for r in rs], 1),
-                _mean_cell([r["tokens_per_s"] for r in rs], 0),
-                _mean_cell([r["peak_rss_mb"] for r in rs], 0),
+                cell([_minutes(r) for r in rs], 1, "train min"),
+                cell([r["tokens_per_s"] for r in rs], 0, "tok/s"),
+                cell([r["peak_rss_mb"] for r in rs], 0, "peak RSS MB"),
             ]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
-        # clusterformer base minus transformer base, over the seeds both have
-        for mu in sorted({k[2] for k in groups}):
-            cf = {r["seed"]: r for r in groups.get(("clusterformer", "base", mu), [])}
+        # ClusterFormer at the current defaults minus the Transformer, over the seeds both have
+        compared = _compared_variant(groups)
+        for mu in list(OrderedDict.fromkeys(k[2] for k in groups)):
+            cf = {r["seed"]: r for r in groups.get(("clusterformer", compared, mu), [])}
             tf = {r["seed"]: r for r in groups.get(("transformer", "base", mu), [])}
             common = sorted(set(cf) & set(tf))
             if not common:
@@ -427,11 +605,30 @@ def render(records, img_dir, doc_dir):
                     parts.append(f"{lab} {name} {_mean_cell(d)}")
             dn = [cf[s]["best_valid_nll"] - tf[s]["best_valid_nll"] for s in common]
             parts.append(f"valid nll {_mean_cell(dn, 3)}")
+            budget = "converged recipe" if converged else f"{mu} updates"
+            name = "ClusterFormer" if compared == "base" else f"ClusterFormer `{compared}`"
             out += [
-                f"ClusterFormer minus Transformer ({mu} updates, seeds {','.join(map(str, common))}; "
+                f"{name} minus Transformer ({budget}, seeds {','.join(map(str, common))}; "
                 f"BLEU points, nll bits): " + "; ".join(parts) + ".",
                 "",
             ]
+        # paired bootstrap on the seed-1 translations
+        for lab in labels:
+            bs = paired_bootstrap(recs, lab)
+            if not bs:
+                continue
+            out += [
+                f"Paired bootstrap resampling against the Transformer, seed 1, {lab} (sacrebleu's "
+                "`--paired-bs`: 1,000 resamples, seed 12345; p: probability that the difference "
+                "arises by chance):",
+                "",
+                "| system (seed 1) | BLEU | p (BLEU) | chrF | p (chrF) |",
+                "|---|---|---|---|---|",
+            ]
+            for name, res in bs:
+                (b, pb), (c, pc) = res["BLEU"], res["chrF"]
+                out.append(f"| {name} | {b:.2f} | {_fmt(pb, 4)} | {c:.2f} | {_fmt(pc, 4)} |")
+            out.append("")
         # per-run table
         out += [
             "<details><summary>Per run</summary>",
@@ -461,9 +658,19 @@ def render(records, img_dir, doc_dir):
             out.append("| " + " | ".join(cells) + " |")
         out += ["", "</details>", ""]
         # learning curves
-        img = Path(img_dir) / f"curves_{ds}.png"
-        plot_curves(recs, img)
-        out += [f"![valid nll during training, {ds}]({os.path.relpath(img, doc_dir)})", ""]
+        img = Path(img_dir) / f"curves_{tag}.png"
+        rel = os.path.relpath(img, doc_dir)
+        if any(r.get("curve") for r in recs):
+            plot_curves([r for r in recs if r.get("curve")], img, by_epoch=converged)
+            out += [f"![valid nll during training, {ds}]({rel})", ""]
+        elif img.exists():
+            out += [
+                f"![valid nll during training, {ds}]({rel})",
+                "",
+                "(The records above hold no learning curves: this plot was drawn from the per-run "
+                "training logs, which are not kept; `report` leaves it as it is.)",
+                "",
+            ]
         # exact commands
         out += [
             "<details><summary>Exact commands (one seed shown per configuration; the others differ "
@@ -472,7 +679,8 @@ def render(records, img_dir, doc_dir):
         ]
         for (model, variant, mu), rs in groups.items():
             r = rs[0]
-            out += [f"{model} {variant} ({mu} updates), seed {r['seed']}:", "", "```bash", _rel(r["train_command"])]
+            budget = "converged recipe" if converged else f"{mu} updates"
+            out += [f"{model} {variant} ({budget}), seed {r['seed']}:", "", "```bash", _rel(r["train_command"])]
             for t in r.get("tests", []):
                 out.append(_rel(t["command"]))
             out += ["```", ""]
@@ -496,46 +704,74 @@ Regenerate the tables below with `python -m scripts.experiments.run_side_by_side
 
 {generated}
 """
+# A generated block names the committed results it is rebuilt from:
+# <!-- BEGIN GENERATED by python -m scripts.experiments.run_side_by_side report from docs/results/a.jsonl,... -->
+_BLOCK = re.compile(
+    re.escape(BEGIN[: -len(" -->")]) + r"(?: from (?P<src>\S+))? -->(?P<body>.*?)" + re.escape(END), re.S
+)
 
 
 def refresh_train_stats(records):
-    """Recompute the throughput fields from each run's saved train.log (so that a parser fix
-    applies to runs recorded before it), and fill in the repetition rate from the saved
-    hypotheses where a record lacks it. Returns True if anything changed."""
+    """Recompute the throughput fields from each run's saved train.log, where it is still on this
+    machine (so that a parser fix applies to runs recorded before it), and fill in the repetition
+    rate from the saved hypotheses where a record lacks it. Returns True if anything changed."""
     changed = False
     for r in records:
-        log = Path(r.get("run_dir", "")) / "train.log"
+        log = Path(r.get("run_dir") or "/nonexistent") / "train.log"
         if not log.is_file():
             continue
-        parsed = expkit.parse_train_log(log.read_text())
+        parsed = parse_segments(log.read_text())
         for key in ("train_wall_s", "tokens_per_s", "train_tokens"):
             if parsed.get(key) is not None and parsed[key] != r.get(key):
                 r[key] = parsed[key]
                 changed = True
         for t in r.get("tests", []):
-            hyp = Path(r.get("run_dir", "")) / "output" / f"hyp.{t['label']}.tok"
+            hyp = Path(r["run_dir"]) / "output" / f"hyp.{t['label']}.tok"
             if "repeat_pct" not in t and hyp.is_file():
                 t["repeat_pct"] = expkit.repetition_rate(hyp.read_text(encoding="utf-8").splitlines())
                 changed = True
     return changed
 
 
+def _source_paths(src):
+    return [REPO / p for p in src.split(",") if p]
+
+
 def report(results, md, img_dir):
-    records = expkit.read_jsonl(results)
-    if refresh_train_stats(records):
-        Path(results).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    """Rebuild every generated block of MD from the results it names (a block without a source
+    takes RESULTS: one path or a list). Refuses (SystemExit, MD unchanged) when a block would have
+    no records."""
     md = Path(md)
-    generated = render(records, img_dir, md.parent)
-    if md.exists() and BEGIN in md.read_text():
-        text = md.read_text()
-        start, end = text.index(BEGIN), text.index(END, text.index(BEGIN)) + len(END)
-        text = text[:start] + generated + text[end:]
-    else:
-        md.parent.mkdir(parents=True, exist_ok=True)
-        text = SKELETON.format(generated=generated)
+    default = [Path(p) for p in (results if isinstance(results, (list, tuple)) else [results])]
+    text = md.read_text() if md.exists() else SKELETON.format(generated=BEGIN + "\n" + END)
+    blocks = list(_BLOCK.finditer(text))
+    if not blocks:  # a document without markers gets a generated block at its end
+        text = text.rstrip("\n") + "\n\n" + BEGIN + "\n" + END + "\n"
+        blocks = list(_BLOCK.finditer(text))
+    rendered, problems, n = [], [], 0
+    for block in blocks:
+        paths = _source_paths(block.group("src")) if block.group("src") else default
+        records = []
+        for path in paths:
+            recs = expkit.read_jsonl(path)
+            if refresh_train_stats(recs):
+                Path(path).write_text("".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in recs))
+            records += recs
+        if not records:
+            problems.append(", ".join(_rel(p) for p in paths))
+        begin = text[block.start() : text.index("-->", block.start()) + 3]
+        rendered.append(render(records, img_dir, md.parent, begin=begin))
+        n += len(records)
+    if problems:
+        sys.exit(
+            f"report: no run records in {'; '.join(problems)} (missing or empty); {md} left unchanged. "
+            "Name the committed raw results with --results, or run the experiments first."
+        )
+    for block, new in reversed(list(zip(blocks, rendered))):
+        text = text[: block.start()] + new + text[block.end() :]
+    md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text)
-    write_csv(results)
-    say(f"wrote {md} ({len(records)} runs from {results})")
+    say(f"wrote {md} ({len(blocks)} generated block(s), {n} runs)")
     return md
 
 
@@ -551,6 +787,7 @@ def main(argv=None):
     s = sub.add_parser("prepare", help="prepare a data set (clusterformer-prepare-data)")
     s.add_argument("dataset", choices=("multi30k", "iwslt14"))
     s.add_argument("--work", type=Path, default=WORK)
+    s.add_argument("--source", default=None, help="iwslt14: the offline IWSLT14 material (clusterformer-prepare-data)")
 
     s = sub.add_parser("run", help="train + translate + score, one run at a time; append to the results")
     s.add_argument("--dataset", required=True, help="multi30k, iwslt14, or a folder with a dataset.json")
@@ -562,7 +799,15 @@ def main(argv=None):
     )
     s.add_argument("--ks", default="", help="also run clusterformer with --num-clusters K for each K")
     s.add_argument("--seeds", default="1")
-    s.add_argument("--max-update", type=int, default=500)
+    s.add_argument(
+        "--recipe",
+        choices=tuple(recipes.RECIPES),
+        default="quick",
+        help="quick: --max-update updates; converged: until the validation nll stops improving "
+        f"(--patience {recipes.PATIENCE}, at most {recipes.MAX_EPOCH} epochs), resumable, raw results "
+        "appended to docs/results/<dataset>_converged.jsonl (scripts/experiments/recipes.py)",
+    )
+    s.add_argument("--max-update", type=int, default=500, help="the quick recipe's number of updates")
     s.add_argument("--model-args", default=None, help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)})")
     s.add_argument("--max-tokens", type=int, default=None, help="default 2048")
     s.add_argument("--lr", type=float, default=None, help="default 0.002")
@@ -576,7 +821,19 @@ def main(argv=None):
     s.add_argument("--label", default=None, help="name for the extra fairseq-train arguments after --")
     s.add_argument("--beam", type=int, default=5)
     s.add_argument("--work", type=Path, default=WORK)
-    s.add_argument("--results", type=Path, default=None, help="default: WORK/results.jsonl")
+    s.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="default: WORK/results.jsonl (quick), docs/results/<dataset>_converged.jsonl (converged)",
+    )
+    s.add_argument(
+        "--hyp-dir",
+        type=Path,
+        default=None,
+        help="also keep each test set's detokenised translations, gzipped, here "
+        "(default for the converged recipe: docs/results/hyps)",
+    )
     s.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint_last.pt too")
     s.add_argument("--force", action="store_true", help="run again even if the run id is recorded")
     s.add_argument("--dry-run", action="store_true", help="print the planned runs and stop")
@@ -587,8 +844,20 @@ def main(argv=None):
         "WORK/code/<sha>; default: HEAD), or 'worktree' for the working tree as it is",
     )
 
-    s = sub.add_parser("report", help="render the tables and plots into docs/results.md")
-    s.add_argument("--results", type=Path, default=RESULTS)
+    s = sub.add_parser(
+        "report",
+        help="rebuild the tables, plots and commands of docs/results.md from the committed raw results",
+        description="Each generated block of the document names the results it is rebuilt from "
+        "(<!-- BEGIN GENERATED ... report from docs/results/x.jsonl -->); a block naming none uses "
+        "--results. A block that would have no records is an error, and the document is left unchanged.",
+    )
+    s.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="results for blocks that name none (default: " + ", ".join(_rel(p) for p in REPORT_RESULTS) + ")",
+    )
     s.add_argument("--md", type=Path, default=DOC)
     s.add_argument("--img-dir", type=Path, default=IMG)
     a = p.parse_args(argv)
@@ -596,15 +865,20 @@ def main(argv=None):
     if a.cmd == "prepare":
         from fairseq_clusterformer.tools import prepare_data
 
-        return prepare_data.main([a.dataset, "--work", str(a.work / "data")])
+        return prepare_data.main(
+            [a.dataset, "--work", str(a.work / "data"), *(["--source", a.source] if a.source else [])]
+        )
     if a.cmd == "report":
-        report(a.results, a.md, a.img_dir)
+        report(a.results or REPORT_RESULTS, a.md, a.img_dir)
         return 0
     a.extra = extra
-    a.results = a.results or a.work / "results.jsonl"
     if extra and not a.label:
         p.error("extra fairseq-train arguments after -- need a --label naming the variant")
     meta = load_dataset(a.dataset, a.work)
+    if a.recipe == "converged":
+        a.results = a.results or RAW / f"{meta['name']}_converged.jsonl"
+        a.hyp_dir = a.hyp_dir or RAW / "hyps"
+    a.results = a.results or a.work / "results.jsonl"
     if a.code == "worktree":
         a.code_dir, a.code_sha = None, None
     else:
@@ -620,7 +894,7 @@ def main(argv=None):
     plan = plan_runs(models, variants, ks, seeds, a.label)
     say(
         f"{len(plan)} run(s) planned on {meta['name']}: "
-        + ", ".join(run_id(meta["name"], m, v, s, a.max_update) for m, v, _, _, s in plan)
+        + ", ".join(run_id(meta["name"], m, v, s, a.max_update, a.recipe) for m, v, _, _, s in plan)
     )
     if a.dry_run:
         return 0
