@@ -1,0 +1,214 @@
+"""The LSH and routing baselines through fairseq's command-line tools on the toy corpus:
+fairseq-train, fairseq-generate (exact incremental decoding: its beam-1 token scores equal
+--score-reference's teacher-forced ones), fairseq-interactive, and 2-process DDP."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fairseq_helpers import CLUSTER_CRITERION, REPO, TINY, USER_DIR, cli, generate, parse_generate, run, train
+
+pytest.importorskip("reformer_pytorch", reason="needs the baselines extra")
+pytest.importorskip("routing_transformer", reason="needs the baselines extra")
+
+# Every choice on each side: lsh encoder with the routing decoder, and the other way round.
+# --causal-window 2 makes the decoding cache switch to its ring buffers within a toy sentence.
+PAIRS = [("lsh", "routing"), ("routing", "lsh")]
+
+
+def options(enc, dec):
+    return [
+        "--self-attention-encoder",
+        enc,
+        "--self-attention-decoder",
+        dec,
+        "--causal-window",
+        "2",
+        "--lsh-n-hashes",
+        "2",
+    ]
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda p: f"{p[0]}-enc-{p[1]}-dec")
+def trained(request, toy_bin, tmp_path_factory):
+    enc, dec = request.param
+    save = tmp_path_factory.mktemp(f"{enc}_{dec}")
+    out = train(
+        toy_bin,
+        save,
+        "clusterformer_iwslt",
+        extra=TINY + CLUSTER_CRITERION + options(enc, dec) + ["--max-epoch", "100", "--no-epoch-checkpoints"],
+        max_update=40,
+    )
+    return enc, dec, save / "checkpoint_last.pt", out.stdout + out.stderr, tmp_path_factory.mktemp("work")
+
+
+def test_train_logs_the_commitment_loss_and_records_the_settings(trained):
+    enc, dec, checkpoint, log, _ = trained
+    assert "done training" in log
+    train_lines = [line for line in log.splitlines() if "| train |" in line]
+    valid_lines = [line for line in log.splitlines() if "| valid |" in line]
+    assert train_lines and valid_lines
+    for line in train_lines + valid_lines:  # routing on one side: its commitment loss is logged
+        value = float(re.search(r"\| commitment_loss ([-\d.]+)", line).group(1))
+        assert 0 <= value <= 4
+        assert "clustering_loss" not in line  # no clustering layer in these models
+    losses = [float(v) for v in re.findall(r"\| loss ([-\d.]+)", "\n".join(train_lines))]
+    assert losses[-1] < losses[0]
+    from fairseq import checkpoint_utils
+
+    import fairseq_clusterformer  # noqa: F401
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    cfg = state["cfg"]["model"]
+    assert (cfg.self_attention_encoder, cfg.self_attention_decoder, cfg.lsh_n_hashes) == (enc, dec, 2)
+    assert cfg.routing_local_heads == "half"
+    means = [k for k in state["model"] if k.endswith(".means")]
+    assert means and all(bool(state["model"][k[: -len("means")] + "initted"]) for k in means)
+
+
+def test_generate_decodes_exactly_as_score_reference_scores(toy_bin, trained):
+    """Per-token scores of beam-1 incremental decoding equal --score-reference's full-forward
+    scores of the same tokens: the decoder's incremental state is exact."""
+    _, _, checkpoint, _, tmp = trained
+    gen = parse_generate(generate(toy_bin, checkpoint, extra=["--beam", "1"]).stdout)
+    assert sorted(gen) == list(range(20))
+    src = [gen[i]["S"] for i in sorted(gen)]
+    hyp = [gen[i]["H"][1] for i in sorted(gen)]
+    assert max(len(h.split()) for h in hyp) >= 9  # past K x window positions: the ring cache is used
+    (tmp / "test.src").write_text("\n".join(src) + "\n")
+    (tmp / "test.tgt").write_text("\n".join(hyp) + "\n")
+    run(
+        [
+            cli("fairseq-preprocess"),
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--testpref",
+            tmp / "test",
+            "--destdir",
+            tmp / "bin",
+            "--srcdict",
+            toy_bin / "dict.src.txt",
+            "--tgtdict",
+            toy_bin / "dict.tgt.txt",
+            "--workers",
+            "1",
+        ]
+    )
+    scored = parse_generate(generate(tmp / "bin", checkpoint, extra=["--score-reference"]).stdout)
+    assert sorted(scored) == sorted(gen)
+    for i in sorted(gen):
+        a, b = torch.tensor(gen[i]["P"]), torch.tensor(scored[i]["P"])
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)  # fairseq prints 4 decimals
+
+
+def test_interactive_translates_with_beam_search(toy_bin, trained):
+    _, _, checkpoint, _, _ = trained
+    lines = ["s1 s2 s3", "s5", "s7 s7 s8 s9 s10 s11 s12 s13 s14"]
+    out = run(
+        [
+            cli("fairseq-interactive"),
+            toy_bin,
+            "--user-dir",
+            USER_DIR,
+            "--path",
+            checkpoint,
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--beam",
+            "3",
+            "--cpu",
+        ],
+        input="\n".join(lines) + "\n",
+    )
+    hyps = re.findall(r"^H-(\d+)\t", out.stdout, flags=re.M)
+    assert sorted(map(int, hyps)) == [0, 1, 2]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_keeps_the_kmeans_means_identical(toy_bin, tmp_path):
+    """Routing on both sides, 2 CPU processes over gloo: every parameter and every k-means
+    means buffer (updated once per step from each process's own batches, all-reduced) is
+    identical on both ranks after training."""
+    save = tmp_path / "ddp"
+    common = [
+        str(toy_bin),
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "clusterformer_iwslt",
+        *TINY,
+        *CLUSTER_CRITERION,
+        *options("routing", "routing"),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--max-tokens",
+        "300",
+        "--max-update",
+        "8",
+        "--cpu",
+        "--seed",
+        "3",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "simple",
+        "--no-progress-bar",
+        "--save-dir",
+        str(save),
+        "--required-batch-size-multiple",
+        "1",
+        "--distributed-world-size",
+        "2",
+        "--distributed-init-method",
+        f"tcp://127.0.0.1:{_free_port()}",
+        "--distributed-no-spawn",
+        "--distributed-backend",
+        "gloo",
+        "--ddp-backend",
+        "legacy_ddp",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests"), "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    assert "training on 2 devices" in logs[0]
+    r0, r1 = (torch.load(save / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["num_updates"] == r1["num_updates"] == 8
+    means = [n for n in r0["model"] if n.endswith(".means")]
+    # 2 encoder layers (per-head means of the package's Kmeans) + 2 decoder routers
+    assert len(means) == 4, means
+    for name in r0["model"]:
+        assert torch.equal(r0["model"][name], r1["model"][name]), name
+    for name in means:
+        assert bool(r0["model"][name[: -len("means")] + "initted"])  # updated from data, not the random init
+        norms = r0["model"][name].norm(dim=-1)  # an EMA of unit vectors: just inside the unit sphere
+        assert bool(((norms > 0.9) & (norms <= 1 + 1e-5)).all()), norms
