@@ -6,11 +6,13 @@ same dimensions (--model-args), optimiser, schedule, number of updates, batch si
 run it records the best valid nll, sacrebleu BLEU (detokenised, after removing BPE) and
 fairseq-generate's tokenised BLEU on every test subset, the training wall time and throughput,
 the training process's peak resident memory, and the valid learning curve; one JSON line per run
-is appended to work/experiments/results.jsonl (and the whole table rewritten as results.csv).
+is appended to work/experiments/results.jsonl (and the whole table rewritten as results.csv);
+--recipe converged also records chrF and keeps the translations, and appends to
+docs/results/<dataset>_converged.jsonl.
 
     # 0. data (once): Multi30k de-en, and/or the offline IWSLT14 sample
     python -m scripts.experiments.run_side_by_side prepare multi30k
-    python -m scripts.experiments.run_side_by_side prepare iwslt14
+    python -m scripts.experiments.run_side_by_side prepare iwslt14 --source /work/shared/data/iwslt14
 
     # 1. side by side, two seeds
     python -m scripts.experiments.run_side_by_side run --dataset multi30k --seeds 1,2 --max-update 500
@@ -23,7 +25,15 @@ is appended to work/experiments/results.jsonl (and the whole table rewritten as 
     python -m scripts.experiments.run_side_by_side run --dataset multi30k --models clusterformer \\
         --variants base --label no-previous-block -- --no-previous-block
 
-    # 3. tables, learning curves and commands into docs/results.md (between its GENERATED markers)
+    # 3. trained to convergence (scripts/experiments/recipes.py): stops when the validation nll
+    #    has not improved for 3 epochs; a killed run resumes from its checkpoint_last.pt when the
+    #    same command is given again; results go to docs/results/multi30k_converged.jsonl and the
+    #    translations to docs/results/hyps/ (scripts/experiments/converged_queue.sh runs them all)
+    python -m scripts.experiments.run_side_by_side run --recipe converged --dataset multi30k \\
+        --models transformer --seeds 1
+
+    # 4. tables, learning curves, paired bootstrap tests and commands into docs/results.md: each
+    #    GENERATED block is rebuilt from the committed raw results its marker names
     python -m scripts.experiments.run_side_by_side report
 
 A run whose id is already in the results file is skipped (--force runs it again). Runs go one
@@ -490,6 +500,7 @@ def paired_bootstrap(records, label, n_samples=1000):
     Returns [(configuration, {metric: (score, p value)})], the Transformer first; [] when the
     Transformer's seed-1 translations are missing."""
     import gzip
+    import logging
 
     from sacrebleu.metrics import BLEU, CHRF
     from sacrebleu.significance import PairedTest
@@ -501,6 +512,7 @@ def paired_bootstrap(records, label, n_samples=1000):
         with gzip.open(REPO / path, "rt", encoding="utf-8") as f:
             return f.read().splitlines()
 
+    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
     seed1 = [r for r in records if r["seed"] == 1 and hyps(r) is not None]
     base = next((r for r in seed1 if r["model"] == "transformer" and r["variant"] == "base"), None)
     if base is None or len(seed1) < 2:
