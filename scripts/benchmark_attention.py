@@ -25,6 +25,15 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
                   them: out_proj(v), with q and k summed into the loss at weight 0 so that all
                   four projections run forward and backward. The floor every method above pays; not in the
                   default --impl list.
+  lsh-1, lsh-4, lsh-8
+                  the Reformer baseline as the fairseq encoder runs it (--self-attention-encoder lsh,
+                  fairseq_clusterformer/baselines/lsh.py: reformer-pytorch's LSHSelfAttention with 1, 4
+                  or 8 hash rounds), 2 ceil(k/2) buckets of ceil(N / buckets) words from the same k.
+  routing         the Routing Transformer baseline as the fairseq encoder runs it
+                  (--self-attention-encoder routing, baselines/routing.py: routing-transformer's
+                  SelfAttention), k clusters, windows of ceil(N/k), --local-heads local heads; its
+                  commitment loss is part of the backward pass. The baselines need the baselines
+                  extra and are not in the default --impl list (docs/baselines.md).
 
 Every implementation but flash gets a key_padding_mask (all False: every token is real).
 
@@ -70,9 +79,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj", "flash")
+IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj", "flash", "lsh-1", "lsh-4", "lsh-8", "routing")
 DEFAULT_IMPLS = IMPLS[:5]
 CLUSTER_IMPLS = ("cluster", "cluster-causal")
+BASELINE_IMPLS = ("lsh-1", "lsh-4", "lsh-8", "routing")
+K_IMPLS = CLUSTER_IMPLS + BASELINE_IMPLS  # the implementations that take --k
 CSV_COLUMNS = ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
 MiB = 1024 * 1024
 
@@ -172,6 +183,21 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
             return out, None
 
         return step, True, m
+    if impl in BASELINE_IMPLS:
+        if impl == "routing":
+            from fairseq_clusterformer.baselines.routing import RoutingEncoderAttention
+
+            m = RoutingEncoderAttention(d, heads, k, local_head_count(local_heads, heads)).to(device)
+        else:
+            from fairseq_clusterformer.baselines.lsh import LSHEncoderAttention
+            from fairseq_clusterformer.models.clusterformer import lsh_buckets
+
+            m = LSHEncoderAttention(d, heads, lsh_buckets(k), int(impl.split("-")[1])).to(device)
+
+        def step(x, kpm):
+            return m(x, kpm)  # (out, the routing commitment loss or None)
+
+        return step, False, m
 
     class Projected(nn.Module):
         def __init__(self):
@@ -712,7 +738,7 @@ def run_in_process(args, modes, lengths, kspecs, impls, writer, f):
     env["PYTHONWARNINGS"] = "ignore"
     series = []
     for impl in impls:
-        series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in CLUSTER_IMPLS else [(impl, None)]
+        series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in K_IMPLS else [(impl, None)]
     for mode in modes:
         cfg = {
             "mode": mode,
@@ -833,7 +859,7 @@ def run_benchmark(args, p):
         for mode in modes if not in_process else ():
             series = []  # (impl, kspec); each stops at its first OOM / over-cap length
             for impl in impls:
-                series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in CLUSTER_IMPLS else [(impl, None)]
+                series += [(impl, ks) for ks in dict.fromkeys(kspecs)] if impl in K_IMPLS else [(impl, None)]
             stopped = {}
             pending = []  # (name, impl, ks, k, n, batch, memory result) waiting to be timed
             for n in lengths:
