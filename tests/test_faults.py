@@ -32,6 +32,10 @@ def updates_of(state):
     return state["optimizer_history"][-1]["num_updates"]
 
 
+def read_tail(path, n=4000):
+    return path.read_text(errors="replace")[-n:]
+
+
 # --- atomic checkpoint saves, directly --------------------------------------------------------------
 def test_checkpoint_writes_are_fsynced_then_renamed(tmp_path, monkeypatch):
     from fairseq import checkpoint_utils
@@ -147,19 +151,19 @@ def test_sigkill_during_checkpoint_saves_never_truncates_checkpoint_last(toy_bin
     seen, mid_save = [], 0
     for _ in range(3):
         before = last.stat().st_mtime_ns if last.exists() else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(tmp_path / "train.log", "w") as log:  # a file, not a pipe that could fill and block the run
+            proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         # Wait until this run has saved once (so it resumed and trains), then kill at a random moment.
         while proc.poll() is None and time.time() < deadline:
             if last.exists() and last.stat().st_mtime_ns != before:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, f"fairseq-train ended before it was killed:\n{proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, f"fairseq-train ended before it was killed:\n{read_tail(tmp_path / 'train.log')}"
         time.sleep(rng.uniform(0.0, 0.6))
         mid_save += any(p.name.endswith(".tmp") for p in save.iterdir())
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
         state = load_whole(last)  # never truncated: the old checkpoint or the new one, whole
         seen.append(updates_of(state))
     print(f"updates at the kills: {seen}; kills that found a save under way: {mid_save}")
@@ -187,33 +191,30 @@ def test_a_killed_ddp_rank_stops_the_other_then_the_rerun_resumes(toy_bin, tmp_p
     ]  # fmt: skip
     env = {**ENV, "PYTHONPATH": str(REPO / "tests")}
 
-    def start():
-        return [
-            subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-            for r in (0, 1)
-        ]
+    logs = [tmp_path / f"rank{r}.log" for r in (0, 1)]
+
+    def start():  # logs go to files: a pipe nobody reads could fill up and block a rank
+        procs = []
+        for r in (0, 1):
+            with open(logs[r], "w") as out:
+                cmd = [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)]
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+        return procs
 
     procs = start()
     deadline = time.time() + 300
     marker = save / "params_rank1.pt"  # rank 1 has reached a checkpoint save: training is under way
     while not marker.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.05)
-    assert all(p.poll() is None for p in procs), "a rank ended before the kill"
+    assert all(p.poll() is None for p in procs), "a rank ended before the kill:\n" + read_tail(logs[0])
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait()
     try:  # no hang: the survivor notices the lost peer at its next collective
-        log = procs[0].communicate(timeout=180)[0]
+        procs[0].wait(timeout=180)
     except subprocess.TimeoutExpired:
         procs[0].kill()
         pytest.fail("rank 0 still running 180 s after rank 1 was killed (hang)")
-    procs[1].stdout.close()
+    log = read_tail(logs[0], 20000)
     assert procs[0].returncode != 0
     # gloo names the lost peer: "Connection closed by peer" or "Read error ...: Connection reset by
     # peer", then "Check the logs of the remote worker".
@@ -222,10 +223,9 @@ def test_a_killed_ddp_rank_stops_the_other_then_the_rerun_resumes(toy_bin, tmp_p
     assert 0 < killed_at < 30
 
     procs = start()  # the same command again
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, logs):
-        assert p.returncode == 0, out[-4000:]
-    assert f"@ {killed_at} updates" in logs[0]  # resumed from checkpoint_last.pt
+    for p, path in zip(procs, logs):
+        assert p.wait(timeout=600) == 0, read_tail(path)
+    assert f"@ {killed_at} updates" in logs[0].read_text()  # resumed from checkpoint_last.pt
     r0, r1 = (torch.load(save / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["num_updates"] == r1["num_updates"] == 30
     for name in r0["model"]:
