@@ -68,10 +68,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 T_START=$SECONDS
 
 if [[ $DRY == 1 ]]; then
-    DEVICE=cpu
     export CLUSTERFORMER_CUDA_TESTS_DEVICE=cpu OMP_NUM_THREADS=1
-else
-    DEVICE=cuda
 fi
 
 # step NAME LIMIT_SECONDS COMMAND...: run, log, record status and time; never stops the script.
