@@ -127,16 +127,34 @@ def test_sigkill_during_a_checkpoint_copy_leaves_a_whole_file(tmp_path):
 
 
 # --- a kill during fairseq-train's checkpoint saves --------------------------------------------------
-# d 128: a checkpoint (model and Adam state) of a few MB, written and fsynced at every update, so
-# that random kills often land during a save.
+# d 256: a checkpoint (model and Adam state) of about 20 MB, written, fsynced and copied at every
+# update, so that a save takes long enough to be caught in the act.
 WIDE = [
-    "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "128", "--decoder-embed-dim", "128",
-    "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512", "--encoder-attention-heads", "4",
+    "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
+    "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4",
     "--decoder-attention-heads", "4", "--causal-window", "8",
 ]  # fmt: skip
 
 
+def _save_in_progress(save, moment):
+    """fairseq saves in two steps: it writes checkpoint_E_U.pt (through a .tmp file), then copies
+    it onto checkpoint_last.pt. True while the given step is under way."""
+    names = {p.name: p for p in save.iterdir()}
+    if moment == "writing":
+        return any(n.startswith("checkpoint_") and n.endswith(".pt.tmp") and n[11].isdigit() for n in names)
+    # copying: the plugin's temporary copy, or (in place) a checkpoint_last.pt shorter than its source
+    if "checkpoint_last.pt.tmp" in names:
+        return True
+    written = [p for n, p in names.items() if n.startswith("checkpoint_") and n.endswith(".pt") and n[11].isdigit()]
+    try:
+        return bool(written) and names["checkpoint_last.pt"].stat().st_size < max(p.stat().st_size for p in written)
+    except (KeyError, FileNotFoundError):
+        return False
+
+
 def test_sigkill_during_checkpoint_saves_never_truncates_checkpoint_last(toy_bin, tmp_path):
+    """Killed at a random moment, while writing a checkpoint, while copying it onto
+    checkpoint_last.pt; rerun after each kill (it resumes)."""
     save = tmp_path / "ck"
     cmd = [
         cli("fairseq-train"), "--user-dir", USER_DIR, toy_bin, "--arch", "clusterformer_iwslt", *WIDE,
@@ -148,25 +166,29 @@ def test_sigkill_during_checkpoint_saves_never_truncates_checkpoint_last(toy_bin
     cmd = [str(c) for c in cmd]
     last = save / "checkpoint_last.pt"
     rng = random.Random(4)
-    seen, mid_save = [], 0
-    for _ in range(3):
+    seen, caught = [], []
+    for moment in ("random", "writing", "copying"):
         before = last.stat().st_mtime_ns if last.exists() else None
         with open(tmp_path / "train.log", "w") as log:  # a file, not a pipe that could fill and block the run
             proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        # Wait until this run has saved once (so it resumed and trains), then kill at a random moment.
+        # Wait until this run has saved once (so it resumed and trains), then pick the moment.
         while proc.poll() is None and time.time() < deadline:
             if last.exists() and last.stat().st_mtime_ns != before:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"fairseq-train ended before it was killed:\n{read_tail(tmp_path / 'train.log')}"
-        time.sleep(rng.uniform(0.0, 0.6))
-        mid_save += any(p.name.endswith(".tmp") for p in save.iterdir())
+        time.sleep(rng.uniform(0.0, 0.5))
+        if moment != "random":  # poll until that step of a save is under way (at most 10 s)
+            until = time.time() + 10
+            while not _save_in_progress(save, moment) and time.time() < until:
+                time.sleep(0.0005)
+        caught.append(_save_in_progress(save, "writing") or _save_in_progress(save, "copying"))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         state = load_whole(last)  # never truncated: the old checkpoint or the new one, whole
         seen.append(updates_of(state))
-    print(f"updates at the kills: {seen}; kills that found a save under way: {mid_save}")
+    print(f"updates at the kills: {seen}; kills during a save: {caught}")
     assert seen == sorted(seen) and seen[-1] > seen[0]  # each rerun resumed from checkpoint_last.pt
 
 
