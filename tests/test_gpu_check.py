@@ -84,9 +84,10 @@ def test_dry_run_benchmarks_wrote_every_row(dry_run):
     _, out = dry_run
     with open(out / "attention.csv") as f:
         rows = list(csv.DictReader(f))
-    got = sorted((r["impl"], int(r["n"])) for r in rows)
-    impls = ("cluster", "cluster-causal", "full", "naive", "sdpa", "flash")
-    assert got == sorted((impl, n) for impl in impls for n in (64, 128))
+    got = {(r["impl"], int(r["n"])) for r in rows}
+    impls = ("cluster", "cluster-causal", "full", "naive", "sdpa", "flash", "lsh-8")
+    assert {(impl, n) for impl in impls for n in (64, 128)} <= got
+    assert {impl for impl, _ in got} <= {*impls, "routing"}  # routing: reported, whether it runs or stops
     assert all(float(r["time_ms"]) > 0 and r["device"] == "cpu" for r in rows)
     with open(out / "translation.csv") as f:
         rows = list(csv.DictReader(f))
@@ -114,6 +115,23 @@ def test_summary_reports_a_failed_step(tmp_path):
     assert "tests failed (exit 1) (40 s)" in proc.stdout and "attention timeout (140 s)" in proc.stdout
     assert "SOME STEPS FAILED" in proc.stdout and "all steps ok" not in proc.stdout
     assert "tests: no junit file" in proc.stdout and "attention: no CSV" in proc.stdout
+
+    # A benchmark configuration that stopped is named under the attention table.
+    (tmp_path / "attention.csv").write_text(
+        "impl,n,k,batch,mode,device,time_ms,peak_mb\ncluster,64,8,2,train,cuda,1.5,3.0\nsdpa,64,,2,train,cuda,1.0,2.0\n"
+    )
+    (tmp_path / "check.log").write_text(
+        "ERROR train   N=    64 routing k=8            batch 2: expected m1 and m2 to have the same dtype "
+        "(not run at larger N)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.gpu.summary", "--status", str(status), "--out", str(tmp_path),
+         "--log", str(tmp_path / "check.log")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "stopped: routing k=8 at N=64, batch 2 (ERROR: expected m1 and m2" in proc.stdout, proc.stdout
+    row = next(line.split() for line in proc.stdout.splitlines() if line.strip().startswith("64 "))
+    assert row[:4] == ["64", "2", "1.5", "1"] and row[-4:] == ["1.50", "1.50", "/", "-"], row  # time, mem ratios
 
 
 def test_overflow_skips_are_counted_after_the_warmup():

@@ -21,8 +21,8 @@
 #                The dry run runs bf16 and memory-efficient-fp16 on the CPU (fairseq's plain --fp16
 #                optimizer needs CUDA)
 #   attention    python -m scripts.benchmark_attention --device cuda: cluster, cluster-causal, full,
-#                sdpa, flash (torch's flash kernel alone), naive in bf16, N 512 .. 65536, batch 20
-#                up to N = 8192, CSV and plot
+#                sdpa, flash (torch's flash kernel alone), naive, and the baselines lsh-8 and
+#                routing, in bf16, N 512 .. 65536, batch 20 up to N = 8192, CSV and plot
 #   translation  python -m scripts.benchmark_translation --device cuda: clusterformer_iwslt
 #                against transformer_iwslt_de_en, synthetic pairs of 512 and 2048 tokens, bf16
 # The step limits add up to 470 s; a step that reaches its limit is recorded as "timeout" and
@@ -96,6 +96,7 @@ install_wheels() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || return 1
     # What the wheels installed must import on their own (from another folder: not this checkout).
     (cd /tmp && PYTHONPATH="$SITE" "$PY" -c "import torch, fairseq, fairseq_clusterformer, hydra, omegaconf, bitarray, sacremoses, subword_nmt, tensorboardX
+import reformer_pytorch, routing_transformer
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'fairseq', fairseq.__version__, 'plugin', fairseq_clusterformer.__file__)")
 }
 
@@ -132,7 +133,8 @@ else
         --repeats 3 --warmup 1 --budget 10 --time-cap 20 --fit 4096,65536)
 fi
 step attention 120 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
-    --impl cluster,cluster-causal,full,sdpa,flash,naive --k sqrt --csv "$OUTDIR/attention.csv" --plot "$OUTDIR"
+    --impl cluster,cluster-causal,full,sdpa,flash,naive,lsh-8,routing --k sqrt --csv "$OUTDIR/attention.csv" \
+    --plot "$OUTDIR"
 
 # (d) whole translation models
 if [[ $DRY == 1 ]]; then

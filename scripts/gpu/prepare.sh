@@ -11,6 +11,7 @@
 #
 # fairseq: the prebuilt fork ve-fairseq 0.12.3 (its cp312 manylinux wheel), not fairseq-fixed
 # (docs/scaling.md, "The GPU check", says why). Everything else is pure Python except bitarray.
+# Versions are those of the CPU environment the tests run in.
 # Environment: PYTHON (default python3), the interpreter whose pip downloads and builds.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -25,6 +26,12 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312 --platform manylin
 BINARY=("ve-fairseq==0.12.3" "bitarray==3.12.3")
 PURE=("hydra-core==1.3.2" "omegaconf==2.3.0" "sacremoses==0.2.0" "subword-nmt==0.3.8" "mock==5.2.0"
     "tensorboardX==2.6.5")
+# The lsh and routing baselines (setup.py's `baselines` extra, docs/baselines.md). einops too, though
+# the GPU machine has one: hyper-connections and torch-einops-utils need einops >= 0.8.1, and 0.8.2
+# is the version the tests run with (pure Python; it shadows the machine's only in check.sh's runs).
+BASELINES=("einops==0.8.2" "reformer-pytorch==1.4.4" "routing-transformer==1.6.1" "axial-positional-embedding==0.3.12"
+    "CoLT5-attention==0.11.2" "hyper-connections==0.4.11" "local-attention==1.11.2" "mixture-of-experts==0.2.3"
+    "product-key-memory==0.3.0" "torch-einops-utils==0.2.0")
 SDIST_ONLY=("antlr4-python3-runtime==4.9.3") # no wheel on the registry: built here (pure Python)
 
 rm -rf "$DEST"
@@ -33,6 +40,8 @@ echo "[prepare] binary wheels for CPython 3.12, x86-64: ${BINARY[*]}"
 "${PIP[@]}" download -q --no-deps --only-binary=:all: "${TARGET[@]}" -d "$DEST" "${BINARY[@]}"
 echo "[prepare] pure-Python wheels: ${PURE[*]}"
 "${PIP[@]}" download -q --no-deps --only-binary=:all: "${TARGET[@]}" -d "$DEST" "${PURE[@]}"
+echo "[prepare] the baselines' packages: ${BASELINES[*]}"
+"${PIP[@]}" download -q --no-deps --only-binary=:all: "${TARGET[@]}" -d "$DEST" "${BASELINES[@]}"
 echo "[prepare] building wheels of source-only packages: ${SDIST_ONLY[*]}"
 "${PIP[@]}" wheel -q --no-deps -w "$DEST" "${SDIST_ONLY[@]}"
 echo "[prepare] this package (fairseq-clusterformer) as a wheel"

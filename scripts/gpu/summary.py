@@ -56,7 +56,20 @@ def precision_lines(json_path):
     return lines
 
 
-ATTN_ORDER = ("cluster", "cluster-causal", "full", "sdpa", "flash", "naive", "proj")
+ATTN_ORDER = (
+    "cluster",
+    "cluster-causal",
+    "full",
+    "sdpa",
+    "flash",
+    "naive",
+    "lsh-1",
+    "lsh-4",
+    "lsh-8",
+    "routing",
+    "proj",
+)
+STOPPED = re.compile(r"^(ERROR|OOM|TIMEOUT|cap)\s+\S+\s+N=\s*(\d+) (.+?)\s+batch\s+(\d+): (.*)$", re.M)
 
 
 def attention_lines(csv_path, log_text):
@@ -72,7 +85,7 @@ def attention_lines(csv_path, log_text):
     for r in rows:
         by_n.setdefault(int(r["n"]), {})[r["impl"]] = r
     impls = [i for i in ATTN_ORDER if any(i in cells for cells in by_n.values())]
-    short = {"cluster-causal": "causal"}
+    short = {"cluster-causal": "causal"}  # columns of 8 characters
     head = " ".join(f"{short.get(i, i):>8s}" for i in impls)
     lines = [
         "attention, training step: time ms | extra peak MiB | cluster/sdpa and cluster/flash (time, mem)",
@@ -87,14 +100,18 @@ def attention_lines(csv_path, log_text):
         for base in ("sdpa", "flash"):
             if "cluster" in cells and base in cells:
                 rt = float(cells["cluster"]["time_ms"]) / float(cells[base]["time_ms"])
-                rm = float(cells["cluster"]["peak_mb"]) / max(float(cells[base]["peak_mb"]), 1e-9)
-                ratios.append(f"{rt:.2f} {rm:.2f}")
+                base_mb = float(cells[base]["peak_mb"])
+                rm = f"{float(cells['cluster']['peak_mb']) / base_mb:.2f}" if base_mb >= 0.05 else "-"
+                ratios.append(f"{rt:.2f} {rm}")
             else:
                 ratios.append("-")
         lines.append(f"  {n:6d} {batch:>3s} {t} | {m} | " + " / ".join(ratios))
     exps = re.findall(r"# time exponent \S+\s+\S+ (.+?)\s+(-?[\d.]+|nan)\s+\(N", log_text)
     if exps:
         lines.append("  time exponents: " + ", ".join(f"{name.strip()} {value}" for name, value in exps))
+    for status, n, label, batch, msg in STOPPED.findall(log_text)[:6]:
+        what = "over the time cap" if status == "cap" else f"{status}: {msg.strip()[:70]}"
+        lines.append(f"  stopped: {label.strip()} at N={n}, batch {batch} ({what})")
     return lines
 
 
