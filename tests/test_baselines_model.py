@@ -72,14 +72,16 @@ def test_flags_reach_the_modules_and_are_recorded(toy_bin):
         a = layer.self_attn.attention
         assert isinstance(a.router, LSHRouter) and a.num_clusters == 4  # k = 3 -> 4 buckets
     # No parameter is left without a gradient (DDP would need find_unused_parameters).
-    task, model, _ = build(toy_bin, "routing", "routing")
-    model.train()
-    src, lengths, prev = batch(task)
-    out, extra = model(src, lengths, prev)
-    assert extra["clustering_loss"] is None and extra["commitment_loss"] is not None
-    (out.sum() + extra["commitment_loss"]).backward()
-    unused = [n for n, p in model.named_parameters() if p.grad is None and p.numel()]
-    assert unused == []
+    for kind in ("routing", "lsh"):
+        task, model, _ = build(toy_bin, kind, kind)
+        model.train()
+        src, lengths, prev = batch(task)
+        out, extra = model(src, lengths, prev)
+        assert extra["clustering_loss"] is None
+        assert (extra["commitment_loss"] is None) == (kind == "lsh")
+        (out.sum() + (0 if extra["commitment_loss"] is None else extra["commitment_loss"])).backward()
+        unused = [n for n, p in model.named_parameters() if p.grad is None and p.numel()]
+        assert unused == [], (kind, unused)
 
 
 @pytest.mark.parametrize(
