@@ -175,7 +175,9 @@ def test_causal_later_tokens_never_reach_earlier_positions(local_heads):
         y = x.clone()
         y[:, t + 1 :] = torch.randn(2, 20 - t - 1, 32, generator=g) * 10
         out2, info2 = m(y)
-        assert torch.equal(out2[:, : t + 1], out[:, : t + 1])  # exactly, not approximately
+        # Equal to float rounding (a later word can move earlier keys to another block of the
+        # sorted layout, reordering sums); the zero gradient below is the exact statement.
+        torch.testing.assert_close(out2[:, : t + 1], out[:, : t + 1], atol=1e-6, rtol=0)
         assert torch.equal(info2.assignments[:, : t + 1], info.assignments[:, : t + 1])
     # Gradient view: d out[t] / d x[s] is exactly zero for every s > t.
     xg = x.detach().clone().requires_grad_(True)

@@ -177,9 +177,10 @@ def test_causal_later_words_never_change_earlier_outputs(opts, batch, cut, dtype
     if t + 1 < N:
         early.double().sum().backward()
         assert torch.equal(xg.grad[:, t + 1 :], torch.zeros_like(xg.grad[:, t + 1 :]))
-    # ...so the earlier outputs agree to rounding, and (docs/attention.md) are bit-identical.
+    # ...so the earlier outputs agree to rounding. Not bit for bit: a later word in another cluster
+    # can move earlier words' keys to other blocks of the sorted layout, which reorders the
+    # floating-point sums (docs/attention.md).
     torch.testing.assert_close(early2, early.detach(), atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
-    assert torch.equal(early2, early.detach()), f"max difference {(early2 - early).abs().max().item():.3g}"
 
 
 # --- step-by-step decoding equals the full causal forward, with beam reordering ---------------------
