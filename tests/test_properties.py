@@ -128,6 +128,44 @@ def test_module_equals_float64_reference(opts, batch, carry_centroids):
             torch.testing.assert_close(info.centroids[b, : c.size(0)], c, atol=1e-9, rtol=1e-7)
 
 
+# --- the fast path equals the plain-autograd reference path (impl="reference"), with gradients ------
+@given(options(), batches(max_len=120), st.booleans())
+def test_fast_path_equals_reference_path(opts, batch, carry_centroids):
+    kw, wseed = opts
+    lengths, left, N, xseed = batch
+    carried = carry_centroids and not kw["causal"]
+    fast = build(kw, wseed, carried=carried)
+    slow = build(kw, wseed, carried=carried)
+    slow.impl = "reference"
+    d = kw["embed_dim"]
+    x, pad = make_input(lengths, left, N, d, xseed)
+    centroids = None
+    if carried:
+        g = torch.Generator().manual_seed(xseed + 1)
+        centroids = torch.randn(len(lengths), clusters_needed(kw, lengths), d, generator=g, dtype=torch.float64)
+    note(f"options {kw}, lengths {lengths}, left {left}, N {N}, carried {carried}")
+    results = []
+    for m in (fast, slow):
+        xg = x.clone().requires_grad_(True)
+        cg = None if centroids is None else centroids.clone().requires_grad_(True)
+        out, info = m(xg, pad, centroids=cg)
+        loss = (out * (~pad)[..., None]).sin().sum() + info.clustering_loss + info.sorting_loss
+        inputs = [xg] + ([cg] if cg is not None else []) + list(m.parameters())
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        results.append((out.detach(), info, grads))
+    (out_f, info_f, grads_f), (out_r, info_r, grads_r) = results
+    valid = ~pad
+    assert torch.equal(info_f.assignments, info_r.assignments)
+    torch.testing.assert_close(out_f[valid], out_r[valid], atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(info_f.clustering_loss, info_r.clustering_loss, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(info_f.sorting_loss, info_r.sorting_loss, atol=1e-10, rtol=1e-8)
+    for gf, gr in zip(grads_f, grads_r):
+        if gf is None or gr is None:
+            assert gf is None and gr is None
+        else:
+            torch.testing.assert_close(gf, gr, atol=1e-8, rtol=1e-6)
+
+
 # --- a sentence's output does not depend on its batch or its padding --------------------------------
 @given(options(), batches(), st.integers(0, 2))
 def test_output_is_independent_of_batch_and_padding(opts, batch, which):
