@@ -174,8 +174,9 @@ def test_router_decoder_is_causal_and_matches_the_reference_path(kind, local_hea
     ref_extra = 0 if ref_info.commitment_loss is None else ref_info.commitment_loss
     g_ref = torch.autograd.grad((ref * w).sum() + ref_extra, x)[0]
     torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=1e-9)
-    # Causality (float32, as the model runs): words after t leave outputs up to t bit-identical,
-    # and d out[t] / d x[s] is exactly zero for s > t.
+    # Causality (float32, as the model runs): d out[t] / d x[s] is exactly zero for s > t, and
+    # words after t leave outputs up to t equal to float rounding (a later word can move earlier
+    # keys to another block of the sorted layout, reordering sums).
     m = m.float().eval()
     m.impl = "fast"
     x32 = x.detach().float()
@@ -183,7 +184,7 @@ def test_router_decoder_is_causal_and_matches_the_reference_path(kind, local_hea
     for t in (0, 5, 11):
         y = x32.clone()
         y[:, t + 1 :] = torch.randn_like(y[:, t + 1 :]) * 10
-        assert torch.equal(m(y, pad)[0][:, : t + 1], out32[:, : t + 1])
+        torch.testing.assert_close(m(y, pad)[0][:, : t + 1], out32[:, : t + 1], atol=1e-6, rtol=0)
     xg = x32.clone().requires_grad_(True)
     m(xg, pad)[0][:, 7].sum().backward()
     assert xg.grad[:, 8:].abs().max() == 0 and xg.grad[:, :8].abs().max() > 0

@@ -135,7 +135,8 @@ def test_decoder_is_causal_and_translation_ignores_batch_mates_and_padding(toy_b
         changed = prev.clone()
         changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % len(task.target_dictionary)
         changed[:, t + 1 :].clamp_(min=task.target_dictionary.nspecial)
-        assert torch.equal(model(src, lengths, changed)[0][:, : t + 1], out[:, : t + 1])
+        # equal to float rounding (module tests: zero gradient from later words)
+        torch.testing.assert_close(model(src, lengths, changed)[0][:, : t + 1], out[:, : t + 1], atol=1e-5, rtol=0)
     d = task.source_dictionary
     src, lengths, prev = batch(task, n=1, src_len=7, tgt_len=6)
     alone, _ = model(src, lengths, prev)
