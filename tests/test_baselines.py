@@ -288,3 +288,23 @@ def test_routing_encoder_means_update_from_real_words_and_commitment_is_returned
     km.set_num_updates(1)
     assert not torch.equal(km.means, before) and bool(km.initted)
     torch.testing.assert_close(km.means.norm(dim=-1), torch.ones(km.means.shape[:2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["lsh", "routing"])
+def test_encoders_run_in_half_precision(kind, dtype):
+    """fp16/bf16 training (fairseq's --fp16 / --bf16): forward and backward finite, in the input's
+    dtype. (local-attention's rotary embedding upcasts to float32; the routing adapter runs the
+    local heads in float32 so the package does not fail on mixed dtypes.)"""
+    m = encoder(kind).to(dtype)
+    x = torch.randn(2, 12, D).to(dtype).requires_grad_(True)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 8:] = True
+    for train in (True, False):
+        m.train(train)
+        out, loss = m(x, pad)
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+        if train:
+            total = out.float().sum() + (loss.float() if loss is not None else 0.0)
+            (grad,) = torch.autograd.grad(total, x)
+            assert torch.isfinite(grad.float()).all() and grad[~pad].abs().sum() > 0

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from local_attention import LocalAttention
 from routing_transformer.routing_transformer import Kmeans, SelfAttention, batched_index_select, expand_dim
 from torch import Tensor, nn
 
@@ -70,6 +71,21 @@ class PaddingAwareKmeans(Kmeans):
         kmeans.apply_pending(self, num_updates)
 
 
+class _Float32LocalAttention(LocalAttention):
+    """The package's local attention, computed in float32 and returned in the input's dtype.
+
+    local-attention applies its rotary position embedding in float32, so in fp16/bf16 the
+    attention weights come out float32 and meet half-precision values ("expected scalar type
+    Float but found BFloat16"). Running the local heads in float32 is what the package computes
+    in fp32, and costs little: they are half of the heads over windows of N/k words."""
+
+    def forward(self, q, k, v, *args, **kwargs):
+        dtype = q.dtype
+        if dtype in (torch.float32, torch.float64):
+            return super().forward(q, k, v, *args, **kwargs)
+        return super().forward(q.float(), k.float(), v.float(), *args, **kwargs).to(dtype)
+
+
 class RoutingEncoderAttention(nn.Module):
     """Batch-first routing self-attention, B x N x d with a B x N padding mask (True at padding).
     Returns (output, commitment loss: mean over real words, heads and dimensions)."""
@@ -103,6 +119,8 @@ class RoutingEncoderAttention(nn.Module):
             attn_dropout=dropout,
             kmeans_ema_decay=ema_decay,
         )
+        if local_heads > 0:  # the same module, with a dtype-safe forward (see _Float32LocalAttention)
+            self.attention.local_attn.__class__ = _Float32LocalAttention
         self.attention.global_attn.kmeans = PaddingAwareKmeans(
             num_heads - local_heads, embed_dim // num_heads, num_clusters, ema_decay
         )
