@@ -30,6 +30,10 @@ ATTENTION_ORDER = [
     "sdpa",
     "naive",
     "proj",
+    "lsh-1",
+    "lsh-4",
+    "lsh-8",
+    "routing",
 ]
 HEADINGS = {"cluster k=sqrt": "cluster k=√N", "cluster-causal k=sqrt": "cluster-causal k=√N"}
 
@@ -42,7 +46,7 @@ def _rows(name, data=DATA):
     path = Path(data) / name
     if not path.exists():
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
-    rows = read_rows(path) if name.startswith(("attn_", "check")) else list(csv.DictReader(path.open()))
+    rows = read_rows(path) if name.startswith(("attn_", "check", "baselines")) else list(csv.DictReader(path.open()))
     if not rows:
         raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
     return rows
@@ -81,6 +85,21 @@ def attention_tables(rows):
             out.append(f"| {n} | {batch} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def baselines_ratios(rows, n=2048):
+    """ClusterFormer's time and memory against each baseline at N = n (side by side)."""
+    table, series = _by_series(rows)
+    base = table.get((n, "cluster k=3"))
+    parts = []
+    for s in series:
+        r = table.get((n, s))
+        if base is None or r is None or s == "cluster k=3":
+            continue
+        parts.append(
+            f"{s}: time **{base['time_ms'] / r['time_ms']:.2f}**, memory **{base['peak_mb'] / r['peak_mb']:.2f}**"
+        )
+    return f"At N = {n}, cluster k=3 / " + "; ".join(parts) + "."
 
 
 def exponents(rows, lo=1024, hi=8192):
@@ -131,12 +150,19 @@ def translation_tables(rows):
             settings.append(r["setting"])
     for setting in settings:
         for phase in ("train", "generate"):
-            mine = index.get((setting, phase, ours)) or index.get((setting, phase, ours + "+auto"))
+            # ours: clusterformer_iwslt, or a variant of it ("+auto": --num-clusters auto; "+lsh",
+            # "+routing": the baselines' self-attention on both sides)
+            mine = next(
+                (r for (s, p, a), r in index.items() if (s, p) == (setting, phase) and a.startswith(ours)), None
+            )
             other = index.get((setting, phase, theirs))
             if not mine or not other:
                 continue
             ratio = float(mine["rate"]) / float(other["rate"])
-            label = setting if not mine["arch"].endswith("+auto") else setting + " (`--num-clusters auto`)"
+            variant = mine["arch"][len(ours) :].lstrip("+")
+            label = {"": setting, "auto": f"{setting} (`--num-clusters auto`)"}.get(
+                variant, f"{setting} ({variant} self-attention on both sides)"
+            )
             out.append(
                 f"| {label} | {phase} | {float(mine['rate']):.4g} {mine['unit']} | "
                 f"{float(other['rate']):.4g} {other['unit']} | **{ratio:.2f}** |"
@@ -187,7 +213,13 @@ def blocks(data=DATA):
     train, forward = _rows("attn_train.csv", data), _rows("attn_forward.csv", data)
     scaling, check = _rows("attn_scaling_b1.csv", data), _rows("check2048.csv", data)
     translation = _rows("translation.csv", data)
+    baselines = _rows("baselines_train.csv", data)
     return {
+        "baselines": attention_tables(baselines)
+        + "\n\n"
+        + exponents(baselines, 512, 2048)
+        + "\n\n"
+        + baselines_ratios(baselines),
         "summary": summary(train, check, translation),
         "train": attention_tables(train) + "\n\n" + exponents(train),
         "scaling": attention_tables(scaling) + "\n\n" + exponents(scaling),
