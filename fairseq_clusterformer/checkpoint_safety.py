@@ -11,6 +11,7 @@ Saving: fairseq copies each checkpoint onto checkpoint_last.pt (and checkpoint_b
 so a process killed mid-copy leaves a truncated file; ``make_checkpoint_saves_atomic`` makes every
 checkpoint write go through a temporary file, fsync and rename.
 """
+
 import argparse
 import os
 import re
