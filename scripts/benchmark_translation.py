@@ -422,7 +422,12 @@ def main(argv=None):
         default="mt,512,1024,2048",
         help="mt and/or synthetic lengths, comma-separated",
     )
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "iwslt14"))
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="for the 'mt' setting: the offline IWSLT14 de-en material (train-sample/, test.de, test.en), "
+        "e.g. ../shared/data/iwslt14",
+    )
     p.add_argument(
         "--work-dir",
         default="/tmp/clusterformer-bench-translation",
@@ -484,6 +489,8 @@ def main(argv=None):
         help="both models' parameters and activations",
     )
     args = p.parse_args(argv)
+    if "mt" in args.settings.split(",") and not args.data_dir:
+        p.error("the 'mt' setting needs --data-dir DIR: the IWSLT14 de-en material (e.g. ../shared/data/iwslt14)")
     if args.gen_batch_size < 1 or args.gen_batches < 1 or args.train_steps < 1:
         p.error("--gen-batch-size, --gen-batches and --train-steps must be >= 1")
     args.phases = [v.strip() for v in args.phases.split(",") if v.strip()]

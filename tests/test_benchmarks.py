@@ -192,6 +192,8 @@ def test_translation_benchmark_smoke(tmp_path):
             "1",
             "--cluster-args",
             "--causal-window 8",
+            "--data-dir",
+            REPO.parent / "shared" / "data" / "iwslt14",
             "--work-dir",
             tmp_path / "work",
             "--csv",
@@ -423,3 +425,10 @@ def test_the_memory_meter_measures_what_a_block_allocates():
     peak_mib = meter.stop() / 2**20
     del block
     assert 56 <= peak_mib <= 100, peak_mib
+
+
+def test_translation_benchmark_needs_an_explicit_data_dir_for_mt():
+    proc = subprocess.run(
+        [sys.executable, *TRANSLATION, "--settings", "mt"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "the 'mt' setting needs --data-dir DIR" in proc.stderr
