@@ -1,9 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# One torch thread per test process, and for every process a test starts: the suite runs two
+# xdist workers on a 2-core machine, and more threads than cores make every small parallel
+# operation wait for a descheduled thread (docs/benchmarks.md, "Over-subscription").
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from fairseq_helpers import CLUSTER_CRITERION, TINY, preprocess, train, write_toy_corpus  # noqa: E402
 
