@@ -305,22 +305,19 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
     assert "fairseq-train" in text and (tmp_path / "img" / "curves_toy.png").exists()
 
 
-def test_scripts_help():
+def test_commands_not_run_elsewhere_answer_help():
+    """The console commands and modules that no other test runs: their entry points resolve and
+    parse. (clusterformer-choose-k, -prepare-data, -average-checkpoints and run_side_by_side run
+    in their own tests.)"""
     commands = [
-        [cli(name)]
-        for name in (
-            "clusterformer-show-clusters",
-            "clusterformer-choose-k",
-            "clusterformer-prepare-data",
-            "clusterformer-average-checkpoints",
-            "clusterformer-mt-prep",
-            "clusterformer-autoload",
-        )
+        [cli(name)] for name in ("clusterformer-show-clusters", "clusterformer-mt-prep", "clusterformer-autoload")
     ]
-    commands += [[PY, "-m", "scripts.experiments.run_side_by_side"], [PY, "-m", "scripts.check_offline"]]
-    for command in commands:
-        proc = subprocess.run([*command, "--help"], cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), (command, proc.stderr[-2000:])
+    commands.append([PY, "-m", "scripts.check_offline"])
+    procs = [subprocess.Popen([*c, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]  # fmt: skip
+    for command, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "usage" in out.lower(), (command, err[-2000:])
 
 
 def test_prepare_data_needs_an_explicit_iwslt14_source(tmp_path):
@@ -517,3 +514,49 @@ def test_converged_recipe_resumes_after_a_kill(toy_bin, tmp_path):
     hyp_lines = expkit.mt_prep.read_lines(run_dir / "output" / "hyp.test.detok")
     assert t["chrf"] == round(run_side_by_side.sacrebleu_chrf(hyp_lines, refs), 2)
     assert "--patience 100" in r["train_command"] and "--max-update 0" in r["train_command"]
+
+
+def test_render_converged_block_with_paired_bootstrap(tmp_path):
+    """The converged block: mean ± std over seeds, chrF, and sacrebleu's paired bootstrap of each
+    system's seed-1 translations against the Transformer's (here the committed Transformer
+    translations against a copy with every other sentence cut to its first three words)."""
+    import gzip
+
+    hyp = REPO / "docs" / "results" / "hyps" / "multi30k.transformer.base.s1.conv.test_2016.detok.gz"
+    with gzip.open(hyp, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    worse = tmp_path / "worse.gz"
+    with gzip.open(worse, "wt", encoding="utf-8") as f:
+        f.write("".join((h if i % 2 else " ".join(h.split()[:3])) + "\n" for i, h in enumerate(lines)))
+
+    def record(model, seed, hyp_file, bleu):
+        test = {"label": "test_2016", "sacrebleu": bleu, "bleu_tok": bleu, "chrf": 50.0, "hyp_file": str(hyp_file)}
+        test["command"] = "fairseq-generate"
+        test["ref"] = "data/multi30k/test_2016_flickr.en.gz"
+        return {
+            "run_id": f"m.{model}.base.s{seed}.conv", "dataset": "m", "model": model, "variant": "base",
+            "seed": seed, "recipe": "converged", "max_update": "conv", "epochs": 10 + seed,
+            "best_valid_nll": 2.5, "best_valid_updates": 100, "train_wall_clock_s": 60.0, "train_wall_s": 50.0,
+            "tokens_per_s": 1000.0, "peak_rss_mb": 800.0, "tests": [test], "train_command": "fairseq-train",
+            "defaults": model == "clusterformer",
+        }  # fmt: skip
+
+    recs = [
+        record("transformer", 1, hyp, 39.0),
+        record("transformer", 2, hyp, 41.0),
+        record("clusterformer", 1, worse, 30.0),
+        record("clusterformer", 2, worse, 34.0),
+    ]
+    text = run_side_by_side.render(recs, tmp_path, tmp_path)
+    assert "### m, converged recipe" in text
+    assert "| transformer | base | 11.5 ± 0.7 [11.0, 12.0] | 1,2 |" in text
+    assert "| 40.00 ± 1.41 [39.00, 41.00] | 50.00 ± 0.00 [50.00, 50.00] |" in text
+    assert "ClusterFormer minus Transformer (converged recipe, seeds 1,2; BLEU points, nll bits): " in text
+    assert "test_2016 sacre -8.00 [-9.00, -7.00]" in text
+    rows = [line for line in text.splitlines() if line.startswith("| transformer base |")]
+    (baseline,) = rows
+    assert baseline.split(" | ")[1] == "39.03"  # the real corpus score of the kept translations
+    (worse_row,) = [line for line in text.splitlines() if line.startswith("| clusterformer base |")]
+    bleu, p_bleu = float(worse_row.split(" | ")[1]), float(worse_row.split(" | ")[2])
+    assert bleu < 35 and p_bleu < 0.01
+    assert (tmp_path / "curves_m_converged.png").exists() is False  # no curves in these records
