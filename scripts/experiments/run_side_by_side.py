@@ -304,7 +304,7 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "code": "snapshot of the commit (git archive)" if code_dir else "working tree",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    expkit.append_jsonl(a.results, record)
+    expkit.append_jsonl(a.results, _portable(record))
     write_csv(a.results)
     say(
         f"{rid}: best valid nll {record['best_valid_nll']} | "
@@ -416,6 +416,22 @@ def _mean_cell(values, nd=2, std=False, mean=None):
 
 def _rel(text):
     return str(text).replace(str(REPO) + "/", "").replace(str(REPO), ".")
+
+
+def _portable(value):
+    """A record with every path inside the checkout made relative to it, so that the committed
+    raw results (and the tables built from them) do not depend on where the checkout lives."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    return _rel(value) if isinstance(value, str) else value
+
+
+def _run_dir(record):
+    """A record's run folder (recorded relative to the checkout)."""
+    path = Path(record.get("run_dir") or "/nonexistent")
+    return path if path.is_absolute() else REPO / path
 
 
 def _test_labels(records):
@@ -729,7 +745,7 @@ def refresh_train_stats(records):
     rate from the saved hypotheses where a record lacks it. Returns True if anything changed."""
     changed = False
     for r in records:
-        log = Path(r.get("run_dir") or "/nonexistent") / "train.log"
+        log = _run_dir(r) / "train.log"
         if not log.is_file():
             continue
         parsed = parse_segments(log.read_text())
@@ -738,7 +754,7 @@ def refresh_train_stats(records):
                 r[key] = parsed[key]
                 changed = True
         for t in r.get("tests", []):
-            hyp = Path(r["run_dir"]) / "output" / f"hyp.{t['label']}.tok"
+            hyp = _run_dir(r) / "output" / f"hyp.{t['label']}.tok"
             if "repeat_pct" not in t and hyp.is_file():
                 t["repeat_pct"] = expkit.repetition_rate(hyp.read_text(encoding="utf-8").splitlines())
                 changed = True
