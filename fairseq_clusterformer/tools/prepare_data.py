@@ -11,7 +11,7 @@ val, test = test_2016_flickr, test1 = test_2017_flickr. This is scripts/demo.sh'
 the demo has already tokenised and segmented the corpus (work/demo/tok, work/demo/bpe), its files
 and BPE codes are reused, and only test_2017 is tokenised and segmented here.
 
-iwslt14: the offline IWSLT14 de-en material under /work/shared/data/iwslt14 (already lowercased,
+iwslt14: the offline IWSLT14 de-en material such as ../shared/data/iwslt14 (already lowercased,
 tokenised and BPE'd with fairseq's prepare-iwslt14.sh code): train = train-sample/train (4,600) +
 train-sample/sample2 (4,200) + the lines of valid.* not held out; valid = every 7th line of valid.*
 (1,041 held out); test = the official test set (test.*, 6,750). Binarised with --joined-dictionary.

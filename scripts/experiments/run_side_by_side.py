@@ -12,7 +12,7 @@ docs/results/<dataset>_converged.jsonl.
 
     # 0. data (once): Multi30k de-en, and/or the offline IWSLT14 sample
     python -m scripts.experiments.run_side_by_side prepare multi30k
-    python -m scripts.experiments.run_side_by_side prepare iwslt14 --source /work/shared/data/iwslt14
+    python -m scripts.experiments.run_side_by_side prepare iwslt14 --source ../shared/data/iwslt14
 
     # 1. side by side, two seeds
     python -m scripts.experiments.run_side_by_side run --dataset multi30k --seeds 1,2 --max-update 500
