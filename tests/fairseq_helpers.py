@@ -209,3 +209,29 @@ def parse_generate(stdout):
         else:
             entry[kind] = rest
     return out
+
+
+def assert_incremental_scores_equal_score_reference(data_bin, checkpoint, tmp, n=20):
+    """Per-token scores of beam-1 incremental decoding equal --score-reference's full-forward
+    scores of the same tokens (the decoder's incremental state is exact). Returns the beam-1
+    output ({id: entry}, as parse_generate)."""
+    import torch
+
+    gen = parse_generate(generate(data_bin, checkpoint, extra=["--beam", "1"]).stdout)
+    assert sorted(gen) == list(range(n))
+    # The hypotheses become the references of a new test set, scored with --score-reference.
+    tmp = Path(tmp)
+    (tmp / "test.src").write_text("".join(gen[i]["S"] + "\n" for i in sorted(gen)))
+    (tmp / "test.tgt").write_text("".join(gen[i]["H"][1] + "\n" for i in sorted(gen)))
+    run([
+        cli("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt", "--testpref", tmp / "test",
+        "--destdir", tmp / "bin", "--srcdict", Path(data_bin) / "dict.src.txt",
+        "--tgtdict", Path(data_bin) / "dict.tgt.txt", "--workers", "1",
+    ])  # fmt: skip
+    scored = parse_generate(generate(tmp / "bin", checkpoint, extra=["--score-reference"]).stdout)
+    assert sorted(scored) == sorted(gen)
+    for i in sorted(gen):
+        a, b = torch.tensor(gen[i]["P"]), torch.tensor(scored[i]["P"])
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)  # fairseq prints 4 decimals
+    return gen

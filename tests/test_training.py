@@ -3,21 +3,10 @@
 import re
 
 import pytest
-import torch
 
-from fairseq_helpers import (
-    CLUSTER_CRITERION as CRIT,
-)
-from fairseq_helpers import (
-    TINY as SMALL,
-)
-from fairseq_helpers import (
-    cli,
-    generate,
-    parse_generate,
-    run,
-    train,
-)
+from fairseq_helpers import CLUSTER_CRITERION as CRIT
+from fairseq_helpers import TINY as SMALL
+from fairseq_helpers import assert_incremental_scores_equal_score_reference, generate, parse_generate, train
 
 
 def scalar(log, name):
@@ -67,7 +56,7 @@ def test_generate_translates_every_sentence(toy_bin, trained):
 def test_score_reference_equals_incremental_beam1_scores(toy_bin, trained, tmp_path):
     """Per-token scores of a hypothesis decoded incrementally equal the full-forward scores of the
     same tokens under --score-reference: the decoder's incremental state is exact."""
-    _assert_incremental_scores_equal_score_reference(toy_bin, trained[0] / "checkpoint_last.pt", tmp_path)
+    assert_incremental_scores_equal_score_reference(toy_bin, trained[0] / "checkpoint_last.pt", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -99,40 +88,4 @@ def test_auto_and_dot_train_lower_the_clustering_loss_and_decode_exactly(toy_bin
 
     cfg = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))["cfg"]["model"]
     assert (cfg.num_clusters, cfg.causal_num_clusters, cfg.cluster_similarity) == ("auto", 3, "dot")
-    _assert_incremental_scores_equal_score_reference(toy_bin, save / "checkpoint_last.pt", tmp_path)
-
-
-def _assert_incremental_scores_equal_score_reference(toy_bin, checkpoint, tmp):
-    gen = parse_generate(generate(toy_bin, checkpoint, extra=["--beam", "1"]).stdout)
-    assert sorted(gen) == list(range(20))
-    # Write hypotheses as the references of a new test set, then score them with --score-reference.
-    src = [gen[i]["S"] for i in sorted(gen)]
-    hyp = [gen[i]["H"][1] for i in sorted(gen)]
-    (tmp / "test.src").write_text("\n".join(src) + "\n")
-    (tmp / "test.tgt").write_text("\n".join(hyp) + "\n")
-    run(
-        [
-            cli("fairseq-preprocess"),
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            "--testpref",
-            tmp / "test",
-            "--destdir",
-            tmp / "bin",
-            "--srcdict",
-            toy_bin / "dict.src.txt",
-            "--tgtdict",
-            toy_bin / "dict.tgt.txt",
-            "--workers",
-            "1",
-        ]
-    )
-    scored = parse_generate(generate(tmp / "bin", checkpoint, extra=["--score-reference"]).stdout)
-    assert sorted(scored) == sorted(gen)
-    for i in sorted(gen):
-        a = torch.tensor(gen[i]["P"])
-        b = torch.tensor(scored[i]["P"])
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)  # fairseq prints 4 decimals
+    assert_incremental_scores_equal_score_reference(toy_bin, save / "checkpoint_last.pt", tmp_path)
