@@ -15,10 +15,11 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 from ..modules.cluster_attention import ClusterInfo
+from ..modules.fairseq_cluster_attention import InputBufferMixin, check_self_attention_call
 
 
 @with_incremental_state
-class FairseqBaselineAttention(nn.Module):
+class FairseqBaselineAttention(InputBufferMixin, nn.Module):
     """Wraps a batch-first baseline attention, ``attention(x, key_padding_mask) -> (out, loss|None)``."""
 
     def __init__(self, attention: nn.Module):
@@ -52,10 +53,9 @@ class FairseqBaselineAttention(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """fairseq's MultiheadAttention signature (self-attention, encoder only). Weights are not
         returned; use ``attend`` to get the commitment loss."""
-        if static_kv or (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("the baseline attentions are self-attention only: key and value must be the query")
-        if before_softmax or attn_mask is not None:
-            raise ValueError("the baseline attentions take no attn_mask and expose no pre-softmax scores")
+        check_self_attention_call(query, key, value, static_kv, before_softmax, "the baseline attention")
+        if attn_mask is not None:
+            raise ValueError("the baseline attentions take no attn_mask")
         if incremental_state is not None:
             raise ValueError(
                 "the package baselines are encoder attention; "
@@ -63,13 +63,6 @@ class FairseqBaselineAttention(nn.Module):
             )
         out, _ = self.attend(query, key_padding_mask)
         return out, None
-
-    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
-        result = self.get_incremental_state(incremental_state, "attn_state")
-        return result if result is not None else {}
-
-    def _set_input_buffer(self, incremental_state, buffer: Dict[str, Optional[Tensor]]):
-        return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         return incremental_state  # nothing cached

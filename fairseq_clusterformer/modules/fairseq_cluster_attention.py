@@ -21,8 +21,28 @@ from torch import Tensor, nn
 from .cluster_attention import ClusterAttention, ClusterInfo
 
 
+def check_self_attention_call(query, key, value, static_kv: bool, before_softmax: bool, what: str):
+    """The fairseq MultiheadAttention call options that a self-attention-only adapter refuses."""
+    if static_kv or (key is not None and key is not query) or (value is not None and value is not query):
+        raise ValueError(f"{what} is self-attention only: key and value must be the query")
+    if before_softmax:
+        raise ValueError(f"{what} does not expose pre-softmax scores")
+
+
+class InputBufferMixin:
+    """fairseq's ``_get_input_buffer`` / ``_set_input_buffer`` on one "attn_state" entry (the
+    class must also be decorated with ``with_incremental_state``)."""
+
+    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
+        result = self.get_incremental_state(incremental_state, "attn_state")
+        return result if result is not None else {}
+
+    def _set_input_buffer(self, incremental_state, buffer: Dict[str, Optional[Tensor]]):
+        return self.set_incremental_state(incremental_state, "attn_state", buffer)
+
+
 @with_incremental_state
-class FairseqClusterAttention(nn.Module):
+class FairseqClusterAttention(InputBufferMixin, nn.Module):
     """Wraps a ClusterAttention with fairseq's MultiheadAttention interface (self-attention only).
 
     takes_carried_centroids: an encoder layer after the first, which clusters with the previous
@@ -71,10 +91,7 @@ class FairseqClusterAttention(nn.Module):
         construction. Attention weights are never materialised, so the second output is None.
         The call's ClusterInfo is left in ``last_info`` (None in incremental decoding).
         """
-        if static_kv or (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError("ClusterAttention is self-attention only: key and value must be the query")
-        if before_softmax:
-            raise ValueError("ClusterAttention does not expose pre-softmax scores")
+        check_self_attention_call(query, key, value, static_kv, before_softmax, "ClusterAttention")
         if incremental_state is not None:
             if not self.attention.causal:
                 raise ValueError("incremental decoding needs the causal (decoder) variant")
@@ -105,13 +122,6 @@ class FairseqClusterAttention(nn.Module):
         self._set_input_buffer(incremental_state, state)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.transpose(0, 1)
-
-    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
-        result = self.get_incremental_state(incremental_state, "attn_state")
-        return result if result is not None else {}
-
-    def _set_input_buffer(self, incremental_state, buffer: Dict[str, Optional[Tensor]]):
-        return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor):
         """Beam search: reorder the per-cluster caches (batch is dim 0 of every cached tensor)."""
