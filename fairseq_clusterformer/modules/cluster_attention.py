@@ -283,7 +283,7 @@ class ClusterAttention(nn.Module):
             return reference_forward(self, x, words, centroids)
         if self.causal:
             return self._forward_causal(x, words)
-        return self._forward_encoder(x, words, self.layer_centroids(x, words, centroids))
+        return self._forward_encoder(x, words, centroids)
 
     # ------------------------------------------------------------------------------------------
     # shared pieces (both implementations use these, so they define the same function)
@@ -294,13 +294,14 @@ class ClusterAttention(nn.Module):
             return k, int(k.max())
         return torch.full_like(lengths, self.num_clusters), self.num_clusters
 
-    def layer_centroids(self, x: Tensor, words: Words, centroids: Optional[Tensor]) -> Tensor:
+    def layer_centroids(self, x: Tensor, words: Words, centroids: Optional[Tensor], K: Optional[int] = None) -> Tensor:
         """The centroids this layer clusters with, B x K x d: the given ones (the previous
-        layer's C'), else the learned parameter."""
+        layer's C'), else the learned parameter. K: from cluster_counts, if already known."""
         B, _, d = x.shape
-        _, K = self.cluster_counts(words.lengths)
         if self.causal:
             return self.centroids.to(x.dtype).unsqueeze(0).expand(B, -1, -1)
+        if K is None:
+            _, K = self.cluster_counts(words.lengths)
         if centroids is None:
             if self.centroids is None:
                 raise ValueError("this layer has no learned centroids: pass the previous layer's centroids")
@@ -372,10 +373,11 @@ class ClusterAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # encoder variant
-    def _forward_encoder(self, x: Tensor, words: Words, centroids: Tensor):
+    def _forward_encoder(self, x: Tensor, words: Words, centroids: Optional[Tensor]):
         B, N, d = x.shape
         lengths = words.lengths
-        k_b, K = self.cluster_counts(lengths)
+        k_b, K = self.cluster_counts(lengths)  # (with "auto", K = max k_b is a host sync: once)
+        centroids = self.layer_centroids(x, words, centroids, K)
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b)
         sorted_idx, undo_sort = sort_by_cluster(assign, K)
 
