@@ -62,6 +62,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: then the table is GPU time per operator")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--top", type=int, default=15, help="operators listed with --device cuda")
     p.add_argument(
         "--memory",
         action="store_true",
@@ -86,18 +89,21 @@ def main(argv=None):
         holder._BACKWARD_CHUNK_BYTES = int(args.backward_chunk_mib * 2**20)
     chunks = "n/a" if holder is None else f"{holder._BACKWARD_CHUNK_BYTES / 2**20:.3g} MiB"
     k = args.k or math.ceil(math.sqrt(args.n))
-    m = ca.ClusterAttention(args.d, args.heads, k, max_clusters=max(256, k))
-    x = torch.randn(args.batch, args.n, args.d, requires_grad=True)
-    kpm = torch.zeros(args.batch, args.n, dtype=torch.bool)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    m = ca.ClusterAttention(args.d, args.heads, k, max_clusters=max(256, k)).to(device, dtype)
+    x = torch.randn(args.batch, args.n, args.d, requires_grad=True, device=device, dtype=dtype)
+    kpm = torch.zeros(args.batch, args.n, dtype=torch.bool, device=device)
 
     def step():
         out, info = m(x, kpm)
-        (out.sum() + info.clustering_loss + info.sorting_loss).backward()
+        (out.float().sum() + info.clustering_loss + info.sorting_loss).backward()
         x.grad = None
         m.zero_grad(set_to_none=True)
 
     print(
         f"# N {args.n}, batch {args.batch}, d {args.d}, heads {args.heads}, k {k}, threads {args.threads}, "
+        f"device {args.device}, dtype {args.dtype}, "
         f"backward chunks of {chunks}, load average "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
@@ -113,6 +119,9 @@ def main(argv=None):
 
     for _ in range(args.warmup):
         step()
+    if device.type == "cuda":
+        _profile_cuda(step, args.steps, args.top)
+        return
     total = {}
     for _ in range(args.steps):
         with profile() as prof:
@@ -128,6 +137,40 @@ def main(argv=None):
         print(f"| {name} | {ms:.0f} | {100 * ms / whole:.0f} % |")
     print(f"| everything else | {whole - used:.0f} | {100 * (whole - used) / whole:.0f} % |")
     print(f"| total | {whole:.0f} | |")
+
+
+def _profile_cuda(step, steps, top):
+    """GPU time and kernel launches per step, by operator: on a GPU a step of small operators is
+    bound by launches, which a CPU profile does not show."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) * 1000 / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(getattr(e, "device_time", 0.0) for e in kernels) / 1000 / steps
+    wall = {}
+    for e in prof.key_averages():
+        if e.key.startswith("aten::") or e.key.startswith("ProfilerStep"):
+            wall[e.key] = (e.self_device_time_total / 1000 / steps, e.count / steps)
+    rows = sorted(wall.items(), key=lambda kv: -kv[1][0])[:top]
+    print(
+        f"step {step_ms:.2f} ms (unprofiled); GPU busy {gpu_ms:.2f} ms of it; "
+        f"{len(kernels) / steps:.0f} kernels per step"
+    )
+    print("| operator | GPU ms per step | calls per step |\n|---|---|---|")
+    for name, (ms, calls) in rows:
+        print(f"| {name} | {ms:.3f} | {calls:.0f} |")
 
 
 if __name__ == "__main__":
