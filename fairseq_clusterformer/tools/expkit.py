@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,11 +114,20 @@ def code_snapshot(rev="HEAD", root=None):
     ).stdout.strip()
     dest = root / sha[:12]
     if not (dest / ".done").exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
+        # extracted beside it and renamed into place: parallel runners never see a half-written tree
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}.", dir=root))
         archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-        (dest / ".done").write_text(sha + "\n")
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+        (tmp / ".done").write_text(sha + "\n")
+        if (dest / ".done").exists():  # another runner finished first
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                tmp.rename(dest)
+            except OSError:  # another runner renamed its copy into place meanwhile
+                shutil.rmtree(tmp)
     return dest, sha
 
 

@@ -1,20 +1,66 @@
 #!/usr/bin/env bash
-# The converged-recipe runs of docs/results.md, one after the other, single-threaded and niced.
-# Run it again after an interruption: finished runs (recorded in docs/results/multi30k_converged.jsonl)
+# The runs of docs/results.md's converged study (the `annealed` recipe, scripts/experiments/recipes.py),
+# in priority order, on LANES parallel lanes (default 2: one single-threaded, niced run per core).
+# Run it again after an interruption: finished runs (recorded in docs/results/multi30k_annealed.jsonl)
 # are skipped and an interrupted one resumes from its checkpoint_last.pt.
 #
 #   nohup bash scripts/experiments/converged_queue.sh > work/experiments/converged_queue.log 2>&1 &
 #
-# SEEDS (default "1 2 3") and CODE (the plugin commit every run uses) can be overridden.
+# Environment: LANES (default 2); SEEDS (default "1 2 3"); CODE (the plugin commit every run uses,
+# default the checkout's HEAD; a resumed run keeps the commit it started with); RECIPE (default
+# annealed); ONLY (a pattern: run only the queue entries whose label matches it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-CODE=${CODE:-83b18ea}
+CODE=${CODE:-$(git rev-parse --short=12 HEAD)}
 PY=${PY:-.venv/bin/python}
-R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe converged --dataset multi30k --code "$CODE")
+RECIPE=${RECIPE:-annealed}
+LANES=${LANES:-2}
+ONLY=${ONLY:-}
+R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe "$RECIPE" --dataset multi30k --code "$CODE")
 [ -f work/experiments/data/multi30k/dataset.json ] || "$PY" -m scripts.experiments.run_side_by_side prepare multi30k
+
+# One entry per run: "label|runner arguments". Seeds first (the main table), then the ablations.
+QUEUE=()
 for s in ${SEEDS:-1 2 3}; do
-    "${R[@]}" --models transformer --seeds "$s"
-    "${R[@]}" --models clusterformer --seeds "$s"
-    "${R[@]}" --models clusterformer --seeds "$s" --label decoder-full -- --self-attention-decoder full
+    QUEUE+=("transformer s$s|--models transformer --seeds $s")
+    QUEUE+=("clusterformer s$s|--models clusterformer --seeds $s")
+    QUEUE+=("decoder-full s$s|--models clusterformer --seeds $s --label decoder-full -- --self-attention-decoder full")
+    QUEUE+=("lsh s$s|--models clusterformer --seeds $s --label lsh -- --self-attention-encoder lsh --self-attention-decoder lsh")
+    QUEUE+=("routing s$s|--models clusterformer --seeds $s --label routing -- --self-attention-encoder routing --self-attention-decoder routing")
 done
+for s in 1 2; do
+    for v in no-clustering-loss no-sorting-loss no-cluster-losses; do
+        QUEUE+=("$v s$s|--models clusterformer --seeds $s --variants $v")
+    done
+done
+for k in 2 4 6 8; do
+    QUEUE+=("k$k s1|--models clusterformer --seeds 1 --variants= --ks $k")
+done
+
+CLAIMS=work/experiments/queue_claims
+rm -rf "$CLAIMS"
+mkdir -p "$CLAIMS"
+
+lane() {
+    local lane_no=$1 i entry label args
+    for i in "${!QUEUE[@]}"; do
+        entry=${QUEUE[$i]}
+        label=${entry%%|*}
+        args=${entry#*|}
+        [[ -z "$ONLY" || "$label" == $ONLY ]] || continue
+        mkdir "$CLAIMS/$i" 2>/dev/null || continue # another lane has it
+        echo "[queue $(date +%H:%M:%S)] lane $lane_no: $label ($((i + 1)) of ${#QUEUE[@]})"
+        # shellcheck disable=SC2086  # args is a word list written above
+        if ! "${R[@]}" $args; then
+            echo "[queue $(date +%H:%M:%S)] lane $lane_no: $label FAILED; going on with the next"
+        fi
+    done
+    echo "[queue $(date +%H:%M:%S)] lane $lane_no: nothing left"
+}
+
+for ((l = 1; l <= LANES; l++)); do
+    lane "$l" &
+    sleep 5 # the lanes' first runs do not export the code snapshot at the same moment
+done
+wait

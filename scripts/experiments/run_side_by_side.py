@@ -159,7 +159,7 @@ def train_settings(a):
 
 def one_run(a, meta, model, variant, extra, k, seed):
     recipe = recipes.RECIPES[a.recipe]
-    max_update = 0 if a.recipe == "converged" else a.max_update
+    max_update = recipes.max_update(a.recipe, a.max_update)
     rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe)
     done = {r["run_id"] for r in expkit.read_jsonl(a.results)}
     if rid in done and not a.force:
@@ -268,7 +268,7 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "recipe": a.recipe,
         # the plugin's defaults: the base variant with no extra fairseq-train arguments
         "defaults": model == "clusterformer" and variant == "base" and not extra_all_user(a),
-        "max_update": a.max_update if a.recipe != "converged" else "conv",
+        "max_update": "conv" if a.recipe == "converged" else max_update,
         "updates": parsed["updates"],
         "epochs": parsed["train"][-1]["epoch"] if parsed["train"] else None,
         "params": expkit.count_parameters_from_log(log_text),
@@ -556,11 +556,11 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
     sections = list(OrderedDict.fromkeys((r["dataset"], r.get("recipe", "quick")) for r in records))
     for ds, recipe in sections:
         recs = [r for r in records if r["dataset"] == ds and r.get("recipe", "quick") == recipe]
-        converged = recipe == "converged"
+        converged = recipe != "quick"  # a study recipe: seeds' spread, epochs, kept translations
         labels = _test_labels(recs)
         chrf = any(_test(r, lab, "chrf") is not None for r in recs for lab in labels)
-        tag = f"{ds}_converged" if converged else ds
-        out += [f"### {ds}, converged recipe" if converged else f"### {ds}", ""]
+        tag = f"{ds}_{recipe}" if converged else ds
+        out += [f"### {ds}, {recipe} recipe" if converged else f"### {ds}", ""]
         # summary per configuration
         out += [
             ("Mean ± standard deviation over seeds" if converged else "Mean over seeds")
@@ -633,7 +633,7 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
                     parts.append(f"{lab} {name} {_mean_cell(d)}")
             dn = [cf[s]["best_valid_nll"] - tf[s]["best_valid_nll"] for s in common]
             parts.append(f"valid nll {_mean_cell(dn, 3)}")
-            budget = "converged recipe" if converged else f"{mu} updates"
+            budget = f"{recipe} recipe" if converged else f"{mu} updates"
             name = "ClusterFormer" if compared == "base" else f"ClusterFormer `{compared}`"
             out += [
                 f"{name} minus Transformer ({budget}, seeds {','.join(map(str, common))}; "
@@ -707,7 +707,7 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
         ]
         for (model, variant, mu), rs in groups.items():
             r = rs[0]
-            budget = "converged recipe" if converged else f"{mu} updates"
+            budget = f"{recipe} recipe" if converged else f"{mu} updates"
             out += [f"{model} {variant} ({budget}), seed {r['seed']}:", "", "```bash", _rel(r["train_command"])]
             for t in r.get("tests", []):
                 out.append(_rel(t["command"]))
@@ -903,8 +903,8 @@ def main(argv=None):
     if extra and not a.label:
         p.error("extra fairseq-train arguments after -- need a --label naming the variant")
     meta = load_dataset(a.dataset, a.work)
-    if a.recipe == "converged":
-        a.results = a.results or RAW / f"{meta['name']}_converged.jsonl"
+    if recipes.RECIPES[a.recipe]["study"]:
+        a.results = a.results or RAW / f"{meta['name']}_{a.recipe}.jsonl"
         a.hyp_dir = a.hyp_dir or RAW / "hyps"
     a.results = a.results or a.work / "results.jsonl"
     if a.code == "worktree":
