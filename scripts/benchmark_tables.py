@@ -5,7 +5,8 @@
 
 Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention --csv`` and
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
-attn_scaling_b1.csv, check2048.csv, translation.csv). Each generated block of the doc sits
+attn_scaling_b1.csv, check2048.csv, translation.csv), and docs/data/gpu/ for the GPU section
+(bench_attention.csv, translation.csv, cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
 the blocks is left alone. A missing or empty CSV is an error: a table is never replaced by
 nothing.
@@ -21,6 +22,7 @@ from scripts.benchmark_attention import fit_exponent, read_rows, series_label
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 DATA = REPO / "docs" / "data" / "cpu"
+DATA_GPU = REPO / "docs" / "data" / "gpu"
 ATTENTION_ORDER = [
     "cluster k=sqrt",
     "cluster k=3",
@@ -28,6 +30,7 @@ ATTENTION_ORDER = [
     "cluster-causal k=3",
     "full",
     "sdpa",
+    "flash",
     "naive",
     "proj",
     "lsh-1",
@@ -46,7 +49,11 @@ def _rows(name, data=DATA):
     path = Path(data) / name
     if not path.exists():
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
-    rows = read_rows(path) if name.startswith(("attn_", "check", "baselines")) else list(csv.DictReader(path.open()))
+    rows = (
+        read_rows(path)
+        if name.startswith(("attn_", "bench_", "check", "baselines"))
+        else list(csv.DictReader(path.open()))
+    )
     if not rows:
         raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
     return rows
@@ -209,7 +216,92 @@ def summary(train, check, translation):
     return "\n".join(out)
 
 
-def blocks(data=DATA):
+def ratio_line(rows, ours="cluster k=sqrt", others=("flash", "sdpa")):
+    """Time and memory of OURS over each of OTHERS, per N (side by side in one run)."""
+    table, _ = _by_series(rows)
+    parts = []
+    for n in sorted({n for n, _ in table}):
+        mine = table.get((n, ours))
+        if mine is None:
+            continue
+        cells = [
+            f"{o} {mine['time_ms'] / table[(n, o)]['time_ms']:.2f} / {mine['peak_mb'] / table[(n, o)]['peak_mb']:.2f}"
+            for o in others
+            if (n, o) in table
+        ]
+        parts.append(f"| {n} | " + " | ".join(cells) + " |")
+    head = "| N | " + " | ".join(f"{HEADINGS.get(ours, ours)} / {o} (time / memory)" for o in others) + " |"
+    return "\n".join([head, "|" + "---|" * (len(others) + 1), *parts])
+
+
+def softmax_table(text):
+    """The CUDA clustering softmax both ways, from scripts/gpu/profile_softmax.sh's output."""
+    import re
+
+    runs, variant, shape = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## variant"):
+            variant = line.split()[-1]
+        elif m := re.match(r"# N (\d+), batch (\d+),.* k (\d+),", line):
+            shape = tuple(int(g) for g in m.groups())
+        elif m := re.match(r"step ([\d.]+) ms .*GPU busy ([\d.]+) ms of it; (\d+) kernels", line):
+            runs[(shape, variant)] = [float(m.group(1)), float(m.group(2)), int(m.group(3))]
+        elif line.startswith("| aten::_softmax |") and (shape, variant) in runs:
+            runs[(shape, variant)].append(float(line.split("|")[2]))
+    shapes = sorted({k[0] for k in runs})
+    if not shapes:
+        raise TableError("profile_softmax.txt holds no profiled steps")
+    out = [
+        "| N | batch | k | step, strided softmax (ms) | its softmax (GPU ms) | step, transposed (ms) | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        a, b = runs.get((shape, "strided")), runs.get((shape, "transposed"))
+        if not a or not b:
+            continue
+        soft = f"{a[3]:.2f}" if len(a) > 3 else "< top 6"
+        out.append(
+            f"| {shape[0]} | {shape[1]} | {shape[2]} | {a[0]:.2f} | {soft} | {b[0]:.2f} | **{a[0] / b[0]:.2f}×** |"
+        )
+    return "\n".join(out)
+
+
+def precision_table(runs):
+    out = [
+        "| precision | fairseq command | loss, first → last log | overflow skips after warm-up | decoding "
+        "vs `--score-reference` (max abs diff, tolerance) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in runs:
+        out.append(
+            f"| {r['precision']} | `{r['train']}` | {r['first_loss']} → {r['last_loss']} | "
+            f"{r['overflow_skips_after_warmup']} | {r['decode']} ({r['max_abs_diff']:.2g}, {r['tolerance']:g}, "
+            f"{r['decode_dtype']}) |"
+        )
+    return "\n".join(out)
+
+
+def gpu_blocks(data=DATA_GPU):
+    import json
+
+    attention = _rows("bench_attention.csv", data)
+    translation = _rows("translation.csv", data)
+    for name in ("cli_precision.json", "profile_softmax.txt"):
+        if not (Path(data) / name).exists():
+            raise TableError(f"{Path(data) / name} is missing: it holds the raw results behind a table of {DOC.name}")
+    return {
+        "gpu_train": attention_tables(attention)
+        + "\n\n"
+        + exponents(attention, 4096, 65536)
+        + "\n\n"
+        + ratio_line(attention),
+        "gpu_translation": translation_tables(translation),
+        "gpu_precision": precision_table(json.loads((Path(data) / "cli_precision.json").read_text())),
+        "gpu_softmax": softmax_table((Path(data) / "profile_softmax.txt").read_text()),
+    }
+
+
+def blocks(data=DATA, data_gpu=DATA_GPU):
     train, forward = _rows("attn_train.csv", data), _rows("attn_forward.csv", data)
     scaling, check = _rows("attn_scaling_b1.csv", data), _rows("check2048.csv", data)
     translation = _rows("translation.csv", data)
@@ -226,6 +318,7 @@ def blocks(data=DATA):
         "check2048": check_table(check),
         "forward": attention_tables(forward) + "\n\n" + exponents(forward),
         "translation": translation_tables(translation),
+        **gpu_blocks(data_gpu),
     }
 
 
@@ -245,16 +338,17 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 if the doc's tables differ from the CSVs")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the raw CSVs (default: %(default)s)")
+    parser.add_argument("--data-gpu", type=Path, default=DATA_GPU, help="the GPU section's (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         text = args.doc.read_text()
-        new = render(text, blocks(args.data))
+        new = render(text, blocks(args.data, args.data_gpu))
     except TableError as err:
         print(f"benchmark_tables: {err}", file=sys.stderr)
         return 2
     if args.check:
         if new != text:
-            print(f"benchmark_tables: {args.doc} differs from docs/data/cpu; run python -m scripts.benchmark_tables")
+            print(f"benchmark_tables: {args.doc} differs from docs/data; run python -m scripts.benchmark_tables")
             return 1
         print(f"{args.doc}: tables match the CSVs")
         return 0

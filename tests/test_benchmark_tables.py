@@ -47,3 +47,23 @@ def test_a_changed_csv_changes_the_page_and_a_missing_one_is_refused(tmp_path):
     proc = _tables("--doc", doc, "--data", data)
     assert proc.returncode == 2 and "is missing" in proc.stderr
     assert doc.read_text() == before
+
+
+def test_the_gpu_section_follows_its_raw_files(tmp_path):
+    gpu = tmp_path / "gpu"
+    shutil.copytree(REPO / "docs" / "data" / "gpu", gpu)
+    doc = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs" / "benchmarks.md", doc)
+    # The softmax table is parsed from the profiler's text: a changed step time changes the speed-up.
+    text = (gpu / "profile_softmax.txt").read_text()
+    assert "step 5.43 ms" in text  # the transposed step at N = 32768
+    (gpu / "profile_softmax.txt").write_text(text.replace("step 5.43 ms", "step 2.00 ms"))
+    args = ("--doc", doc, "--data-gpu", gpu)
+    assert _tables("--check", *args).returncode == 1
+    assert _tables(*args).returncode == 0
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| 32768 | 1 | 182 |"))
+    assert row.endswith(f"| 2.00 | **{26.39 / 2.00:.2f}×** |"), row
+    # A missing raw file is refused.
+    (gpu / "cli_precision.json").unlink()
+    proc = _tables(*args)
+    assert proc.returncode == 2 and "cli_precision.json is missing" in proc.stderr
