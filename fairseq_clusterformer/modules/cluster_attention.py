@@ -352,6 +352,17 @@ class ClusterAttention(nn.Module):
         assign[near] = (words[near].unsqueeze(-2) * cw).sum(-1).argmax(-1)
         return assign.view(x.shape[:-1])
 
+    @torch.no_grad()
+    def assign_step(self, x: Tensor) -> Tensor:
+        """assign_per_word for the few words of one decoding step, B x d -> B: the elementwise
+        product that defines the assignment, computed for every word (B x K x d is small here),
+        without the float64 screen that spares a full sequence from materialising it."""
+        if self.router is not None:
+            cw = self.router.directions(x.dtype)  # K x d
+        else:
+            cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
+        return (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
+
     def _cluster(self, x: Tensor, words: Words, centroids: Tensor, k_b: Tensor, assign=None):
         """Assignments (B x N, -1 at padding), C' (B x K x d) and both losses, through the fused
         kernels.ClusteringFunction. ``assign``: the causal variant's per-word assignments."""

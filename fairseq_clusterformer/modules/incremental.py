@@ -78,12 +78,11 @@ def step(
     H, hd = attn.num_heads, attn.head_dim
     if state is None:
         state = init_state(attn, B, x.device, x.dtype)
-    real = torch.ones(B, dtype=torch.bool, device=x.device)
-    if key_padding_mask is not None:
-        real = ~key_padding_mask.reshape(B).to(torch.bool)
+    # real: B, False at a padding step; None when no step of the batch is padding (fewer ops)
+    real = None if key_padding_mask is None else ~key_padding_mask.reshape(B).to(torch.bool)
 
     x0 = x[:, 0]  # B x d
-    cluster = attn.assign_per_word(x0)  # B
+    cluster = attn.assign_step(x0)  # B
     # Three matmuls, not one on concatenated weights: a step has few rows, and concatenating
     # the 3 d x d weights would copy more memory than the matmuls read.
     q, k, v = (p(x0).view(B, H, hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -92,28 +91,34 @@ def step(
         out, state = _attend_prefix(attn, state, q, k, v, cluster, real)
     else:
         out = _attend_rings(attn, state, q, k, v, cluster, real)  # updates the rings in place
-    out = out.reshape(B, 1, d) * real[:, None, None].to(out.dtype)  # B x H x 1 x hd -> B x 1 x d
+    out = out.reshape(B, 1, d)  # B x H x 1 x hd -> B x 1 x d
+    if real is not None:
+        out = out * real[:, None, None].to(out.dtype)
     out = attn.out_proj(out)
     return (out[:, 0] if squeeze else out), state
 
 
 def _attend_prefix(attn, state, q, k, v, cluster, real):
     """The "auto" cache while it holds the whole prefix. q, k, v: B x H x hd of this word;
-    cluster: B; real: B (False at a padding step). Returns (B x H x 1 x hd, new state)."""
+    cluster: B; real: B (False at a padding step) or None (no padding). Returns
+    (B x H x 1 x hd, new state)."""
     H, w, Hl = attn.num_heads, attn.window, attn.local_heads
     # A clustered head attends to the last w words of this word's cluster, a local head to the
     # last w real words; both include the word itself.
     keys = torch.cat([state["prefix_key"], k[:, None]], 1)  # B x t+1 x H x hd
     values = torch.cat([state["prefix_value"], v[:, None]], 1)
-    clusters = torch.cat([state["prefix_cluster"], cluster.masked_fill(~real, -1)[:, None]], 1)  # -1: padding
+    word_cluster = cluster if real is None else cluster.masked_fill(~real, -1)  # -1: padding
+    clusters = torch.cat([state["prefix_cluster"], word_cluster[:, None]], 1)
     same = clusters == cluster[:, None]  # B x t+1
-    visible = (same & (same.flip(1).cumsum(1).flip(1) <= w))[:, None, :]  # at most w from here on
+    short = clusters.size(1) <= w  # a prefix of at most w words: no word is more than w back
+    visible = (same if short else same & (same.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
     if Hl:
         seen = clusters >= 0
-        recent = (seen & (seen.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
+        recent = (seen if short else seen & (seen.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
         is_local = torch.arange(H, device=q.device)[None, :, None] < Hl
         visible = torch.where(is_local, recent, visible)  # B x H x t+1
-    visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
+    if real is not None:
+        visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
     state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
     if keys.size(1) >= attn.num_clusters * w:
         state = prefix_to_ring(attn, keys, values, clusters)
@@ -128,6 +133,8 @@ def _attend_rings(attn, state, q, k, v, cluster, real):
     attends to them. Returns B x H x 1 x hd."""
     B, H, _ = q.shape
     w, Hl = attn.window, attn.local_heads
+    if real is None:
+        real = torch.ones(B, dtype=torch.bool, device=q.device)
     batch = torch.arange(B, device=q.device)
     ring_slot = torch.arange(w, device=q.device)[None, :]
     parts = []
