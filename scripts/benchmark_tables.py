@@ -167,9 +167,12 @@ def translation_tables(rows):
                 continue
             ratio = float(mine["rate"]) / float(other["rate"])
             variant = mine["arch"][len(ours) :].lstrip("+")
-            label = {"": setting, "auto": f"{setting} (`--num-clusters auto`)"}.get(
-                variant, f"{setting} ({variant} self-attention on both sides)"
-            )
+            if variant.startswith("threads"):  # the same models at another torch thread count
+                label = f"{setting} ({variant[len('threads') :]} torch threads)"
+            else:
+                label = {"": setting, "auto": f"{setting} (`--num-clusters auto`)"}.get(
+                    variant, f"{setting} ({variant} self-attention on both sides)"
+                )
             out.append(
                 f"| {label} | {phase} | {float(mine['rate']):.4g} {mine['unit']} | "
                 f"{float(other['rate']):.4g} {other['unit']} | **{ratio:.2f}** |"
@@ -177,8 +180,9 @@ def translation_tables(rows):
     return "\n".join(out)
 
 
-def summary(train, check, translation):
-    """The headline ratios, each from numbers measured side by side in one run."""
+def summary(train, check, translation, check_threads=None):
+    """The headline ratios, each from numbers measured side by side in one run. check_threads:
+    (thread count, file name, rows) of the N = 2048 check at the default thread count."""
     t, _ = _by_series(check)
     c, f, s = t[(2048, "cluster k=sqrt")], t[(2048, "full")], t[(2048, "sdpa")]
     sweep, _ = _by_series(train)
@@ -194,8 +198,26 @@ def summary(train, check, translation):
     )
     expo = fit_exponent([p[0] for p in pts], [p[1] for p in pts])
     rows = [
-        ("N = 2048 training step, cluster / full", f"{c['time_ms'] / f['time_ms']:.2f}", "check2048.csv"),
-        ("N = 2048 training step, cluster / sdpa", f"{c['time_ms'] / s['time_ms']:.2f}", "check2048.csv"),
+        ("N = 2048 training step, 1 thread, cluster / full", f"{c['time_ms'] / f['time_ms']:.2f}", "check2048.csv"),
+        ("N = 2048 training step, 1 thread, cluster / sdpa", f"{c['time_ms'] / s['time_ms']:.2f}", "check2048.csv"),
+    ]
+    if check_threads:
+        n_threads, name, rows_t = check_threads
+        tt, _ = _by_series(rows_t)
+        ct, ft, st = tt[(2048, "cluster k=sqrt")], tt[(2048, "full")], tt[(2048, "sdpa")]
+        rows += [
+            (
+                f"N = 2048 training step, {n_threads} threads, cluster / full",
+                f"{ct['time_ms'] / ft['time_ms']:.2f}",
+                name,
+            ),
+            (
+                f"N = 2048 training step, {n_threads} threads, cluster / sdpa",
+                f"{ct['time_ms'] / st['time_ms']:.2f}",
+                name,
+            ),
+        ]
+    rows += [
         ("N = 2048 peak memory, cluster / sdpa", f"{c['peak_mb'] / s['peak_mb']:.2f}", "check2048.csv"),
     ]
     if naive and cluster_sweep:
@@ -211,6 +233,18 @@ def summary(train, check, translation):
         ("MT lengths, training throughput, clusterformer / transformer", f"{mt_train:.2f}", "translation.csv"),
         ("MT lengths, beam-5 generation, clusterformer / transformer", f"{mt_gen:.2f}", "translation.csv"),
     ]
+    for (setting, phase, arch), rate in idx.items():  # the same at the default thread count
+        if setting.startswith("mt-threads") and arch.startswith("clusterformer_iwslt"):
+            n_threads = setting[len("mt-threads") :]
+            what = "training throughput" if phase == "train" else "beam-5 generation"
+            ratio = rate / idx[(setting, phase, "transformer_iwslt_de_en")]
+            rows.append(
+                (
+                    f"MT lengths, {n_threads} threads, {what}, clusterformer / transformer",
+                    f"{ratio:.2f}",
+                    "translation.csv",
+                )
+            )
     out = ["| quantity | measured | raw data |", "|---|---|---|"]
     out += [f"| {a} | **{b}** | `docs/data/cpu/{c}` |" for a, b, c in rows]
     return "\n".join(out)
@@ -281,6 +315,29 @@ def precision_table(runs):
     return "\n".join(out)
 
 
+def profile_tables(text):
+    """The markdown tables a profiler printed (python -m scripts.profile_attention, or
+    python -m scripts.benchmark_translation --profile), each under its header line in italics."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(("# N ", "# profile:")):
+            out += ["", f"*{line[2:].strip()}*", ""]
+        elif line.startswith("|"):
+            out.append(line)
+        elif line.startswith("mt ") and " ratio " in line:  # benchmark_translation's timing lines
+            out += ["", f"`{line.strip()}`", ""]
+    if not any(line.startswith("|") for line in out):
+        raise TableError("a profile file holds no table")
+    return "\n".join(out).strip()
+
+
+def _text(name, data):
+    path = Path(data) / name
+    if not path.exists():
+        raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
+    return path.read_text()
+
+
 def gpu_blocks(data=DATA_GPU):
     import json
 
@@ -301,6 +358,16 @@ def gpu_blocks(data=DATA_GPU):
     }
 
 
+def _check_threads(data):
+    """(threads, file name, rows) of the one check2048_t<threads>.csv in DATA, or None."""
+    found = sorted(Path(data).glob("check2048_t*.csv"))
+    if len(found) > 1:
+        raise TableError(f"more than one default-thread check in {data}: {', '.join(p.name for p in found)}")
+    if not found:
+        return None
+    return found[0].stem[len("check2048_t") :], found[0].name, _rows(found[0].name, data)
+
+
 def blocks(data=DATA, data_gpu=DATA_GPU):
     train, forward = _rows("attn_train.csv", data), _rows("attn_forward.csv", data)
     scaling, check = _rows("attn_scaling_b1.csv", data), _rows("check2048.csv", data)
@@ -312,12 +379,14 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         + exponents(baselines, 512, 2048)
         + "\n\n"
         + baselines_ratios(baselines),
-        "summary": summary(train, check, translation),
+        "summary": summary(train, check, translation, _check_threads(data)),
         "train": attention_tables(train) + "\n\n" + exponents(train),
         "scaling": attention_tables(scaling) + "\n\n" + exponents(scaling),
         "check2048": check_table(check),
         "forward": attention_tables(forward) + "\n\n" + exponents(forward),
         "translation": translation_tables(translation),
+        "profile_layer": "\n\n".join(profile_tables(_text(f"profile_2048_t{t}.txt", data)) for t in (1, 2)),
+        "profile_mt": profile_tables(_text("profile_mt_t1.txt", data)),
         **gpu_blocks(data_gpu),
     }
 

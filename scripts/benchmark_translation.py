@@ -296,6 +296,42 @@ def time_generation(models, tgt_dict, samples, beam, out_len, warmup, device="cp
     return times, lengths
 
 
+def profile_models(models, run_once, title, rows):
+    """Self CPU time by operator for each model running RUN_ONCE(model, criterion) once, and the
+    ROWS operators where the first model (clusterformer) spends the most beyond the second."""
+    from torch.profiler import profile
+
+    per_model = {}
+    for arch, (model, criterion) in models.items():
+        with profile() as prof:
+            run_once(model, criterion)
+        per_model[arch] = {e.key: (e.self_cpu_time_total / 1000, e.count) for e in prof.key_averages()}
+    ours, theirs = (per_model[a] for a in ARCHS)
+    total = {a: sum(ms for ms, _ in per_model[a].values()) for a in ARCHS}
+    calls = {a: sum(n for _, n in per_model[a].values()) for a in ARCHS}
+    keys = sorted(set(ours) | set(theirs), key=lambda k: -(ours.get(k, (0, 0))[0] - theirs.get(k, (0, 0))[0]))
+    log(f"# profile: {title}; self CPU time by operator (one run each)")
+    log(f"| operator | {ARCHS[0]} ms (calls) | {ARCHS[1]} ms (calls) | difference ms |")
+    log("|---|---|---|---|")
+    for k in keys[:rows]:
+        (a, na), (b, nb) = ours.get(k, (0.0, 0)), theirs.get(k, (0.0, 0))
+        log(f"| {k} | {a:.1f} ({na}) | {b:.1f} ({nb}) | {a - b:+.1f} |")
+    log(
+        f"| all operators | {total[ARCHS[0]]:.1f} ({calls[ARCHS[0]]}) | {total[ARCHS[1]]:.1f} ({calls[ARCHS[1]]}) "
+        f"| {total[ARCHS[0]] - total[ARCHS[1]]:+.1f} |"
+    )
+
+
+def _csv_setting(setting, args):
+    """The CSV's setting: the setting, with --tag appended ("mt-lsh")."""
+    return f"{setting}-{args.tag}" if args.tag else setting
+
+
+def _csv_arch(arch, args):
+    """The CSV's arch: clusterformer_iwslt+TAG for a tagged run (its --cluster-args differ)."""
+    return f"{arch}+{args.tag}" if args.tag and arch == ARCHS[0] else arch
+
+
 def run_setting(setting, args, writer, f):
     import torch
 
@@ -332,12 +368,15 @@ def run_training(task, models, args, max_positions, setting, writer, f):
         max_positions,
         args.train_steps + args.warmup,
     )
-    times = time_training(
-        models,
-        [_to_device(s, args.device) for s in train_samples],
-        args.warmup,
-        args.device,
-    )
+    samples = [_to_device(s, args.device) for s in train_samples]
+    times = time_training(models, samples, args.warmup, args.device)
+    if args.profile:
+        profile_models(
+            models,
+            lambda model, criterion: time_training({"m": (model, criterion)}, samples[-1:], 0, args.device),
+            f"{setting}, one training step ({int(samples[-1]['ntokens'])} target tokens)",
+            args.profile,
+        )
     timed = train_samples[args.warmup :]
     tokens = sum(int(s["ntokens"]) for s in timed)
     sents = sum(int(s["nsentences"]) for s in timed)
@@ -346,9 +385,9 @@ def run_training(task, models, args, max_positions, setting, writer, f):
         ratio = rates[arch] / rates[ARCHS[1]]
         writer.writerow(
             [
-                setting,
+                _csv_setting(setting, args),
                 "train",
-                arch,
+                _csv_arch(arch, args),
                 len(timed),
                 sents,
                 tokens,
@@ -375,15 +414,20 @@ def run_generation(task, models, args, max_positions, out_len, setting, writer, 
         max_positions,
         args.gen_batches + args.gen_warmup,
     )
+    samples = [_to_device(s, args.device) for s in gen_samples]
     times, lengths = time_generation(
-        models,
-        task.target_dictionary,
-        [_to_device(s, args.device) for s in gen_samples],
-        args.beam,
-        out_len,
-        args.gen_warmup,
-        args.device,
+        models, task.target_dictionary, samples, args.beam, out_len, args.gen_warmup, args.device
     )
+    if args.profile:
+        profile_models(
+            models,
+            lambda model, criterion: time_generation(
+                {"m": (model, criterion)}, task.target_dictionary, samples[-1:], args.beam, out_len, 0, args.device
+            ),
+            f"{setting}, one generation batch ({int(samples[-1]['nsentences'])} sentences, beam {args.beam}, "
+            f"{out_len} steps)",
+            args.profile,
+        )
     timed = gen_samples[args.gen_warmup :]
     sents = sum(int(s["nsentences"]) for s in timed)
     rates = {a: sents / sum(t) for a, t in times.items()}
@@ -392,9 +436,9 @@ def run_generation(task, models, args, max_positions, out_len, setting, writer, 
         out_tokens = sum(lengths[arch])
         writer.writerow(
             [
-                setting,
+                _csv_setting(setting, args),
                 "generate",
-                arch,
+                _csv_arch(arch, args),
                 len(timed),
                 sents,
                 out_tokens,
@@ -478,6 +522,21 @@ def main(argv=None):
         "--cluster-args",
         default="",
         help="extra clusterformer options, e.g. '--num-clusters auto'",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after timing, profile one training step and one generation batch of each model "
+        "(torch.profiler, self CPU time by operator) and print the ROWS operators where "
+        "clusterformer spends the most time beyond the transformer",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="name of this run's variant in the CSV: setting becomes SETTING-TAG and the clusterformer "
+        "arch clusterformer_iwslt+TAG (e.g. --tag lsh with --cluster-args '--self-attention-encoder lsh ...')",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=1)
