@@ -569,3 +569,70 @@ def test_render_converged_block_with_paired_bootstrap(tmp_path):
     bleu, p_bleu = float(worse_row.split(" | ")[1]), float(worse_row.split(" | ")[2])
     assert bleu < 35 and p_bleu < 0.01
     assert (tmp_path / "curves_m_converged.png").exists() is False  # no curves in these records
+
+
+def test_annealed_recipe_decays_the_learning_rate_to_zero_over_its_budget():
+    """The annealed recipe's settings, as fairseq parses them: the shared peak lr and warm-up,
+    then a linear decay that reaches 0 exactly at the recipe's last update."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    from scripts.experiments import recipes
+
+    total = recipes.ANNEAL_UPDATES
+    assert recipes.max_update("annealed", 500) == total and recipes.budget_tag("annealed", 500) == f"ann{total}"
+    assert recipes.max_update("quick", 500) == 500 and recipes.max_update("converged", 500) == 0
+    assert (
+        run_side_by_side.run_id("m", "transformer", "base", 1, 500, "annealed") == f"m.transformer.base.s1.ann{total}"
+    )
+    settings = recipes.RECIPES["annealed"]["train_settings"]
+    quick = recipes.RECIPES["quick"]["train_settings"]
+    # everything but the schedule is the quick recipe's
+    for flag in ("--lr", "--warmup-updates", "--max-tokens", "--dropout", "--label-smoothing", "--adam-betas"):
+        assert settings[settings.index(flag) + 1] == quick[quick.index(flag) + 1]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser,
+        ["data-bin", "--arch", "transformer_iwslt_de_en", "--criterion", "label_smoothed_cross_entropy", *settings]
+        + ["--max-update", str(total)],
+    )
+    cfg = convert_namespace_to_omegaconf(args)
+
+    from fairseq.optim import FairseqOptimizer
+
+    class Optimizer(FairseqOptimizer):  # only the lr, which the schedule sets
+        def __init__(self):
+            self.lr = None
+
+        def set_lr(self, lr):
+            self.lr = lr
+
+        def get_lr(self):
+            return self.lr
+
+    optimizer = Optimizer()
+    schedule = build_lr_scheduler(cfg.lr_scheduler, optimizer)
+    peak, warmup = float(quick[quick.index("--lr") + 1]), int(quick[quick.index("--warmup-updates") + 1])
+    assert schedule.step_update(warmup // 2) == pytest.approx(peak / 2)
+    assert schedule.step_update(warmup) == pytest.approx(peak)
+    assert schedule.step_update((warmup + total) // 2) == pytest.approx(peak / 2, rel=1e-3)
+    assert schedule.step_update(total) == 0.0
+
+
+def test_queue_plans_every_system_and_ablation_once():
+    """scripts/experiments/converged_queue.sh's entries, as the runner plans them: the main table
+    (5 systems x 3 seeds), the loss ablation (2 seeds) and the k sweep, each a distinct run id."""
+    text = (REPO / "scripts" / "experiments" / "converged_queue.sh").read_text()
+    assert "RECIPE=${RECIPE:-annealed}" in text
+    proc = subprocess.run(
+        ["bash", "-c", 'source <(sed -n "/^QUEUE=()/,/^done$/p;/^for s in 1 2; do/,/^done$/p;/^for k in/,/^done$/p" '
+         '"$0"); printf "%s\\n" "${QUEUE[@]}"', str(REPO / "scripts" / "experiments" / "converged_queue.sh")],
+        capture_output=True, text=True, check=True, env={**os.environ, "SEEDS": "1 2 3"},
+    )  # fmt: skip
+    entries = proc.stdout.strip().splitlines()
+    labels = [e.split("|")[0] for e in entries]
+    assert len(labels) == len(set(labels)) == 5 * 3 + 3 * 2 + 4
+    for system in ("transformer", "clusterformer", "decoder-full", "lsh", "routing"):
+        assert {f"{system} s{s}" for s in (1, 2, 3)} <= set(labels)
+    assert {"k2 s1", "k4 s1", "k6 s1", "k8 s1", "no-sorting-loss s2"} <= set(labels)

@@ -9,6 +9,9 @@
 # Environment: LANES (default 2); SEEDS (default "1 2 3"); CODE (the plugin commit every run uses,
 # default the checkout's HEAD; a resumed run keeps the commit it started with); RECIPE (default
 # annealed); ONLY (a pattern: run only the queue entries whose label matches it).
+#
+# To free the machine (for timings, say) without losing work: `touch work/experiments/queue.pause`.
+# The lanes finish the runs they are in and start no new one until the file is removed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -49,6 +52,7 @@ lane() {
         label=${entry%%|*}
         args=${entry#*|}
         [[ -z "$ONLY" || "$label" == $ONLY ]] || continue
+        while [[ -e work/experiments/queue.pause ]]; do sleep 30; done
         mkdir "$CLAIMS/$i" 2>/dev/null || continue # another lane has it
         echo "[queue $(date +%H:%M:%S)] lane $lane_no: $label ($((i + 1)) of ${#QUEUE[@]})"
         # shellcheck disable=SC2086  # args is a word list written above
