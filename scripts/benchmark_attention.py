@@ -79,9 +79,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-IMPLS = ("cluster", "cluster-causal", "full", "sdpa", "naive", "proj", "flash", "lsh-1", "lsh-4", "lsh-8", "routing")
+IMPLS = (
+    "cluster",
+    "cluster-causal",
+    "full",
+    "sdpa",
+    "naive",
+    "proj",
+    "flash",
+    "lsh-1",
+    "lsh-4",
+    "lsh-8",
+    "routing",
+    "cluster-blocks",
+    "cluster-causal-blocks",
+)
 DEFAULT_IMPLS = IMPLS[:5]
-CLUSTER_IMPLS = ("cluster", "cluster-causal")
+# cluster-blocks / cluster-causal-blocks: the block layout at every length (dense_max_len=0),
+# against which the short-sequence dense path (ClusterAttention's dense_max_len) is measured
+CLUSTER_IMPLS = ("cluster", "cluster-causal", "cluster-blocks", "cluster-causal-blocks")
 BASELINE_IMPLS = ("lsh-1", "lsh-4", "lsh-8", "routing")
 K_IMPLS = CLUSTER_IMPLS + BASELINE_IMPLS  # the implementations that take --k
 CSV_COLUMNS = ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
@@ -150,7 +166,7 @@ def local_head_count(spec, heads):
     return count
 
 
-def build(impl, d, heads, k, n, window, device, local_heads="half"):
+def build(impl, d, heads, k, n, window, device, local_heads="half", dense_max_len=None):
     """Returns (step(x, kpm) -> (out, extra loss or None), time_first, module)."""
     import torch
     import torch.nn.functional as F
@@ -159,13 +175,15 @@ def build(impl, d, heads, k, n, window, device, local_heads="half"):
     if impl in CLUSTER_IMPLS:
         from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
-        kwargs = {}
-        if impl == "cluster-causal":
-            kwargs = {
-                "causal": True,
-                "window": window or -(-n // k),
-                "local_heads": local_head_count(local_heads, heads),
-            }
+        kwargs = {"dense_max_len": 0} if impl.endswith("-blocks") else {}
+        if dense_max_len is not None and not impl.endswith("-blocks"):
+            kwargs["dense_max_len"] = dense_max_len
+        if impl.startswith("cluster-causal"):
+            kwargs.update(
+                causal=True,
+                window=window or -(-n // k),
+                local_heads=local_head_count(local_heads, heads),
+            )
         m = ClusterAttention(d, heads, k, max_clusters=max(256, k), **kwargs).to(device)
 
         def step(x, kpm):
@@ -270,6 +288,7 @@ class Runner:
             cfg["window"],
             self.device,
             cfg.get("local_heads", "half"),
+            cfg.get("dense_max_len"),
         )
         self.module.to(dtype).train(self.train)
         self.x = torch.randn(*((N, B, d) if time_first else (B, N, d)), device=self.device, dtype=dtype)
@@ -748,6 +767,7 @@ def run_in_process(args, modes, lengths, kspecs, impls, writer, f):
             "heads": args.heads,
             "window": args.window,
             "local_heads": args.local_heads,
+            "dense_max_len": args.dense_max_len,
             "threads": args.threads,
             "lengths": lengths,
             "series": series,
@@ -874,6 +894,7 @@ def run_benchmark(args, p):
                     "heads": args.heads,
                     "window": args.window,
                     "local_heads": args.local_heads,
+                    "dense_max_len": args.dense_max_len,
                     "threads": args.threads,
                 }
                 done = set()
@@ -1004,6 +1025,13 @@ def main(argv=None):
         default="half",
         help="cluster-causal: heads that attend to the last window words of any cluster: 'half' "
         "(the fairseq decoder's default, --causal-local-heads) or an integer (0: all clustered)",
+    )
+    p.add_argument(
+        "--dense-max-len",
+        type=int,
+        default=None,
+        help="cluster / cluster-causal: ClusterAttention's dense_max_len (default: the module's); "
+        "the -blocks impls always use the block layout",
     )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds at most")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")

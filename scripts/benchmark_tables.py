@@ -5,7 +5,8 @@
 
 Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention --csv`` and
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
-attn_scaling_b1.csv, check2048.csv, translation.csv), and docs/data/gpu/ for the GPU section
+attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv, translation.csv,
+profile_*.txt), and docs/data/gpu/ for the GPU section
 (bench_attention.csv, translation.csv, cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
 the blocks is left alone. A missing or empty CSV is an error: a table is never replaced by
@@ -28,6 +29,8 @@ ATTENTION_ORDER = [
     "cluster k=3",
     "cluster-causal k=sqrt",
     "cluster-causal k=3",
+    "cluster-blocks k=3",
+    "cluster-causal-blocks k=3",
     "full",
     "sdpa",
     "flash",
@@ -51,7 +54,7 @@ def _rows(name, data=DATA):
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
     rows = (
         read_rows(path)
-        if name.startswith(("attn_", "bench_", "check", "baselines"))
+        if not name.startswith("translation")  # benchmark_attention CSVs
         else list(csv.DictReader(path.open()))
     )
     if not rows:
@@ -77,14 +80,15 @@ def _by_series(rows):
     return table, series
 
 
-def attention_tables(rows):
-    """The time table and the memory table of one sweep (markdown)."""
+def attention_tables(rows, memory=True):
+    """The time table and (unless not MEMORY) the memory table of one sweep (markdown)."""
     table, series = _by_series(rows)
     ns = sorted({n for n, _ in table})
     head = "| N | batch | " + " | ".join(HEADINGS.get(s, s) for s in series) + " |"
     rule = "|" + "---|" * (len(series) + 2)
     out = []
-    for title, field in (("Time per step (ms)", "time_ms"), ("Extra peak memory (MiB)", "peak_mb")):
+    fields = (("Time per step (ms)", "time_ms"), ("Extra peak memory (MiB)", "peak_mb"))
+    for title, field in fields if memory else fields[:1]:
         out += [f"**{title}**", "", head, rule]
         for n in ns:
             batch = next(table[(n, s)]["batch"] for s in series if (n, s) in table)
@@ -385,6 +389,7 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "check2048": check_table(check),
         "forward": attention_tables(forward) + "\n\n" + exponents(forward),
         "translation": translation_tables(translation),
+        "short": attention_tables(_rows("short_lengths.csv", data), memory=False),
         "profile_layer": "\n\n".join(profile_tables(_text(f"profile_2048_t{t}.txt", data)) for t in (1, 2)),
         "profile_mt": profile_tables(_text("profile_mt_t1.txt", data)),
         **gpu_blocks(data_gpu),

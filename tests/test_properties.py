@@ -39,10 +39,12 @@ def options(draw, causal=None):
         "num_heads": heads,
         "causal": causal,
         "similarity": draw(st.sampled_from(["cosine", "dot"])),
+        # the fast path's two ways: the block layout (0) or a dense mask for short sequences
+        "dense_max_len": draw(st.sampled_from([0, 8, 64])),
     }
     if causal:
         kw["num_clusters"] = draw(st.integers(1, 6))
-        kw["window"] = draw(st.integers(1, 9))
+        kw["window"] = draw(st.sampled_from([1, 2, 3, 5, 9, 64]))
         kw["local_heads"] = draw(st.integers(0, heads))
     else:
         kw["num_clusters"] = draw(st.one_of(st.just("auto"), st.integers(1, 12)))

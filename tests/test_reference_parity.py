@@ -17,6 +17,7 @@ CASES = {
     "causal-dot": dict(k=2, causal=True, window=3, similarity="dot"),
     "causal-local-heads": dict(k=3, causal=True, window=5, local_heads=2),
     "causal-all-local": dict(k=3, causal=True, window=2, local_heads=4),
+    "causal-window-above-length": dict(k=3, causal=True, window=32, local_heads=2),
 }
 
 
@@ -43,11 +44,12 @@ def _run(module, x, kpm, centroids=None):
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
-def test_fast_path_equals_reference_path(case, padded):
+@pytest.mark.parametrize("dense_max_len", [0, 64], ids=["blocks", "dense-if-short"])
+def test_fast_path_equals_reference_path(case, padded, dense_max_len):
     kw = dict(CASES[case])
     k = kw.pop("k")
     torch.manual_seed(11)
-    fast = ClusterAttention(32, 4, k, **kw).double()
+    fast = ClusterAttention(32, 4, k, dense_max_len=dense_max_len, **kw).double()
     reference = copy.deepcopy(fast)
     reference.impl = "reference"
     x = torch.randn(4, 23, 32, dtype=torch.float64)

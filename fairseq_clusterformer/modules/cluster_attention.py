@@ -26,7 +26,9 @@ time with the same result at O(window d) per step. docs/attention.md has the der
 
 Two implementations of the same forward, chosen with ``impl``:
     "fast"       (default) gathers the words into a block layout once and runs block attention
-                 through the custom autograd Functions of kernels.py (memory and speed);
+                 through the custom autograd Functions of kernels.py (memory and speed); a
+                 sequence of at most ``dense_max_len`` positions (64) instead gets one attention
+                 call under a dense N x N mask of the same blocks (fewer, larger operations);
     "reference"  reference.py: plain autograd and dense masks, the readable statement of the
                  algorithm (O(N^2) memory). Tests compare the two on values and gradients.
 """
@@ -42,6 +44,10 @@ from . import incremental, kernels
 
 SIMILARITIES = ("cosine", "dot")
 IMPLEMENTATIONS = ("fast", "reference")
+# Sequences up to this length take the dense-mask path of the fast implementation (see
+# ClusterAttention's dense_max_len): measured by python -m scripts.benchmark_attention
+# --impl cluster,cluster-blocks,... (docs/benchmarks.md, "Short sequences").
+DENSE_MAX_LEN = 64
 
 
 class ClusterInfo(NamedTuple):
@@ -125,6 +131,10 @@ class ClusterAttention(nn.Module):
         dropout: attention-probability dropout.
         bias: biases on the q/k/v/out projections (as fairseq's MultiheadAttention).
         impl: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
+        dense_max_len: the fast path computes sequences of at most this many positions (the
+            decoder: also at most ``window``) with one dense N x N attention mask instead of the
+            block layout: the same function, fewer and larger operations where N is small (the
+            sort and the gathers cost more than they save there). 0 always uses the blocks.
         router: causal only: the assignment rule, replacing the learned centroids (the LSH and
             routing baselines, fairseq_clusterformer/baselines/routers.py). A module with
             ``num_groups`` (= num_clusters), ``directions(dtype)`` (K x d: a word goes to the
@@ -150,6 +160,7 @@ class ClusterAttention(nn.Module):
         bias: bool = True,
         impl: str = "fast",
         router: Optional[nn.Module] = None,
+        dense_max_len: int = DENSE_MAX_LEN,
     ):
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
@@ -184,6 +195,8 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dense_max_len, bool) or not isinstance(dense_max_len, int) or dense_max_len < 0:
+            raise ValueError(f"dense_max_len must be a non-negative integer, got {dense_max_len!r}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         if router is not None:
@@ -204,6 +217,7 @@ class ClusterAttention(nn.Module):
         self.similarity = similarity
         self.dropout = dropout
         self.impl = impl
+        self.dense_max_len = dense_max_len
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -391,6 +405,16 @@ class ClusterAttention(nn.Module):
         centroids = self.layer_centroids(x, words, centroids, K)
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b)
         sorted_idx, undo_sort = sort_by_cluster(assign, K)
+        info = ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
+        if N <= self.dense_max_len:
+            # Word j is in block r_j // w_b of the sorted sequence (r_j = undo_sort_j); it sees
+            # the words of its own block and of the block before.
+            w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)
+            block = torch.div(undo_sort, w_b[:, None], rounding_mode="floor")  # B x N
+            visible = block[:, None, :] == block[:, :, None]  # B x N (queries) x N (keys)
+            if self.previous_block and K > 1:
+                visible |= block[:, None, :] == block[:, :, None] - 1
+            return self._attend_dense(x, words, visible[:, None]), info
 
         # Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b; blocks
         # are W = max w_b wide (slots beyond w_b stay empty). Without padding every sequence has
@@ -419,7 +443,7 @@ class ClusterAttention(nn.Module):
                 undo_sort, torch.div(undo_sort, w_b[:, None], rounding_mode="floor"), W - w_b[:, None]
             )
         out = self._attend_in_blocks(x, words, block_word, word_row, key_ok[:, :, None, :], slot_real, paired)
-        return out, ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
+        return out, info
 
     # ------------------------------------------------------------------------------------------
     # causal (decoder) variant
@@ -437,6 +461,21 @@ class ClusterAttention(nn.Module):
                 x, words, self.layer_centroids(x, words, None), k_b, assign=self.assign_per_word(x)
             )
         H, Hl = self.num_heads, self.local_heads
+        info = ClusterInfo(None, clustering_loss, sorting_loss, assign, commitment_loss)
+        N = x.size(1)
+        if N <= min(self.window, self.dense_max_len):
+            # No word has more than `window` words before it: a clustered head sees every earlier
+            # word of its own cluster, a local head every earlier word (padding keys are masked
+            # in _attend_dense).
+            pos = torch.arange(N, device=x.device)
+            not_future = pos[None, :] <= pos[:, None]  # N x N: key position <= query position
+            visible = (assign[:, :, None] == assign[:, None, :]) & not_future  # B x N x N
+            if Hl:
+                is_local = torch.arange(H, device=x.device)[None, :, None, None] < Hl
+                visible = torch.where(is_local, not_future, visible[:, None])  # B x H x N x N
+            else:
+                visible = visible[:, None]
+            return self._attend_dense(x, words, visible), info
         out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
         if Hl < H:
             out = self._causal_band_attention(x, words, assign, self.num_clusters, (Hl, H))
@@ -445,7 +484,7 @@ class ClusterAttention(nn.Module):
             everyone = assign.clamp(max=0)
             local = self._causal_band_attention(x, words, everyone, 1, (0, Hl))
             out = local if out is None else local + out
-        return out, ClusterInfo(None, clustering_loss, sorting_loss, assign, commitment_loss)
+        return out, info
 
     def route(self, x: Tensor, words: Words):
         """With a router: (assignments, -1 at padding; None; None; the router's loss or None)."""
@@ -492,6 +531,32 @@ class ClusterAttention(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------
+    def _attend_dense(self, x: Tensor, words: Words, visible: Tensor) -> Tensor:
+        """Attention under a dense mask, out_proj applied: the short-sequence path.
+
+        x: B x N x d; visible: B x H|1 x N (queries) x N (keys), True where a query may see a
+        key (padding keys are masked here; padding queries see every key, so that their
+        discarded rows stay finite). Returns B x N x d, zero at padding before out_proj: the
+        same as _attend_in_blocks, with one fused q|k|v projection and one attention call.
+        """
+        B, N, d = x.shape
+        H, hd = self.num_heads, self.head_dim
+        if words.pad is not None:
+            visible = (visible & ~words.pad[:, None, None, :]) | words.pad[:, None, :, None]
+        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        qkv = F.linear(
+            x,
+            torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]),
+            None if biases[0] is None else torch.cat(biases),
+        )  # B x N x 3d
+        q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # each B x H x N x hd
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+        out = out.transpose(1, 2).reshape(B, N, d)
+        if words.pad is not None:
+            out = out.masked_fill(words.pad[:, :, None], 0.0)
+        return self.out_proj(out)
+
     def _attend_in_blocks(
         self,
         x: Tensor,
