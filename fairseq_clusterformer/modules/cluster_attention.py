@@ -420,7 +420,9 @@ class ClusterAttention(nn.Module):
         # are W = max w_b wide (slots beyond w_b stay empty). Without padding every sequence has
         # the same layout: the index tensors below are computed once (leading dimension 1).
         w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)  # ceil(L_b / k_b)
-        W = int(w_b.max())
+        # W = max w_b; with a fixed k, ceil(N / k) is that (or more, if every sequence is padded
+        # at the end: then the extra slots stay empty) without a host sync.
+        W = -(-N // self.num_clusters) if self.num_clusters != "auto" else int(w_b.max())
         per_seq = w_b if words.pad is not None else w_b[:1]
         seq_len = lengths if words.pad is not None else lengths[:1]
         block = torch.arange(K, device=x.device)[None, :, None]
