@@ -4,6 +4,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from fairseq_helpers import REPO
 
 
@@ -67,3 +69,28 @@ def test_the_gpu_section_follows_its_raw_files(tmp_path):
     (gpu / "cli_precision.json").unlink()
     proc = _tables(*args)
     assert proc.returncode == 2 and "cli_precision.json is missing" in proc.stderr
+
+
+def test_profile_tables_keep_each_table_under_its_header():
+    from scripts.benchmark_tables import TableError, profile_tables
+
+    text = "\n".join(
+        [
+            "USDT noise",
+            "# N 2048, batch 20, d 512, heads 8, k 46, threads 2, device cpu",
+            "| part of the step | self CPU (ms) | share |",
+            "|---|---|---|",
+            "| projection GEMMs | 10 | 50 % |",
+            "# torch 2.13",
+            "# profile: mt, one training step (3165 target tokens)",
+            "| operator | a | b | difference ms |",
+            "mt     train    clusterformer_iwslt   230.1 target tokens/s  ratio 0.943",
+        ]
+    )
+    out = profile_tables(text).splitlines()
+    assert out[0] == "*N 2048, batch 20, d 512, heads 8, k 46, threads 2, device cpu*"
+    assert "| projection GEMMs | 10 | 50 % |" in out and "*profile: mt, one training step (3165 target tokens)*" in out
+    assert "`mt     train    clusterformer_iwslt   230.1 target tokens/s  ratio 0.943`" in out
+    assert not any("USDT" in line or "torch 2.13" in line for line in out)
+    with pytest.raises(TableError):
+        profile_tables("# N 1\nno table here\n")
