@@ -52,3 +52,27 @@ def test_auto_cache_stays_small_while_short():
 def test_bad_cache_mode_is_named():
     with pytest.raises(ValueError, match="mode must be"):
         ClusterAttention(32, 4, 3, causal=True).init_state(2, mode="prefix")
+
+
+def test_step_directions_follow_every_parameter_change():
+    """The decoding step's cached C W_C is recomputed after an in-place update, a loaded state
+    dict and a replaced parameter: the assignments always equal assign_per_word's."""
+    torch.manual_seed(0)
+    m = ClusterAttention(16, 2, 4, causal=True, window=4).eval()
+    x = torch.randn(64, 16)
+
+    def check():
+        assert torch.equal(m.assign_step(x), m.assign_per_word(x))
+
+    check()
+    with torch.no_grad():
+        m.centroids.mul_(-1.0)  # in place: every assignment moves
+    check()
+    other = ClusterAttention(16, 2, 4, causal=True, window=4)
+    m.load_state_dict(other.state_dict())
+    check()
+    m.centroid_proj.weight = torch.nn.Parameter(torch.randn(16, 16))
+    check()
+    m.double()
+    check_x = x.double()
+    assert torch.equal(m.assign_step(check_x), m.assign_per_word(check_x))

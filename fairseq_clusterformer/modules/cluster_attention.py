@@ -374,8 +374,21 @@ class ClusterAttention(nn.Module):
         if self.router is not None:
             cw = self.router.directions(x.dtype)  # K x d
         else:
-            cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
+            cw = self._step_directions(x.dtype)  # K x d
         return (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
+
+    def _step_directions(self, dtype) -> Tensor:
+        """C W_C (K x d) for decoding steps, computed once per parameter state: the key holds
+        each parameter's storage and version counter, which every in-place update (an optimizer
+        step, load_state_dict) and every replacement changes."""
+        params = (self.centroids, self.centroid_proj.weight)
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, "_directions_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.centroid_proj(self.centroids.to(dtype)))
+            self._directions_cache = cached
+        return cached[1]
 
     def _cluster(self, x: Tensor, words: Words, centroids: Tensor, k_b: Tensor, assign=None):
         """Assignments (B x N, -1 at padding), C' (B x K x d) and both losses, through the fused
