@@ -7,15 +7,16 @@
 #   nohup bash scripts/experiments/converged_queue.sh > work/experiments/converged_queue.log 2>&1 &
 #
 # Environment: LANES (default 2); SEEDS (default "1 2 3"); CODE (the plugin commit every run uses,
-# default the checkout's HEAD; a resumed run keeps the commit it started with); RECIPE (default
-# annealed); ONLY (a pattern: run only the queue entries whose label matches it).
+# default 9d0e43a3ba5e, that of the study's first runs, so that all of them run the same code; a
+# resumed run keeps the commit it started with); RECIPE (default annealed); ONLY (a bash pattern:
+# run only the queue entries whose label matches it, e.g. ONLY='@(decoder-full|routing) s1').
 #
 # To free the machine (for timings, say) without losing work: `touch work/experiments/queue.pause`.
 # The lanes finish the runs they are in and start no new one until the file is removed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-CODE=${CODE:-$(git rev-parse --short=12 HEAD)}
+CODE=${CODE:-9d0e43a3ba5e}
 PY=${PY:-.venv/bin/python}
 RECIPE=${RECIPE:-annealed}
 LANES=${LANES:-2}
