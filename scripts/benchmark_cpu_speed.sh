@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU speed measurements behind docs/benchmarks.md's summary, N = 2048 check, profiles and
-# translation rows, rewritten in docs/data/cpu/ (about 25 minutes; run it on an otherwise idle
+# translation rows, rewritten in docs/data/cpu/ (about 30 minutes; run it on an otherwise idle
 # machine: the point is the ratios at one thread and at every core). Then:
 #
 #   bash scripts/benchmark_cpu_speed.sh && python -m scripts.benchmark_tables
@@ -38,7 +38,9 @@ say "translation, MT lengths, 1 thread, with the profile"
     grep -v USDT | tee "$D/profile_mt_t1.txt"
 say "translation, MT lengths, $THREADS threads"
 "$PY" -m scripts.benchmark_translation "${MT[@]}" --threads "$THREADS" --tag "threads$THREADS" --csv "$TMP/mt_t.csv"
-for b in lsh routing; do
+# full: the clusterformer model with fairseq's full attention on both sides, the floor of what the
+# plugin's model and criterion cost beside the Transformer; lsh, routing: the baselines
+for b in full lsh routing; do
     say "translation, MT lengths, 1 thread, $b self-attention on both sides"
     "$PY" -m scripts.benchmark_translation "${MT[@]}" --threads 1 --tag "$b" \
         --cluster-args "--self-attention-encoder $b --self-attention-decoder $b" --csv "$TMP/mt_$b.csv"
@@ -46,7 +48,7 @@ done
 # translation.csv: these MT rows first, then the synthetic-length rows it already holds
 {
     cat "$TMP/mt.csv"
-    for f in "$TMP/mt_t.csv" "$TMP/mt_lsh.csv" "$TMP/mt_routing.csv"; do tail -n +2 "$f"; done
+    for f in "$TMP/mt_t.csv" "$TMP/mt_full.csv" "$TMP/mt_lsh.csv" "$TMP/mt_routing.csv"; do tail -n +2 "$f"; done
     grep -v '^mt' "$D/translation.csv" | tail -n +2
 } >"$TMP/translation.csv"
 mv "$TMP/translation.csv" "$D/translation.csv"

@@ -329,7 +329,7 @@ def profile_tables(text):
         elif line.startswith("|"):
             out.append(line)
         elif line.startswith("mt ") and " ratio " in line:  # benchmark_translation's timing lines
-            out += ["", f"`{line.strip()}`", ""]
+            out += ([] if out and out[-1] == "" else [""]) + [f"`{line.strip()}`", ""]
     if not any(line.startswith("|") for line in out):
         raise TableError("a profile file holds no table")
     return "\n".join(out).strip()

@@ -38,7 +38,7 @@ def test_a_changed_csv_changes_the_page_and_a_missing_one_is_refused(tmp_path):
     (data / "check2048.csv").write_text("\n".join(lines) + "\n")
     assert _tables("--check", "--doc", doc, "--data", data).returncode == 1
     assert _tables("--doc", doc, "--data", data).returncode == 0
-    assert f"| N = 2048 training step, cluster / sdpa | **{halved:.2f}** |" in doc.read_text()
+    assert f"| N = 2048 training step, 1 thread, cluster / sdpa | **{halved:.2f}** |" in doc.read_text()
     # An empty or missing CSV: refused, and the page is left as it was.
     before = doc.read_text()
     (data / "attn_train.csv").write_text("impl,n,k,batch,mode,device,time_ms,peak_mb\n")
