@@ -391,7 +391,7 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "translation": translation_tables(translation),
         "short": attention_tables(_rows("short_lengths.csv", data), memory=False),
         "profile_layer": "\n\n".join(profile_tables(_text(f"profile_2048_t{t}.txt", data)) for t in (1, 2)),
-        "profile_mt": profile_tables(_text("profile_mt_t1.txt", data)),
+        "profile_mt": "\n\n".join(profile_tables(_text(f"profile_mt_t{t}.txt", data)) for t in (1, 2)),
         **gpu_blocks(data_gpu),
     }
 
