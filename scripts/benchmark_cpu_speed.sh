@@ -36,8 +36,9 @@ MT=(--settings mt --data-dir "$IWSLT" --train-steps 4 --warmup 1 --gen-batches 3
 say "translation, MT lengths, 1 thread, with the profile"
 "$PY" -m scripts.benchmark_translation "${MT[@]}" --threads 1 --profile 15 --csv "$TMP/mt.csv" 2>&1 |
     grep -v USDT | tee "$D/profile_mt_t1.txt"
-say "translation, MT lengths, $THREADS threads"
-"$PY" -m scripts.benchmark_translation "${MT[@]}" --threads "$THREADS" --tag "threads$THREADS" --csv "$TMP/mt_t.csv"
+say "translation, MT lengths, $THREADS threads, with the profile"
+"$PY" -m scripts.benchmark_translation "${MT[@]}" --threads "$THREADS" --tag "threads$THREADS" --profile 15 \
+    --csv "$TMP/mt_t.csv" 2>&1 | grep -v USDT | tee "$D/profile_mt_t$THREADS.txt"
 # full: the clusterformer model with fairseq's full attention on both sides, the floor of what the
 # plugin's model and criterion cost beside the Transformer; lsh, routing: the baselines
 for b in full lsh routing; do
