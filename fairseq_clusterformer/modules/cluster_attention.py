@@ -107,6 +107,18 @@ def sort_by_cluster(assign: Tensor, num_clusters: int) -> Tuple[Tensor, Tensor]:
     return sorted_idx, undo_sort
 
 
+def block_visibility(undo_sort: Tensor, w_b: Tensor, previous_block: bool) -> Tensor:
+    """Encoder: which words each word sees, B x N (queries) x N (keys). Word j is in block
+    undo_sort_j // w_b of its sequence's sorted words and sees its own block and (with
+    previous_block) the block before. The reference path and the fast path's short-sequence
+    branch both use it; padding is left to the caller."""
+    block = torch.div(undo_sort, w_b[:, None], rounding_mode="floor")  # B x N
+    visible = block[:, None, :] == block[:, :, None]
+    if previous_block:
+        visible |= block[:, None, :] == block[:, :, None] - 1  # key in the block before
+    return visible
+
+
 class ClusterAttention(nn.Module):
     """Multi-head neural clustering attention.
 
@@ -348,10 +360,7 @@ class ClusterAttention(nn.Module):
 
         With a router, its ``directions`` take the place of C W_C (the same exact argmax).
         """
-        if self.router is not None:
-            cw = self.router.directions(x.dtype)  # K x d
-        else:
-            cw = self.centroid_proj(self.centroids.to(x.dtype))  # K x d
+        cw = self._assignment_directions(x.dtype)  # K x d
         if cw.size(0) == 1:
             return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
         d = x.size(-1)
@@ -371,16 +380,16 @@ class ClusterAttention(nn.Module):
         """assign_per_word for the few words of one decoding step, B x d -> B: the elementwise
         product that defines the assignment, computed for every word (B x K x d is small here),
         without the float64 screen that spares a full sequence from materialising it."""
-        if self.router is not None:
-            cw = self.router.directions(x.dtype)  # K x d
-        else:
-            cw = self._step_directions(x.dtype)  # K x d
-        return (x.unsqueeze(-2) * cw).sum(-1).argmax(-1)
+        return (x.unsqueeze(-2) * self._assignment_directions(x.dtype)).sum(-1).argmax(-1)
 
-    def _step_directions(self, dtype) -> Tensor:
-        """C W_C (K x d) for decoding steps, computed once per parameter state: the key holds
-        each parameter's storage and version counter, which every in-place update (an optimizer
-        step, load_state_dict) and every replacement changes."""
+    def _assignment_directions(self, dtype) -> Tensor:
+        """The K x d rows a decoder word's assignment is the argmax against: the router's
+        directions, or C W_C. C W_C is computed once per parameter state (a decoding run calls
+        this at every step of every layer): the cache key holds each parameter's storage and
+        version counter, which every in-place update (an optimizer step, load_state_dict) and
+        every replacement changes."""
+        if self.router is not None:
+            return self.router.directions(dtype)
         params = (self.centroids, self.centroid_proj.weight)
         key = (dtype, *((p.data_ptr(), p._version) for p in params))
         cached = getattr(self, "_directions_cache", None)
@@ -419,20 +428,15 @@ class ClusterAttention(nn.Module):
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b)
         sorted_idx, undo_sort = sort_by_cluster(assign, K)
         info = ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
+        w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)  # ceil(L_b / k_b)
+        paired = self.previous_block and K > 1
         if N <= self.dense_max_len:
-            # Word j is in block r_j // w_b of the sorted sequence (r_j = undo_sort_j); it sees
-            # the words of its own block and of the block before.
-            w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)
-            block = torch.div(undo_sort, w_b[:, None], rounding_mode="floor")  # B x N
-            visible = block[:, None, :] == block[:, :, None]  # B x N (queries) x N (keys)
-            if self.previous_block and K > 1:
-                visible |= block[:, None, :] == block[:, :, None] - 1
+            visible = block_visibility(undo_sort, w_b, paired)  # B x N x N
             return self._attend_dense(x, words, visible[:, None]), info
 
         # Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b; blocks
         # are W = max w_b wide (slots beyond w_b stay empty). Without padding every sequence has
         # the same layout: the index tensors below are computed once (leading dimension 1).
-        w_b = torch.div(lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)  # ceil(L_b / k_b)
         # W = max w_b; with a fixed k, ceil(N / k) is that (or more, if every sequence is padded
         # at the end: then the extra slots stay empty) without a host sync.
         W = -(-N // self.num_clusters) if self.num_clusters != "auto" else int(w_b.max())
@@ -445,7 +449,6 @@ class ClusterAttention(nn.Module):
         block_word = sorted_idx.gather(1, sorted_pos.clamp(max=N - 1).view(-1, K * W).expand(B, K * W))
         block_word = block_word.view(B, K, W)  # original position held by each slot
 
-        paired = self.previous_block and K > 1
         key_ok = slot_real
         if paired:
             # Keys of block i: block i-1 (none for block 0: blocks do not wrap around), then block i.

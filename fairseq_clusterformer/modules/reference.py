@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cluster_attention import ClusterInfo, Words, sort_by_cluster
+from .cluster_attention import ClusterInfo, Words, block_visibility, sort_by_cluster
 from .kernels import COSINE_EPS
 
 
@@ -82,14 +82,10 @@ def reference_forward(attn, x: Tensor, words: Words, centroids):
 def _block_visibility(attn, assign: Tensor, words: Words, k_b: Tensor, K: int) -> Tensor:
     """Encoder: sort words by (cluster, position), cut sequence b's sorted words into blocks of
     w_b = ceil(L_b / k_b); a word sees the words of its own block and (with previous_block) of
-    the block before it. Returns B x 1 x N x N."""
+    the block before. Returns B x 1 x N x N."""
     _, undo_sort = sort_by_cluster(assign, K)  # B x N: sorted position of each word
     w_b = torch.div(words.lengths + k_b - 1, k_b, rounding_mode="floor").clamp(min=1)
-    block = torch.div(undo_sort, w_b[:, None], rounding_mode="floor")  # B x N: block of each word
-    same = block[:, :, None] == block[:, None, :]
-    if attn.previous_block and K > 1:
-        same = same | (block[:, None, :] == block[:, :, None] - 1)  # key in the block before
-    return same[:, None]
+    return block_visibility(undo_sort, w_b, attn.previous_block and K > 1)[:, None]
 
 
 def _causal_visibility(attn, assign: Tensor) -> Tensor:
