@@ -620,6 +620,29 @@ def test_annealed_recipe_decays_the_learning_rate_to_zero_over_its_budget():
     assert schedule.step_update(total) == 0.0
 
 
+def test_demo_annealed_recipe_decays_over_the_runs_own_budget():
+    """demo-annealed: the annealed schedule stretched to the run's --max-update (the demo's budget),
+    everything else the quick recipe's; its run ids name the budget."""
+    from scripts.experiments import recipes
+
+    assert recipes.max_update("demo-annealed", 800) == 800
+    assert (
+        run_side_by_side.run_id("m", "clusterformer", "base", 2, 800, "demo-annealed")
+        == "m.clusterformer.base.s2.dann800"
+    )
+    for budget in (400, 800):
+        settings = recipes.train_settings("demo-annealed", budget)
+        assert settings[settings.index("--total-num-update") + 1] == str(budget)
+        assert settings[settings.index("--lr-scheduler") + 1] == "polynomial_decay"
+    # the study recipe keeps its own fixed budget whatever the runner's --max-update says
+    annealed = recipes.train_settings("annealed", recipes.max_update("annealed", 500))
+    assert annealed[annealed.index("--total-num-update") + 1] == str(recipes.ANNEAL_UPDATES)
+    quick = recipes.train_settings("quick", 500)
+    settings = recipes.train_settings("demo-annealed", 800)
+    for flag in ("--lr", "--warmup-updates", "--max-tokens", "--dropout", "--label-smoothing"):
+        assert settings[settings.index(flag) + 1] == quick[quick.index(flag) + 1]
+
+
 def test_queue_plans_every_system_and_ablation_once():
     """scripts/experiments/converged_queue.sh's entries, as the runner plans them: the main table
     (5 systems x 3 seeds), the loss ablation (2 seeds) and the k sweep, each a distinct run id."""

@@ -24,14 +24,15 @@ ONLY=${ONLY:-}
 R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe "$RECIPE" --dataset multi30k --code "$CODE")
 [ -f work/experiments/data/multi30k/dataset.json ] || "$PY" -m scripts.experiments.run_side_by_side prepare multi30k
 
-# One entry per run: "label|runner arguments". Seeds first (the main table), then the ablations.
+# One entry per run: "label|runner arguments". Seeds first (the main table; within a seed the systems
+# the paper's claims compare come before the encoder-only variant), then the ablations.
 QUEUE=()
 for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("transformer s$s|--models transformer --seeds $s")
     QUEUE+=("clusterformer s$s|--models clusterformer --seeds $s")
-    QUEUE+=("decoder-full s$s|--models clusterformer --seeds $s --label decoder-full -- --self-attention-decoder full")
-    QUEUE+=("lsh s$s|--models clusterformer --seeds $s --label lsh -- --self-attention-encoder lsh --self-attention-decoder lsh")
     QUEUE+=("routing s$s|--models clusterformer --seeds $s --label routing -- --self-attention-encoder routing --self-attention-decoder routing")
+    QUEUE+=("lsh s$s|--models clusterformer --seeds $s --label lsh -- --self-attention-encoder lsh --self-attention-decoder lsh")
+    QUEUE+=("decoder-full s$s|--models clusterformer --seeds $s --label decoder-full -- --self-attention-decoder full")
 done
 for s in 1 2; do
     for v in no-clustering-loss no-sorting-loss no-cluster-losses; do

@@ -155,7 +155,7 @@ def parse_segments(text):
 
 
 def train_settings(a):
-    settings = list(recipes.RECIPES[a.recipe]["train_settings"])
+    settings = recipes.train_settings(a.recipe, recipes.max_update(a.recipe, a.max_update))
     for flag, value in (("--max-tokens", a.max_tokens), ("--lr", a.lr), ("--warmup-updates", a.warmup)):
         if value is not None:
             settings[settings.index(flag) + 1] = str(value)
