@@ -190,6 +190,29 @@ def test_choose_k_smoke(toy_bin, tmp_path, capsys):
         == 0
     )
     assert capsys.readouterr().out.count("already in") == 2
+    # the committed form: report renders a block naming the result file
+    result = json.loads((out / "choose_k.json").read_text())
+    assert (
+        result["invocation"].startswith("clusterformer-choose-k --data ")
+        and "-- --max-tokens 500" in result["invocation"]
+    )
+    published = tmp_path / "docs" / "results" / "choose_k_toy.json"
+    published.parent.mkdir(parents=True)
+    published.write_text(json.dumps(result))
+    md = tmp_path / "docs" / "results.md"
+    begin = run_side_by_side.BEGIN[: -len(" -->")] + f" from {published} -->"
+    md.write_text(f"# r\n\n{begin}\nold\n{run_side_by_side.END}\n\nhand-written\n")
+    run_side_by_side.report([], md, tmp_path / "docs" / "img")
+    text = md.read_text()
+    assert "old" not in text and text.endswith("hand-written\n")
+    assert f"Recommended k = {result['recommended_k']}" in text
+    nll_row = next(line for line in text.splitlines() if line.startswith("| valid nll at 3 updates"))
+    assert nll_row.count("|") == 4 and f"{result['per_k'][0]['valid_nll']:.3f}" in nll_row
+    assert (tmp_path / "docs" / "img" / "choose_k_toy.png").read_bytes()[:4] == b"\x89PNG"
+    published.unlink()  # a missing result: an error, and the document is left as it was
+    with pytest.raises(SystemExit, match="choose_k_toy.json"):
+        run_side_by_side.report([], md, tmp_path / "docs" / "img")
+    assert md.read_text() == text
 
 
 def test_side_by_side_plan_ablations():

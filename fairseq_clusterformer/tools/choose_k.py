@@ -95,6 +95,25 @@ def aggregate(runs):
     return rows
 
 
+def render_markdown(result):
+    """A choose_k result (OUT/choose_k.json) as markdown lines: the table of k against validation
+    nll and cost, and the recommendation."""
+    rows = result["per_k"]
+    seeds = ",".join(str(s) for s in result.get("seeds", []))
+    lines = [
+        "| k | " + " | ".join(str(r["k"]) for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+        f"| valid nll at {result['max_update']} updates (bits/token, mean over seeds {seeds}) | "
+        + " | ".join(f"{r['valid_nll']:.3f}" for r in rows)
+        + " |",
+        "| training target tokens/s | " + " | ".join(f"{r['tokens_per_s'] or 0:.0f}" for r in rows) + " |",
+        "| training wall time (s) | " + " | ".join(f"{r['wall_s']:.0f}" for r in rows) + " |",
+        "",
+        f"{result['recommendation']} (tolerance {result['tolerance']:g} bits/token)",
+    ]
+    return lines
+
+
 def plot(rows, path, title):
     import logging
 
@@ -226,6 +245,7 @@ def main(argv=None):
     rows = aggregate(runs)
     k, sentence = recommend(rows, a.tolerance)
     result = {
+        "invocation": expkit.shell_join(["clusterformer-choose-k", *argv, *(["--", *extra] if extra else [])]),
         "runs": runs,
         "per_k": rows,
         "tolerance": a.tolerance,

@@ -54,7 +54,7 @@ from pathlib import Path
 from fairseq_clusterformer.tools import expkit
 from fairseq_clusterformer.tools.expkit import REPO, say
 
-from . import recipes
+from . import claims, recipes
 
 WORK = REPO / "work" / "experiments"
 RESULTS = WORK / "results.jsonl"
@@ -68,6 +68,8 @@ REPORT_RESULTS = [
     RAW / "iwslt14_quick.jsonl",
 ]
 IMG = REPO / "docs" / "img"
+# clusterformer-choose-k's committed short-budget result per data set, which the study's k sweep checks
+CHOOSE_K = {"multi30k": RAW / "choose_k_multi30k.json"}
 ARCHS = {"clusterformer": "clusterformer_iwslt", "transformer": "transformer_iwslt_de_en"}
 # The paper's ablations (clusterformer only), as fairseq-train arguments.
 VARIANTS = OrderedDict(
@@ -645,6 +647,12 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
                 f"BLEU points, nll bits): " + "; ".join(parts) + ".",
                 "",
             ]
+        if converged:  # the paper's claims, and the k sweep against clusterformer-choose-k's pick
+            out += claims.render_claims(recs)
+            chooser = CHOOSE_K.get(ds)
+            out += claims.render_k_sweep(
+                recs, json.loads(chooser.read_text()) if chooser and chooser.is_file() else None
+            )
         # paired bootstrap on the seed-1 translations
         for lab in labels:
             bs = paired_bootstrap(recs, lab)
@@ -731,6 +739,34 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
     return "\n".join(out)
 
 
+def render_choose_k(result, source, img_dir, doc_dir, begin):
+    """The generated block of a committed clusterformer-choose-k result (its table, recommendation,
+    plot and command)."""
+    from fairseq_clusterformer.tools import choose_k
+
+    img = Path(img_dir) / f"{source.stem}.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    choose_k.plot(result["per_k"], img, f"{result['arch']}, {result['max_update']} updates: {source.stem}")
+    machine = result.get("machine", {})
+    return "\n".join(
+        [
+            begin,
+            "",
+            *choose_k.render_markdown(result),
+            "",
+            f"![choose_k: validation nll and training speed against k]({os.path.relpath(img, doc_dir)})",
+            "",
+            "```bash",
+            _rel(result.get("invocation", "clusterformer-choose-k")),
+            "```",
+            "",
+            f"Machine: {machine.get('cpu')}, {machine.get('nproc')} cores (shared), torch {machine.get('torch')}.",
+            "",
+            END,
+        ]
+    )
+
+
 SKELETON = """# Results: ClusterFormer vs Transformer
 
 Regenerate the tables below with `python -m scripts.experiments.run_side_by_side report`.
@@ -784,6 +820,13 @@ def report(results, md, img_dir):
     rendered, problems, n = [], [], 0
     for block in blocks:
         paths = _source_paths(block.group("src")) if block.group("src") else default
+        begin = text[block.start() : text.index("-->", block.start()) + 3]
+        if len(paths) == 1 and paths[0].suffix == ".json":  # a clusterformer-choose-k result
+            if not paths[0].is_file():
+                problems.append(_rel(paths[0]))
+                continue
+            rendered.append(render_choose_k(json.loads(paths[0].read_text()), paths[0], img_dir, md.parent, begin))
+            continue
         records = []
         for path in paths:
             recs = expkit.read_jsonl(path)
@@ -792,7 +835,6 @@ def report(results, md, img_dir):
             records += recs
         if not records:
             problems.append(", ".join(_rel(p) for p in paths))
-        begin = text[block.start() : text.index("-->", block.start()) + 3]
         rendered.append(render(records, img_dir, md.parent, begin=begin))
         n += len(records)
     if problems:

@@ -1,0 +1,217 @@
+"""The paper's claims, checked on a study's run records (docs/results.md, converged section).
+
+Pure functions over the runner's records (one dict per run, as in docs/results/*.jsonl), so that
+the verdicts in the document are rebuilt with the tables by ``run_side_by_side report``.
+
+The verdict rule, for a claim "A is better than B" on a score (higher is better):
+- d = mean over the seeds both have of (A's score - B's score);
+- spread = the larger of the two systems' sample standard deviations over their seeds;
+- d > spread: **confirmed**; d < -spread: **opposite**; otherwise **not confirmed** (the
+  difference is within what changing the seed does). With fewer than two seeds on either side
+  there is no spread and the verdict is **open**.
+"""
+
+# (claim as the paper makes it, system A, system B); a system is (model, variant)
+CLUSTERFORMER = ("clusterformer", "base")
+CLAIMS = [
+    ("ClusterFormer is better than the Transformer", CLUSTERFORMER, ("transformer", "base")),
+    ("ClusterFormer is better than Reformer (LSH attention)", CLUSTERFORMER, ("clusterformer", "lsh")),
+    ("ClusterFormer is better than the Routing Transformer", CLUSTERFORMER, ("clusterformer", "routing")),
+    ("the clustering loss helps", CLUSTERFORMER, ("clusterformer", "no-clustering-loss")),
+    ("the sorting loss helps", CLUSTERFORMER, ("clusterformer", "no-sorting-loss")),
+    ("the two losses help", CLUSTERFORMER, ("clusterformer", "no-cluster-losses")),
+]
+NAMES = {
+    ("transformer", "base"): "Transformer",
+    CLUSTERFORMER: "ClusterFormer",
+    ("clusterformer", "lsh"): "Reformer (`lsh`)",
+    ("clusterformer", "routing"): "Routing (`routing`)",
+    ("clusterformer", "decoder-full"): "ClusterFormer, full-attention decoder",
+    ("clusterformer", "no-clustering-loss"): "ClusterFormer without the clustering loss",
+    ("clusterformer", "no-sorting-loss"): "ClusterFormer without the sorting loss",
+    ("clusterformer", "no-cluster-losses"): "ClusterFormer without either loss",
+}
+
+
+def score(record, label, key="sacrebleu"):
+    """A test set's score in a run record (None if the run has no such test)."""
+    for t in record.get("tests", []):
+        if t["label"] == label:
+            return t.get(key)
+    return None
+
+
+def _std(values):
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def per_seed(records, system, value):
+    """{seed: value(record)} for SYSTEM's runs (None values left out)."""
+    out = {}
+    for r in records:
+        if (r["model"], r["variant"]) == system:
+            v = value(r)
+            if v is not None:
+                out[r["seed"]] = v
+    return out
+
+
+def compare(a, b):
+    """A and B: {seed: score}, higher is better. Returns a dict: mean_a, mean_b, seeds (common),
+    diff (mean over common seeds of a - b), spread, verdict."""
+    common = sorted(set(a) & set(b))
+    res = {
+        "mean_a": sum(a.values()) / len(a) if a else None,
+        "mean_b": sum(b.values()) / len(b) if b else None,
+        "n_a": len(a),
+        "n_b": len(b),
+        "seeds": common,
+        "diff": sum(a[s] - b[s] for s in common) / len(common) if common else None,
+        "spread": None,
+    }
+    if not common:
+        res["verdict"] = "not run yet"
+        return res
+    spreads = [_std(list(a.values())), _std(list(b.values()))]
+    if None in spreads:
+        res["verdict"] = "open (one seed)"
+        return res
+    res["spread"] = max(spreads)
+    if res["diff"] > res["spread"]:
+        res["verdict"] = "confirmed"
+    elif res["diff"] < -res["spread"]:
+        res["verdict"] = "opposite"
+    else:
+        res["verdict"] = "not confirmed (within the seed spread)"
+    return res
+
+
+def _num(x, nd=2, sign=False):
+    if x is None:
+        return "–"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def render_claims(records, label="test_2016", other="test_2017"):
+    """Markdown lines: one row per claim with both sides run (empty list if none)."""
+    rows = []
+    for claim, sa, sb in CLAIMS:
+        a = per_seed(records, sa, lambda r: score(r, label))
+        b = per_seed(records, sb, lambda r: score(r, label))
+        if not a or not b:
+            continue
+        res = compare(a, b)
+        a2 = per_seed(records, sa, lambda r: score(r, other))
+        b2 = per_seed(records, sb, lambda r: score(r, other))
+        res2 = compare(a2, b2) if a2 and b2 else {"diff": None}
+        nll = compare(
+            per_seed(records, sb, lambda r: r.get("best_valid_nll")),
+            per_seed(records, sa, lambda r: r.get("best_valid_nll")),
+        )  # B - A: positive when A has the lower (better) nll
+        rows.append(
+            f"| {claim} | {NAMES.get(sb, ' '.join(sb))} | {','.join(map(str, res['seeds']))} "
+            f"| {_num(res['mean_a'])} | {_num(res['mean_b'])} | {_num(res['diff'], sign=True)} "
+            f"| {_num(res['spread'])} | **{res['verdict']}** | {_num(res2['diff'], sign=True)} "
+            f"| {_num(nll['diff'], 3, sign=True)} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"The paper's claims on these runs. Verdict on {label} sacreBLEU: d = mean over the common seeds "
+        f"of (ClusterFormer − the other system); spread = the larger of the two systems' standard "
+        f"deviations over seeds; **confirmed** if d > spread, **opposite** if d < −spread, **not "
+        f"confirmed** otherwise, **open** with one seed. The last two columns give the same "
+        f"difference on {other} and in validation nll (other − ClusterFormer: positive when "
+        f"ClusterFormer's is lower).",
+        "",
+        f"| claim | against | common seeds | ClusterFormer {label} | other {label} | d | spread | verdict "
+        f"| d on {other} | nll difference (bits) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def k_sweep(records):
+    """{k: {"nll": {seed: v}, "bleu": {seed: v}, "bleu2017": ...}} for ClusterFormer at its defaults
+    (k = 3) and the sweep's variants named k=K."""
+    out = {}
+    for r in records:
+        if r["model"] != "clusterformer":
+            continue
+        if r["variant"] == "base":
+            k = r.get("k") or 3
+        elif r["variant"].startswith("k=") and r["variant"][2:].isdigit():
+            k = int(r["variant"][2:])
+        else:
+            continue
+        entry = out.setdefault(k, {"nll": {}, "bleu": {}, "bleu2017": {}, "tok_s": {}})
+        entry["nll"][r["seed"]] = r.get("best_valid_nll")
+        entry["bleu"][r["seed"]] = score(r, "test_2016")
+        entry["bleu2017"][r["seed"]] = score(r, "test_2017")
+        entry["tok_s"][r["seed"]] = r.get("tokens_per_s")
+    return out
+
+
+def _mean(d):
+    vals = [v for v in d.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def check_chooser(records, chooser):
+    """Whether CHOOSER's short-budget pick (the choose_k result: recommended_k, max_update) is within
+    the seed noise of the best converged k on validation nll. Returns (dict, sentence)."""
+    sweep = k_sweep(records)
+    res = {"chosen_k": chooser.get("recommended_k") if chooser else None, "verdict": "open"}
+    if len(sweep) < 2:
+        return res, "The k sweep has not run at convergence yet, so the chooser cannot be checked."
+    nll = {k: _mean(v["nll"]) for k, v in sweep.items() if _mean(v["nll"]) is not None}
+    best = min(nll, key=lambda k: (nll[k], k))
+    base = [v for v in sweep.get(3, {}).get("nll", {}).values() if v is not None]
+    noise = _std(base)
+    res.update(best_k=best, best_nll=nll[best], noise=noise, nll=nll)
+    head = (
+        f"Best converged k on validation nll: k = {best} ({nll[best]:.3f}; "
+        + ", ".join(f"k = {k}: {nll[k]:.3f}" for k in sorted(nll))
+        + ")."
+    )
+    if chooser is None:
+        return res, head + " No committed choose_k result to check against."
+    chosen = res["chosen_k"]
+    budget = f"`clusterformer-choose-k` at {chooser.get('max_update')} updates recommends k = {chosen}"
+    if chosen not in nll:
+        return res, f"{head} {budget}, which the sweep did not train."
+    if noise is None:
+        return res, f"{head} {budget} ({nll[chosen]:.3f}); the seed noise needs two seeds at k = 3."
+    gap = nll[chosen] - nll[best]
+    res.update(gap=gap, verdict="within" if gap <= noise else "outside")
+    where = "within" if gap <= noise else "outside"
+    return res, (
+        f"{head} {budget}: {nll[chosen]:.3f}, {gap:.3f} bits above the best, {where} the seed noise "
+        f"({noise:.3f} bits: the standard deviation of k = 3's nll over {len(base)} seeds)."
+    )
+
+
+def render_k_sweep(records, chooser=None):
+    """Markdown lines: the k sweep at convergence and the chooser check (empty if no sweep)."""
+    sweep = k_sweep(records)
+    if len(sweep) < 2:
+        return []
+    lines = [
+        "ClusterFormer's number of clusters k at convergence (k = 3 is the default, the main table's row; "
+        "means over the seeds run):",
+        "",
+        "| k | seeds | valid nll | test_2016 sacre | test_2017 sacre | tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k in sorted(sweep):
+        v = sweep[k]
+        lines.append(
+            f"| {k} | {','.join(str(s) for s in sorted(v['nll']))} | {_num(_mean(v['nll']), 3)} "
+            f"| {_num(_mean(v['bleu']))} | {_num(_mean(v['bleu2017']))} | {_num(_mean(v['tok_s']), 0)} |"
+        )
+    _, sentence = check_chooser(records, chooser)
+    return lines + ["", sentence, ""]
