@@ -21,6 +21,9 @@ MAX_UPDATE="${DEMO_MAX_UPDATE:-400}"
 MAX_MINUTES="${DEMO_MAX_MINUTES:-9}"            # safety net: training stops after this long anyway
 LR="${DEMO_LR:-0.002}"
 WARMUP="${DEMO_WARMUP:-100}"
+# The learning-rate schedule after warm-up: linear (decayed to 0 at the last update, fairseq's
+# polynomial_decay) or inverse_sqrt.
+SCHEDULE="${DEMO_SCHEDULE:-inverse_sqrt}"
 MAX_TOKENS="${DEMO_MAX_TOKENS:-2048}"
 DROPOUT="${DEMO_DROPOUT:-0.1}"
 BPE_OPS="${DEMO_BPE_OPS:-8000}"                 # subword-nmt merges (or sentencepiece vocabulary)
@@ -53,7 +56,7 @@ Options:
 
 Environment: DEMO_ARCH, DEMO_CRITERION, DEMO_MODEL_ARGS, DEMO_TRAIN_ARGS, DEMO_MAX_UPDATE,
 DEMO_MAX_MINUTES,
-DEMO_LR, DEMO_WARMUP, DEMO_MAX_TOKENS, DEMO_DROPOUT, DEMO_BPE_OPS, DEMO_BEAM, DEMO_SEED,
+DEMO_LR, DEMO_WARMUP, DEMO_SCHEDULE (linear or inverse_sqrt), DEMO_MAX_TOKENS, DEMO_DROPOUT, DEMO_BPE_OPS, DEMO_BEAM, DEMO_SEED,
 DEMO_WORK, DEMO_DATA (another corpus with the same file names), DEMO_SKIP_SETUP=1 (no
 bootstrap) (current: arch=$ARCH criterion=$CRITERION max_update=$MAX_UPDATE).
 Afterwards, translate your own German: echo "Ein Hund läuft im Park." | bash scripts/translate.sh
@@ -79,6 +82,11 @@ die() {
     echo "[demo] ERROR: $*" >&2
     exit 1
 }
+case "$SCHEDULE" in
+    linear) SCHEDULE_ARGS=(--lr-scheduler polynomial_decay --total-num-update "$MAX_UPDATE" --end-learning-rate 0 --power 1) ;;
+    inverse_sqrt) SCHEDULE_ARGS=(--lr-scheduler inverse_sqrt --warmup-init-lr 1e-07) ;;
+    *) die "DEMO_SCHEDULE must be linear or inverse_sqrt, not '$SCHEDULE'" ;;
+esac
 
 # ---- 0. setup -----------------------------------------------------------------------------------
 if [[ -n "${DEMO_SKIP_SETUP:-}" ]]; then
@@ -170,7 +178,7 @@ fi
 TRAIN_CMD=(fairseq-train "$BIN" --user-dir fairseq_clusterformer
     --arch "$ARCH" "${MODEL_ARGS[@]}" --share-all-embeddings
     --optimizer adam --adam-betas "(0.9, 0.98)" --clip-norm 0.0
-    --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --warmup-init-lr 1e-07
+    --lr "$LR" --warmup-updates "$WARMUP" "${SCHEDULE_ARGS[@]}"
     --dropout "$DROPOUT" --weight-decay 0.0001
     --criterion "$CRITERION" --label-smoothing 0.1
     --max-tokens "$MAX_TOKENS" --max-update "$MAX_UPDATE" --required-batch-size-multiple 1

@@ -37,6 +37,9 @@ def test_demo_help():
         assert word in proc.stdout
     bad = run(["bash", "scripts/demo.sh", "--no-such-option"])
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+    bad = run(["bash", "scripts/demo.sh"], env={"DEMO_SCHEDULE": "cosine", "DEMO_WORK": "/nonexistent/demo"})
+    assert bad.returncode == 1 and "DEMO_SCHEDULE must be linear or inverse_sqrt, not 'cosine'" in bad.stderr
+    assert "setup" not in bad.stdout  # refused before anything is set up or written
 
 
 def test_translate_without_model_says_run_demo_first(tmp_path):
