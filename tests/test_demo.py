@@ -103,6 +103,9 @@ def test_tiny_demo_runs_end_to_end(tiny_demo):
         r"^demo BLEU \(sacrebleu, Multi30k test_2016, de-en\): \d+\.\d\d$", out.rstrip("\n").splitlines()[-1]
     ), out[-500:]
     assert (work / "bpe" / "checkpoints" / "checkpoint_last.pt").is_file()
+    # the default schedule: a linear decay that reaches 0 at the run's last update (DEMO_MAX_UPDATE=4)
+    trained_with = (work / "bpe" / "checkpoints" / ".done").read_text()
+    assert "--lr-scheduler polynomial_decay --total-num-update 4 --end-learning-rate 0 --power 1" in trained_with
     assert len(mt_prep.read_lines(work / "bpe" / "output" / "hyp.detok.en")) == 20
 
 

@@ -424,6 +424,8 @@ def test_report_rebuilds_docs_results_from_the_committed_raw_results(tmp_path):
     tf = [r for r in quick if r["model"] == "transformer" and r["variant"] == "base"]
     assert [r["best_valid_nll"] for r in tf] == [4.685, 4.607]
     assert "| transformer | base | 400 | 1,2 | 4.646 [4.685, 4.607] | 19.56 [18.41, 20.71] |" in text
+    # a study recipe run at two budgets (the demo's setting) names the budget in each row
+    assert "| clusterformer | base (800 updates) | 4.0 ± 0.0 [4.0, 4.0] | 1,2 |" in text
 
 
 def test_report_refuses_to_replace_a_table_with_nothing(tmp_path):

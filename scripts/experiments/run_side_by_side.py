@@ -601,9 +601,10 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
                 mean = published.pop() if column and len(published) == 1 else None
                 return _mean_cell(values, nd, std=std, mean=mean)
 
+            several_budgets = len({key[2] for key in groups}) > 1  # e.g. demo-annealed at 400 and 800
             row = [
                 model,
-                variant,
+                f"{variant} ({mu} updates)" if converged and several_budgets else variant,
                 cell([r.get("epochs") for r in rs], 1) if converged else str(mu),
                 ",".join(str(r["seed"]) for r in rs),
                 cell([r["best_valid_nll"] for r in rs], 3),
