@@ -103,9 +103,8 @@ def test_tiny_demo_runs_end_to_end(tiny_demo):
         r"^demo BLEU \(sacrebleu, Multi30k test_2016, de-en\): \d+\.\d\d$", out.rstrip("\n").splitlines()[-1]
     ), out[-500:]
     assert (work / "bpe" / "checkpoints" / "checkpoint_last.pt").is_file()
-    # the default schedule: a linear decay that reaches 0 at the run's last update (DEMO_MAX_UPDATE=4)
-    trained_with = (work / "bpe" / "checkpoints" / ".done").read_text()
-    assert "--lr-scheduler polynomial_decay --total-num-update 4 --end-learning-rate 0 --power 1" in trained_with
+    trained_with = (work / "bpe" / "checkpoints" / ".done").read_text()  # the default schedule
+    assert "--lr-scheduler inverse_sqrt --warmup-init-lr 1e-07" in trained_with
     assert len(mt_prep.read_lines(work / "bpe" / "output" / "hyp.detok.en")) == 20
 
 
@@ -133,3 +132,15 @@ def test_translate_with_the_tiny_demo_model(tiny_demo):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 2  # one English line per German line (any quality)
+
+
+def test_tiny_demo_retrains_with_the_linear_schedule(tiny_demo):
+    """DEMO_SCHEDULE=linear: a decay that reaches 0 at the run's last update (DEMO_MAX_UPDATE=4);
+    --retrain keeps the prepared data. (Last in this file: it replaces the tiny demo's model.)"""
+    env, work, _ = tiny_demo
+    again = run(["bash", "scripts/demo.sh", "--retrain"], env={**env, "DEMO_SCHEDULE": "linear"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "3/5 binarised data exists, skipping" in again.stdout and "4/5 training" in again.stdout
+    trained_with = (work / "bpe" / "checkpoints" / ".done").read_text()
+    assert "--lr-scheduler polynomial_decay --total-num-update 4 --end-learning-rate 0 --power 1" in trained_with
+    assert again.stdout.rstrip().splitlines()[-1].startswith("demo BLEU")

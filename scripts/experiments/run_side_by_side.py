@@ -702,14 +702,16 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
         # learning curves
         img = Path(img_dir) / f"curves_{tag}.png"
         rel = os.path.relpath(img, doc_dir)
-        if any(r.get("curve") for r in recs):
+        # a plot drawn from training logs that are no longer kept is not replaced by one that
+        # would lack those runs
+        if any(r.get("curve") for r in recs) and (all(r.get("curve") for r in recs) or not img.exists()):
             plot_curves([r for r in recs if r.get("curve")], img, by_epoch=converged)
             out += [f"![valid nll during training, {ds}]({rel})", ""]
         elif img.exists():
             out += [
                 f"![valid nll during training, {ds}]({rel})",
                 "",
-                "(The records above hold no learning curves: this plot was drawn from the per-run "
+                "(Some of the records above hold no learning curves: this plot was drawn from the per-run "
                 "training logs, which are not kept; `report` leaves it as it is.)",
                 "",
             ]
