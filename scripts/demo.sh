@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: set up, then train a small ClusterFormer on the shipped Multi30k corpus (data/multi30k),
-# translate test_2016 (German -> English) and print its BLEU. CPU only, no network, ~15 minutes on
+# translate test_2016 (German -> English) and print its BLEU. CPU only, no network, about 10 minutes on
 # 2 cores the first time; a second run reuses every finished step.
 #
 # Usage: bash scripts/demo.sh [--retrain] [--redo-data] [--sentencepiece] [--help]
