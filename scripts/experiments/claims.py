@@ -127,7 +127,8 @@ def render_claims(records, label="test_2016", other="test_2017"):
         f"difference on {other} and in validation nll (other − ClusterFormer: positive when "
         f"ClusterFormer's is lower).",
         "",
-        f"| claim | against | common seeds | ClusterFormer {label} | other {label} | d | spread | verdict "
+        f"| claim | against | common seeds | ClusterFormer {label} (mean, all its seeds) "
+        f"| other {label} (mean, all its seeds) | d | spread | verdict "
         f"| d on {other} | nll difference (bits) |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
