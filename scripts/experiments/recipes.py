@@ -27,14 +27,14 @@ MAX_EPOCH = 30
 ANNEAL_UPDATES = 3920
 
 
-def _annealed_settings(updates=ANNEAL_UPDATES):
-    """TRAIN_SETTINGS with inverse_sqrt replaced by a linear decay to zero over UPDATES."""
+def _annealed_settings():
+    """TRAIN_SETTINGS with inverse_sqrt replaced by a linear decay to zero over ANNEAL_UPDATES."""
     s = list(expkit.TRAIN_SETTINGS)
     at = s.index("--lr-scheduler")
     s[at + 1] = "polynomial_decay"
     at = s.index("--warmup-init-lr")  # polynomial_decay warms up from 0; it has no such option
     del s[at : at + 2]
-    return s + ["--total-num-update", str(updates), "--end-learning-rate", "0", "--power", "1"]
+    return s + ["--total-num-update", str(ANNEAL_UPDATES), "--end-learning-rate", "0", "--power", "1"]
 
 
 RECIPES = {
