@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+import torch
 
 from fairseq_clusterformer.tools import choose_k, expkit
 from fairseq_helpers import REPO, cli, run
@@ -273,6 +274,8 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
             "500",
             "--beam",
             "1",
+            "--generate-args",
+            "--max-len-b 40",
             "--model-args",
             TINY_MODEL,
         ],
@@ -294,6 +297,8 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
         assert t["sacrebleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
         assert t["repeat_pct"] == expkit.repetition_rate(tok)
         assert "fairseq-generate" in t["command"] and "--required-batch-size-multiple 1" in t["command"]
+        assert "--max-len-b 40" in t["command"] and " --cpu " in t["command"]
+        assert r["device"] == "cpu" and " --cpu " in r["train_command"] and "gpu" not in r["machine"]
     assert (work / "results.csv").read_text().startswith("run_id,")
     # recorded runs are skipped
     run_side_by_side.main(
@@ -684,3 +689,60 @@ def test_queue_plans_every_system_and_ablation_once():
     for system in ("transformer", "clusterformer", "decoder-full", "lsh", "routing"):
         assert {f"{system} s{s}" for s in (1, 2, 3)} <= set(labels)
     assert {"k2 s1", "k4 s1", "k6 s1", "k8 s1", "no-sorting-loss s2"} <= set(labels)
+
+
+def test_annealed_d256_recipe_and_gpu_runs():
+    """annealed-d256: the annealed recipe's training settings with every width doubled; a run on
+    the GPU drops fairseq's --cpu and gets its own run id; --device cuda without a GPU stops
+    before anything runs, with the reason."""
+    from scripts.experiments import recipes
+
+    d128, d256 = recipes.RECIPES["annealed"], recipes.RECIPES["annealed-d256"]
+    assert recipes.train_settings("annealed-d256", 3920) == recipes.train_settings("annealed", 3920)
+    assert recipes.max_update("annealed-d256", 500) == recipes.ANNEAL_UPDATES
+    small, wide = d128["model_args"], d256["model_args"]
+    assert len(small) == len(wide)
+    differ = {small[i - 1]: (small[i], wide[i]) for i in range(1, len(small)) if small[i] != wide[i]}
+    assert differ == {
+        "--encoder-embed-dim": ("128", "256"),
+        "--decoder-embed-dim": ("128", "256"),
+        "--encoder-ffn-embed-dim": ("512", "1024"),
+        "--decoder-ffn-embed-dim": ("512", "1024"),
+    }
+    assert run_side_by_side.run_id("m", "clusterformer", "base", 1, 0, "annealed-d256", "cuda") == (
+        f"m.clusterformer.base.s1.ann{recipes.ANNEAL_UPDATES}d256.cuda"
+    )
+    assert run_side_by_side.run_id("m", "clusterformer", "base", 1, 0, "annealed", "cpu").endswith(".ann3920")
+    gpu = expkit.train_command("bin", "save", "transformer_iwslt_de_en", 10, 1, device="cuda")
+    cpu = expkit.train_command("bin", "save", "transformer_iwslt_de_en", 10, 1)
+    assert "--cpu" in cpu and [c for c in cpu if c != "--cpu"] == gpu
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        expkit.device_args("tpu")
+    if not torch.cuda.is_available():
+        proc = subprocess.run(
+            [PY, "-m", "scripts.experiments.run_side_by_side", "run", "--dataset", "multi30k", "--device", "cuda"],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "--device cuda: torch sees no GPU here" in proc.stderr
+
+
+def test_gpu_converged_script_runs_the_queues_systems():
+    """scripts/gpu/converged.sh gives each system the runner arguments the CPU queue gives it, and
+    refuses an unknown system before anything runs."""
+    script = REPO / "scripts" / "gpu" / "converged.sh"
+    queue = REPO / "scripts" / "experiments" / "converged_queue.sh"
+    entries = subprocess.run(
+        ["bash", "-c", 'source <(sed -n "/^QUEUE=()/,/^done$/p" "$0"); printf "%s\\n" "${QUEUE[@]}"', str(queue)],
+        capture_output=True, text=True, check=True, env={**os.environ, "SEEDS": "1"},
+    ).stdout.splitlines()  # fmt: skip
+    for entry in entries:
+        label, args = entry.split("|")
+        system = label.split()[0]
+        ours = subprocess.run(
+            ["bash", "-c", 'source <(sed -n "/^system_args() {/,/^}/p" "$0"); system_args "$1"', str(script), system],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        assert ours == [a for a in args.split() if a not in ("--seeds", "1")], system
+    proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env={
+        **os.environ, "SYSTEMS": "transformer reformer", "OUT": ""})  # fmt: skip
+    assert proc.returncode == 2 and "unknown system in SYSTEMS: reformer" in proc.stderr

@@ -287,6 +287,17 @@ def best_valid(parsed, key="nll_loss"):
     return min(vals, key=lambda v: v[key])
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def device_args(device):
+    """fairseq-train / fairseq-generate arguments that select DEVICE: fairseq uses the GPU unless
+    told ``--cpu``."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
+    return ["--cpu"] if device == "cpu" else []
+
+
 def train_command(
     data_bin,
     save_dir,
@@ -300,10 +311,12 @@ def train_command(
     save=True,
     log_interval=50,
     user_dir=USER_DIR,
+    device="cpu",
 ):
     """The fairseq-train command line (a list). The best checkpoint is chosen by valid nll_loss,
     which both criteria log on the same scale (the clustering criterion's `loss` also contains the
-    two clustering terms, which are negative)."""
+    two clustering terms, which are negative). DEVICE: "cpu" (``--cpu``) or "cuda" (fairseq's
+    default device, in float32 like the CPU runs)."""
     if criterion is None:
         criterion = CLUSTER_CRITERION if arch.startswith("clusterformer") else PLAIN_CRITERION
     cmd = [
@@ -320,7 +333,7 @@ def train_command(
         str(max_update),
         "--seed",
         str(seed),
-        "--cpu",
+        *device_args(device),
         "--num-workers",
         "0",
         "--log-format",
@@ -362,8 +375,9 @@ def generate_and_score(
     label=None,
     user_dir=USER_DIR,
     env=None,
+    device="cpu",
 ):
-    """Translate SUBSET, score it two ways, return a dict:
+    """Translate SUBSET on DEVICE ("cpu" or "cuda"), score it two ways, return a dict:
 
     - bleu_tok: fairseq-generate's own BLEU line (on the tokenised text after BPE removal, against
       fairseq's tokenised reference: the classic "tokenised BLEU");
@@ -390,7 +404,7 @@ def generate_and_score(
         str(batch_size),
         "--required-batch-size-multiple",
         "1",
-        "--cpu",
+        *device_args(device),
         "--num-workers",
         "0",
         "--remove-bpe",
@@ -454,7 +468,7 @@ def repetition_rate(hyps, n=3, times=3):
 # ----------------------------------------------------------------------------------- bookkeeping
 
 
-def machine_info():
+def machine_info(device="cpu"):
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -473,6 +487,8 @@ def machine_info():
         import torch
 
         info["torch"] = torch.__version__
+        if device == "cuda" and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
     try:

@@ -15,6 +15,10 @@ architecture, and the criterion that adds the clustering terms for ClusterFormer
   (16 epochs of Multi30k at --max-tokens 2048) with the learning rate decayed linearly to zero
   after warm-up, so that the last updates are spent at a small step size and the budget ends at
   the bottom of the curve. Resumable like ``converged``; the best checkpoint on valid nll is kept.
+- ``annealed-d256``: the ``annealed`` recipe with the model twice as wide (d 256, FFN 1,024, still
+  3+3 layers and 4 heads): every training setting is the same. Too slow for one CPU core (about
+  850 target tokens/s, over two hours a run), it is the study's setting for a GPU
+  (``--device cuda``; scripts/gpu/converged.sh).
 - ``demo-annealed``: the candidate setting for the demo. The quick setting with the learning rate
   decayed linearly to zero over ``--max-update`` updates (the ``annealed`` schedule on the demo's
   short budget), recorded like a study recipe (chrF, kept translations, seeds' spread).
@@ -25,6 +29,19 @@ from fairseq_clusterformer.tools import expkit
 PATIENCE = 3
 MAX_EPOCH = 30
 ANNEAL_UPDATES = 3920
+
+
+def _widened(model_args, dim, ffn):
+    """MODEL_ARGS with every embedding width set to DIM and every FFN width to FFN."""
+    s = list(model_args)
+    for flag, value in (
+        ("--encoder-embed-dim", dim),
+        ("--decoder-embed-dim", dim),
+        ("--encoder-ffn-embed-dim", ffn),
+        ("--decoder-ffn-embed-dim", ffn),
+    ):
+        s[s.index(flag) + 1] = str(value)
+    return s
 
 
 def _annealed_settings():
@@ -64,6 +81,14 @@ RECIPES = {
         "max_update": ANNEAL_UPDATES,
         "study": True,
     },
+    "annealed-d256": {
+        "model_args": _widened(expkit.SMALL_MODEL, 256, 1024),
+        "train_settings": _annealed_settings(),
+        "stopping": [],
+        "resumable": True,
+        "max_update": ANNEAL_UPDATES,
+        "study": True,
+    },
     "demo-annealed": {
         "model_args": list(expkit.SMALL_MODEL),
         # --total-num-update is set to the run's --max-update by ``train_settings``
@@ -78,11 +103,14 @@ RECIPES = {
 
 def budget_tag(recipe, max_update):
     """The last part of a run id: u<updates> for the quick recipe, conv for the converged recipe,
-    ann<updates> for the annealed recipe, dann<updates> for demo-annealed."""
+    ann<updates> for the annealed recipe (ann<updates>d256 for annealed-d256), dann<updates> for
+    demo-annealed."""
     if recipe == "converged":
         return "conv"
     if recipe == "annealed":
         return f"ann{ANNEAL_UPDATES}"
+    if recipe == "annealed-d256":
+        return f"ann{ANNEAL_UPDATES}d256"
     if recipe == "demo-annealed":
         return f"dann{max_update}"
     return f"u{max_update}"

@@ -119,8 +119,11 @@ def plan_runs(models, variants, ks, seeds, label=None, extra=()):
     return plan
 
 
-def run_id(dataset, model, variant, seed, max_update, recipe="quick"):
-    return f"{dataset}.{model}.{variant}.s{seed}.{recipes.budget_tag(recipe, max_update)}"
+def run_id(dataset, model, variant, seed, max_update, recipe="quick", device="cpu"):
+    """<dataset>.<model>.<variant>.s<seed>.<budget>, and .<device> for a run not on the CPU (its
+    speed and memory do not compare with the CPU runs')."""
+    rid = f"{dataset}.{model}.{variant}.s{seed}.{recipes.budget_tag(recipe, max_update)}"
+    return rid if device == "cpu" else f"{rid}.{device}"
 
 
 def parse_segments(text):
@@ -167,7 +170,7 @@ def train_settings(a):
 def one_run(a, meta, model, variant, extra, k, seed):
     recipe = recipes.RECIPES[a.recipe]
     max_update = recipes.max_update(a.recipe, a.max_update)
-    rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe)
+    rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe, a.device)
     done = {r["run_id"] for r in expkit.read_jsonl(a.results)}
     if rid in done and not a.force:
         say(f"{rid}: already in {a.results}, skipping (--force runs it again)")
@@ -209,8 +212,9 @@ def one_run(a, meta, model, variant, extra, k, seed):
         train_settings=settings,
         extra=extra_all,
         user_dir=user_dir,
+        device=a.device,
     )
-    info = expkit.machine_info()
+    info = expkit.machine_info(a.device)
     say(f"{rid}: training ({arch}, {a.recipe} recipe, seed {seed})")
     say("  " + expkit.shell_join(cmd))
     if resume and (run_dir / "segments.jsonl").exists() and parse_segments((run_dir / "train.log").read_text())["done"]:
@@ -248,6 +252,8 @@ def one_run(a, meta, model, variant, extra, k, seed):
             label=t["label"],
             user_dir=user_dir,
             env=env,
+            device=a.device,
+            extra=a.generate_args.split(),
         )
         res["command"] = _env_prefix(env) + res["command"]
         res["ref"] = _rel(t["ref"])
@@ -273,6 +279,7 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "k": k if k is not None else (None if model == "transformer" else _k_from_args(cmd)),
         "seed": seed,
         "recipe": a.recipe,
+        "device": a.device,
         # the plugin's defaults: the base variant with no extra fairseq-train arguments
         "defaults": model == "clusterformer" and variant == "base" and not extra_all_user(a),
         "max_update": "conv" if a.recipe == "converged" else max_update,
@@ -898,6 +905,17 @@ def main(argv=None):
     )
     s.add_argument("--label", default=None, help="name for the extra fairseq-train arguments after --")
     s.add_argument("--beam", type=int, default=5)
+    s.add_argument(
+        "--generate-args",
+        default="",
+        help="more fairseq-generate arguments, one string (e.g. '--lenpen 1.2'); recorded in each test's command",
+    )
+    s.add_argument(
+        "--device",
+        choices=expkit.DEVICES,
+        default="cpu",
+        help="train and translate on the CPU (default) or the GPU; a GPU run's id ends in .cuda",
+    )
     s.add_argument("--work", type=Path, default=WORK)
     s.add_argument(
         "--results",
@@ -952,6 +970,11 @@ def main(argv=None):
     a.extra = extra
     if extra and not a.label:
         p.error("extra fairseq-train arguments after -- need a --label naming the variant")
+    if a.device == "cuda" and not a.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     meta = load_dataset(a.dataset, a.work)
     if recipes.RECIPES[a.recipe]["study"]:
         a.results = a.results or RAW / f"{meta['name']}_{a.recipe}.jsonl"
@@ -972,7 +995,7 @@ def main(argv=None):
     plan = plan_runs(models, variants, ks, seeds, a.label)
     say(
         f"{len(plan)} run(s) planned on {meta['name']}: "
-        + ", ".join(run_id(meta["name"], m, v, s, a.max_update, a.recipe) for m, v, _, _, s in plan)
+        + ", ".join(run_id(meta["name"], m, v, s, a.max_update, a.recipe, a.device) for m, v, _, _, s in plan)
     )
     if a.dry_run:
         return 0
