@@ -34,29 +34,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 REPO="$PWD"
 
-DRY=0
-OUTDIR="${OUT:-}"
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --dry-run) DRY=1 ;;
-        --out)
-            OUTDIR="$2"
-            shift
-            ;;
-        -h | --help)
-            sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-            exit 0
-            ;;
-        *)
-            echo "unknown argument: $1 (see --help)" >&2
-            exit 2
-            ;;
-    esac
-    shift
-done
-[[ -n "$OUTDIR" ]] || OUTDIR="$(mktemp -d /tmp/clusterformer-gpu-check.XXXXXX)"
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
+source scripts/gpu/_common.sh
+gpu_parse_args "${BASH_SOURCE[0]}" "$@"
+gpu_output_dir clusterformer-gpu-check
 PY="${PYTHON:-python3}"
 SITE="${CHECK_SITE:-/tmp/clusterformer-site}"
 WORK="$(mktemp -d /tmp/clusterformer-gpu-work.XXXXXX)"
@@ -86,28 +66,14 @@ step() {
     echo "== $name: $status in $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-install_wheels() {
-    shopt -s nullglob
-    local wheels=(.whl/*.whl)
-    if ((${#wheels[@]} == 0)); then
-        echo "no wheels in .whl/: run scripts/gpu/prepare.sh on a machine with network first"
-        return 1
-    fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}" || return 1
-    # What the wheels installed must import on their own (from another folder: not this checkout).
-    (cd /tmp && PYTHONPATH="$SITE" "$PY" -c "import torch, fairseq, fairseq_clusterformer, hydra, omegaconf, bitarray, sacremoses, subword_nmt, tensorboardX
-import reformer_pytorch, routing_transformer
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'fairseq', fairseq.__version__, 'plugin', fairseq_clusterformer.__file__)")
-}
-
 if [[ $DRY == 1 ]]; then
     echo "DRY RUN on the CPU with $PY: tiny sizes; the wheels are not installed (they are for CPython 3.12 on the GPU machine)" | tee -a "$LOG"
     printf 'install\tskipped (dry run)\t0\n' >>"$STATUS"
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
-    export -f install_wheels
+    export -f gpu_install_wheels
     export PY SITE
-    step install 60 bash -c install_wheels
+    step install 60 bash -c gpu_install_wheels
     export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
     export PATH="$SITE/bin:$PATH"
 fi

@@ -29,26 +29,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 REPO="$PWD"
 
-DRY=0
-OUTDIR="${OUT:-}"
-while [[ $# -gt 0 ]]; do
-    case "$1" in
-        --dry-run) DRY=1 ;;
-        --out)
-            OUTDIR="$2"
-            shift
-            ;;
-        -h | --help)
-            sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-            exit 0
-            ;;
-        *)
-            echo "unknown argument: $1 (see --help)" >&2
-            exit 2
-            ;;
-    esac
-    shift
-done
+source scripts/gpu/_common.sh
+gpu_parse_args "${BASH_SOURCE[0]}" "$@"
 
 # The runner's arguments of each system (those of scripts/experiments/converged_queue.sh).
 system_args() {
@@ -69,9 +51,7 @@ for s in $SYSTEMS; do
     }
 done
 
-[[ -n "$OUTDIR" ]] || OUTDIR="$(mktemp -d /tmp/clusterformer-gpu-converged.XXXXXX)"
-mkdir -p "$OUTDIR"
-OUTDIR="$(cd "$OUTDIR" && pwd)"
+gpu_output_dir clusterformer-gpu-converged
 PY="${PYTHON:-python3}"
 SITE="${CHECK_SITE:-/tmp/clusterformer-site}"
 SEED="${SEED:-1}"
@@ -101,15 +81,8 @@ if [[ $DRY == 1 ]]; then
 else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
     say "installing the wheels of .whl/ into $SITE"
-    shopt -s nullglob
-    wheels=(.whl/*.whl)
-    ((${#wheels[@]} > 0)) || {
-        say "no wheels in .whl/: run scripts/gpu/prepare.sh on a machine with network first"
-        exit 1
-    }
-    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "${wheels[@]}" >>"$LOG" 2>&1 || {
-        say "installing the wheels failed (see above)"
+    gpu_install_wheels >>"$LOG" 2>&1 || {
+        say "installing the wheels failed (see $LOG)"
         exit 1
     }
     export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
