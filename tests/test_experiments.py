@@ -587,7 +587,9 @@ def test_render_converged_block_with_paired_bootstrap(tmp_path):
         record("clusterformer", 2, worse, 34.0),
     ]
     text = run_side_by_side.render(recs, tmp_path, tmp_path)
-    assert "### m, converged recipe" in text
+    assert "### m, converged recipe\n" in text
+    on_gpu = [{**r, "device": "cuda", "machine": {"gpu": "NVIDIA H200"}} for r in recs]
+    assert "### m, converged recipe (on NVIDIA H200)\n" in run_side_by_side.render(on_gpu, tmp_path, tmp_path)
     assert "| transformer | base | 11.5 ± 0.7 [11.0, 12.0] | 1,2 |" in text
     assert "| 40.00 ± 1.41 [39.00, 41.00] | 50.00 ± 0.00 [50.00, 50.00] |" in text
     assert "ClusterFormer minus Transformer (converged recipe, seeds 1,2; BLEU points, nll bits): " in text

@@ -562,6 +562,13 @@ def paired_bootstrap(records, label, n_samples=1000):
     ]
 
 
+def _where(records):
+    """' (on <GPU>)' for runs that trained on a GPU (their time, speed and memory are not the CPU
+    runs'); '' for CPU runs, which the document's setup describes."""
+    gpus = sorted({r.get("machine", {}).get("gpu") or "a GPU" for r in records if r.get("device", "cpu") != "cpu"})
+    return f" (on {', '.join(gpus)})" if gpus else ""
+
+
 def render(records, img_dir, doc_dir, begin=BEGIN):
     """One generated block of docs/results.md (markdown), writing the plots into IMG_DIR."""
     out = [begin, ""]
@@ -574,7 +581,7 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
         labels = _test_labels(recs)
         chrf = any(_test(r, lab, "chrf") is not None for r in recs for lab in labels)
         tag = f"{ds}_{recipe}" if converged else ds
-        out += [f"### {ds}, {recipe} recipe" if converged else f"### {ds}", ""]
+        out += [f"### {ds}, {recipe} recipe{_where(recs)}" if converged else f"### {ds}", ""]
         # summary per configuration
         out += [
             ("Mean ± standard deviation over seeds" if converged else "Mean over seeds")
