@@ -500,6 +500,26 @@ def test_parse_segments_of_a_resumed_log():
     assert not run_side_by_side.parse_segments(log.split("# command: fairseq-train a\n" + epoch(3, 30, 5))[0])["done"]
 
 
+def test_killed_process_walls_count_the_time_of_unrecorded_processes():
+    """A resumed run's wall clock adds, for each process killed before the runner recorded it,
+    fairseq's wall clock at that process's last epoch summary (not its per-interval wall=)."""
+
+    def part(walls, done=False):
+        lines = ["# command: fairseq-train a"]
+        for e, w in enumerate(walls, 1):
+            lines.append(f"| INFO | train_inner | epoch {e:03d}:  50 / 245 loss=5, train_wall=1, wall={w - 1}")
+            lines.append(f"| INFO | train | epoch {e:03d} | loss 5 | num_updates {e} | train_wall 3 | wall {w}")
+        lines.append(f"| INFO | train_inner | epoch {len(walls) + 1:03d}:  50 / 245 loss=5, wall=999")
+        return "\n".join(lines + (["| INFO | fairseq_cli.train | done training in 9.0 seconds"] if done else [])) + "\n"
+
+    killed_twice = part([100, 200]) + part([50]) + part([70, 140], done=True)
+    assert run_side_by_side.killed_process_walls(killed_twice, 1) == [200.0, 50.0]
+    # a process that failed was recorded (segments.jsonl), so only the earliest one counts here
+    assert run_side_by_side.killed_process_walls(killed_twice, 2) == [200.0]
+    assert run_side_by_side.killed_process_walls(part([10], done=True), 1) == []
+    assert run_side_by_side.killed_process_walls(part([]) + part([5], done=True), 1) == [0.0]
+
+
 def test_converged_recipe_resumes_after_a_kill(toy_bin, tmp_path):
     """A converged-recipe run killed after its first checkpoint goes on from checkpoint_last.pt
     when the same command is given again, and records both processes in one result."""
@@ -543,6 +563,9 @@ def test_converged_recipe_resumes_after_a_kill(toy_bin, tmp_path):
     (r,) = expkit.read_jsonl(results)
     assert r["run_id"] == "toy.transformer.e4.s1.conv" and r["recipe"] == "converged"
     assert r["train_processes"] == 2 and r["epochs"] == 4 and not r["stopped_by_patience"]
+    (killed,) = r["killed_processes_wall_s"]  # the killed process's time is counted, up to its checkpoint
+    (measured,) = expkit.read_jsonl(run_dir / "segments.jsonl")  # the second process's
+    assert killed >= 0 and r["train_wall_clock_s"] == round(measured["wall_s"] + killed, 1)
     assert [c["epoch"] for c in r["curve"]] == [1, 2, 3, 4]
     assert (run_dir / "train.log").read_text().count("# command: ") == 2
     assert "Loaded checkpoint" in (run_dir / "train.log").read_text().split(first)[1]

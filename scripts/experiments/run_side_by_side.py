@@ -159,6 +159,26 @@ def parse_segments(text):
     return merged
 
 
+def killed_process_walls(log_text, n_recorded):
+    """The training time of each fairseq-train process of a resumed run that was killed before the
+    runner could record it (N_RECORDED: the processes segments.jsonl records; the others are the
+    earliest that did not finish): fairseq's wall clock at its last epoch summary, which it logs
+    just before saving that epoch's checkpoint. Work after that was lost and done again, so it is
+    not counted; nor is the process's start-up."""
+    parts = [p for p in re.split(r"^# command: .*$", log_text, flags=re.M) if p.strip()]
+    unrecorded = len(parts) - n_recorded
+    walls = []
+    for part in parts:
+        if unrecorded <= 0:
+            break
+        if "done training" in part:
+            continue
+        logged = re.findall(r"\| wall (\d+(?:\.\d+)?)", part)  # epoch summaries ("wall=" is per interval)
+        walls.append(float(logged[-1]) if logged else 0.0)
+        unrecorded -= 1
+    return walls
+
+
 def train_settings(a):
     settings = recipes.train_settings(a.recipe, recipes.max_update(a.recipe, a.max_update))
     for flag, value in (("--max-tokens", a.max_tokens), ("--lr", a.lr), ("--warmup-updates", a.warmup)):
@@ -228,10 +248,11 @@ def one_run(a, meta, model, variant, extra, k, seed):
     parsed = parse_segments(log_text)
     if measured["rc"] != 0 or not parsed["done"]:
         sys.exit(f"{rid}: fairseq-train failed (exit {measured['rc']}); see {run_dir / 'train.log'}")
-    if len(segments) > 1:
+    killed = killed_process_walls(log_text, len(segments))
+    if len(segments) > 1 or killed:
         measured = {
             **measured,
-            "wall_s": round(sum(seg["wall_s"] for seg in segments), 1),
+            "wall_s": round(sum(seg["wall_s"] for seg in segments) + sum(killed), 1),
             "peak_rss_mb": max(seg["peak_rss_mb"] for seg in segments),
         }
         info["loadavg_start"] = segments[0].get("loadavg_start")
@@ -304,6 +325,9 @@ def one_run(a, meta, model, variant, extra, k, seed):
         "best_epoch": best.get("epoch"),
         "stopped_by_patience": parsed["early_stop"],
         "train_processes": parsed["segments"],  # fairseq-train processes (more than 1: resumed)
+        # of which killed before they were measured: their time up to their last checkpoint, as
+        # fairseq logged it, is part of train_wall_clock_s (their peak memory is unknown)
+        "killed_processes_wall_s": killed,
         "train_wall_clock_s": measured["wall_s"],
         "train_wall_s": parsed["train_wall_s"],
         "tokens_per_s": parsed["tokens_per_s"],
