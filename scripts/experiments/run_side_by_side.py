@@ -615,7 +615,8 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
             + ". nll: best validation nll (bits/token). hyp/ref length: sacrebleu's length ratio "
             "(translations longer than the references, e.g. repetition loops, show as > 1). loops %: "
             "share of translations in which some word trigram occurs 3 or more times. Time: wall clock "
-            "of the whole fairseq-train process (incl. validation and checkpointing); tok/s: target "
+            "of the whole fairseq-train process (incl. validation and checkpointing; a resumed run's is "
+            "the sum over its processes, a killed one's counted up to its last epoch); tok/s: target "
             "tokens per second inside training steps. RSS: peak resident memory of the training process.",
             "",
         ]
