@@ -751,6 +751,18 @@ def test_annealed_d256_recipe_and_gpu_runs():
         assert proc.returncode == 2 and "--device cuda: torch sees no GPU here" in proc.stderr
 
 
+def test_git_commit_in_a_copy_without_git(tmp_path, monkeypatch):
+    """A GPU machine's copy of the checkout has no .git: the records name the commit given in
+    CLUSTERFORMER_GIT_COMMIT (and none when nothing names it)."""
+    monkeypatch.setenv("CLUSTERFORMER_GIT_COMMIT", "abc1234")
+    assert expkit.git_commit() not in (None, "abc1234")  # this checkout's own commit wins
+    monkeypatch.setattr(expkit, "REPO", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert expkit.git_commit() == "abc1234"
+    monkeypatch.delenv("CLUSTERFORMER_GIT_COMMIT")
+    assert expkit.git_commit() is None
+
+
 def test_gpu_converged_script_runs_the_queues_systems():
     """scripts/gpu/converged.sh gives each system the runner arguments the CPU queue gives it, and
     refuses an unknown system before anything runs."""

@@ -499,15 +499,14 @@ def machine_info(device="cpu"):
 
 
 def git_commit():
+    """The checkout's commit; in a copy without .git (a GPU machine's), CLUSTERFORMER_GIT_COMMIT."""
     try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-            ).stdout.strip()
-            or None
-        )
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
-        return None
+        sha = ""
+    return sha or os.environ.get("CLUSTERFORMER_GIT_COMMIT") or None
 
 
 def append_jsonl(path, record):

@@ -13,8 +13,9 @@
 # Options: --dry-run; --out DIR (default $OUT, else a new folder under /tmp).
 # Environment: SYSTEMS (default "transformer clusterformer"; any of transformer, clusterformer,
 # routing, lsh, decoder-full), SEED (default 1), LIMIT (seconds each run may take, training and
-# translating, default 420), PYTHON (default python3), CHECK_SITE (where the wheels go, default
-# /tmp/clusterformer-site).
+# translating, default 420), CLUSTERFORMER_GIT_COMMIT (the commit the copy was made from, which
+# the records name: the GPU machine's copy has no .git; give `git rev-parse --short HEAD` of
+# here), PYTHON (default python3), CHECK_SITE (where the wheels go, default /tmp/clusterformer-site).
 #
 # Files in the output folder (4): converged.log (everything, with fairseq's progress lines),
 # results.jsonl (one record per finished run, as the runner appends them to
