@@ -25,7 +25,8 @@ R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe "$RECIP
 [ -f work/experiments/data/multi30k/dataset.json ] || "$PY" -m scripts.experiments.run_side_by_side prepare multi30k
 
 # One entry per run: "label|runner arguments". Seeds first (the main table; within a seed the systems
-# the paper's claims compare come before the encoder-only variant), then the ablations.
+# the paper's claims compare come before the encoder-only variant), then the k sweep (it decides
+# whether clusterformer-choose-k needs more work), then the loss ablation.
 QUEUE=()
 for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("transformer s$s|--models transformer --seeds $s")
@@ -34,13 +35,13 @@ for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("lsh s$s|--models clusterformer --seeds $s --label lsh -- --self-attention-encoder lsh --self-attention-decoder lsh")
     QUEUE+=("decoder-full s$s|--models clusterformer --seeds $s --label decoder-full -- --self-attention-decoder full")
 done
+for k in 2 4 6 8; do
+    QUEUE+=("k$k s1|--models clusterformer --seeds 1 --variants= --ks $k")
+done
 for s in 1 2; do
     for v in no-clustering-loss no-sorting-loss no-cluster-losses; do
         QUEUE+=("$v s$s|--models clusterformer --seeds $s --variants $v")
     done
-done
-for k in 2 4 6 8; do
-    QUEUE+=("k$k s1|--models clusterformer --seeds 1 --variants= --ks $k")
 done
 
 CLAIMS=work/experiments/queue_claims
