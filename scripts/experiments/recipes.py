@@ -16,9 +16,8 @@ architecture, and the criterion that adds the clustering terms for ClusterFormer
   after warm-up, so that the last updates are spent at a small step size and the budget ends at
   the bottom of the curve. Resumable like ``converged``; the best checkpoint on valid nll is kept.
 - ``annealed-d256``: the ``annealed`` recipe with the model twice as wide (d 256, FFN 1,024, still
-  3+3 layers and 4 heads): every training setting is the same. Too slow for one CPU core (about
-  850 target tokens/s, over two hours a run), it is the study's setting for a GPU
-  (``--device cuda``; scripts/gpu/converged.sh).
+  3+3 layers and 4 heads): every training setting is the same. Too slow for the 2-core machine's
+  study, it is the study's setting for a GPU (``--device cuda``; scripts/gpu/converged.sh).
 - ``demo-annealed``: the candidate setting for the demo. The quick setting with the learning rate
   decayed linearly to zero over ``--max-update`` updates (the ``annealed`` schedule on the demo's
   short budget), recorded like a study recipe (chrF, kept translations, seeds' spread).

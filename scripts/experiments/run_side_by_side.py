@@ -46,6 +46,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections import OrderedDict
@@ -274,7 +275,7 @@ def one_run(a, meta, model, variant, extra, k, seed):
             user_dir=user_dir,
             env=env,
             device=a.device,
-            extra=a.generate_args.split(),
+            extra=shlex.split(a.generate_args),
         )
         res["command"] = _env_prefix(env) + res["command"]
         res["ref"] = _rel(t["ref"])
