@@ -67,6 +67,9 @@ def test_chooser_check_within_and_outside_the_seed_noise():
     res, sentence = claims.check_chooser(records, {"recommended_k": 8, "max_update": 150})
     assert res["gap"] == pytest.approx(0.06) and res["verdict"] == "outside"
     assert "outside the seed noise" in sentence
+    assert "at 150 updates recommends" in sentence and "decayed" not in sentence
+    _, sentence = claims.check_chooser(records, {"recommended_k": 8, "max_update": 400, "schedule": "anneal"})
+    assert "at 400 updates, learning rate decayed to zero, recommends k = 8" in sentence
     res, sentence = claims.check_chooser(records, {"recommended_k": 6, "max_update": 150})
     assert res["verdict"] == "open" and "did not train" in sentence
     res, _ = claims.check_chooser(base[:1] + sweep, {"recommended_k": 8, "max_update": 150})

@@ -110,6 +110,39 @@ def test_choose_k_rule():
     assert k == 6
 
 
+def test_choose_k_seed_spread_and_tolerance_argument():
+    runs = [
+        {"k": 2, "seed": 1, "valid_nll": 3.0},
+        {"k": 2, "seed": 2, "valid_nll": 3.2},  # sample variance 0.02
+        {"k": 4, "seed": 1, "valid_nll": 3.1},
+        {"k": 4, "seed": 2, "valid_nll": 3.1},  # 0
+        {"k": 8, "seed": 1, "valid_nll": 2.0},  # one seed: no variance, left out
+    ]
+    assert choose_k.seed_spread(runs) == pytest.approx(0.01**0.5)
+    assert choose_k.seed_spread(runs[-1:]) is None
+    assert choose_k._tolerance("auto") == "auto" and choose_k._tolerance("0.1") == 0.1
+    for bad in ("-0.1", "loose"):
+        with pytest.raises(Exception, match="bits/token|negative"):
+            choose_k._tolerance(bad)
+
+
+def test_choose_k_auto_tolerance_needs_two_seeds(toy_bin, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        choose_k.main(["--data", str(toy_bin), "--max-update", "3", "--tolerance", "auto", "--out", str(tmp_path)])
+    assert "give two seeds or more" in capsys.readouterr().err
+    assert not (tmp_path / "choose_k.json").exists()  # refused before training anything
+
+
+def test_annealed_settings_replace_only_the_schedule():
+    settings = expkit.annealed_settings(800)
+    assert settings[settings.index("--lr-scheduler") + 1] == "polynomial_decay"
+    assert settings[settings.index("--total-num-update") + 1] == "800"
+    assert "--warmup-init-lr" not in settings and "inverse_sqrt" not in settings
+    plain = list(expkit.TRAIN_SETTINGS)
+    for flag in ("--lr", "--warmup-updates", "--dropout", "--max-tokens", "--label-smoothing"):
+        assert settings[settings.index(flag) + 1] == plain[plain.index(flag) + 1]
+
+
 def test_parse_train_log():
     log = "\n".join(
         [
@@ -214,6 +247,34 @@ def test_choose_k_smoke(toy_bin, tmp_path, capsys):
     with pytest.raises(SystemExit, match="choose_k_toy.json"):
         run_side_by_side.report([], md, tmp_path / "docs" / "img")
     assert md.read_text() == text
+
+
+def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
+    out = tmp_path / "ck"
+    args = ["--data", str(toy_bin), "--ks", "2", "--max-update", "3", "--model-args", TINY_MODEL]
+    args += ["--seeds", "1,2", "--tolerance", "auto", "--schedule", "anneal", "--out", str(out)]
+    assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    result = json.loads((out / "choose_k.json").read_text())
+    assert result["schedule"] == "anneal" and result["tolerance_rule"] == "auto"
+    assert result["tolerance"] == pytest.approx(choose_k.seed_spread(result["runs"]))
+    for r in result["runs"]:  # every run decays the learning rate to zero at its own budget
+        assert r["schedule"] == "anneal"
+        assert "--lr-scheduler polynomial_decay" in r["command"] and "--total-num-update 3 " in r["command"]
+    text = "\n".join(choose_k.render_markdown(result))
+    assert "at 3 updates with the learning rate decayed to zero" in text and "`--tolerance auto`" in text
+    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own
+    capsys.readouterr()
+    plain = [a if a != "anneal" else "inverse_sqrt" for a in args]
+    assert choose_k.main([*plain, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert "already in" not in capsys.readouterr().out
+    result = json.loads((out / "choose_k.json").read_text())
+    assert {r["schedule"] for r in result["runs"]} == {"inverse_sqrt"}
+    assert all("inverse_sqrt" in r["command"] for r in result["runs"])
+    assert [r["schedule"] for r in result["other_runs"]] == ["anneal", "anneal"]  # kept, not lost
+    # and running the annealed sweep again reuses them
+    capsys.readouterr()
+    assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert capsys.readouterr().out.count("already in") == 2
 
 
 def test_side_by_side_plan_ablations():

@@ -2,7 +2,8 @@
 """Choose the number of clusters k on a short training budget.
 
     clusterformer-choose-k --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
-        [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05] [--out work/choose_k] \\
+        [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05|auto] \\
+        [--schedule inverse_sqrt|anneal] [--out work/choose_k] \\
         [-- extra fairseq-train arguments, e.g. --max-tokens 4096 --lr 5e-4]
 
 Trains one ClusterFormer per k (``--num-clusters k``; the decoder uses k too unless the extra
@@ -10,18 +11,23 @@ arguments give --causal-num-clusters) with fairseq-train, one after the other, a
 seed(s), data, model and optimiser settings. The defaults are the small model and the settings of
 scripts/experiments (3+3 layers, d 128, FFN 512, 4 heads, Adam, inverse_sqrt, 2048 tokens per
 batch); ``--model-args ''`` uses the architecture's own sizes, and arguments after ``--`` override
-anything. For each k it records the best validation nll and loss, the training wall time,
-fairseq's training throughput (target tokens/s) and the peak memory of the training process;
-writes OUT/choose_k.json and OUT/choose_k.csv, plots quality and cost against k (OUT/choose_k.png)
-and prints a recommendation.
+anything. ``--schedule anneal`` decays the learning rate linearly to zero over the --max-update
+budget instead (the schedule of docs/results.md's converged study), so that each short run ends at
+the bottom of its own curve rather than part-way down it.
+
+For each k it records the best validation nll and loss, the training wall time, fairseq's training
+throughput (target tokens/s) and the peak memory of the training process; writes
+OUT/choose_k.json and OUT/choose_k.csv, plots quality and cost against k (OUT/choose_k.png) and
+prints a recommendation.
 
 The rule: among the k whose best validation nll (mean over seeds) is within --tolerance
 (bits/token) of the best k's, recommend the largest. A larger k makes the attention cheaper on
 long inputs (each encoder word attends to 2*ceil(L/k) keys of its block and the previous one), so
 this is the cheapest setting that loses no more than the tolerance. Set the tolerance to at least
 the seed-to-seed spread of the nll at this budget (run --seeds 1,2 to see it): differences
-smaller than that are noise. On short sentences (MT), the measured speed barely depends on k; the
-choice matters for long inputs.
+smaller than that are noise. ``--tolerance auto`` (two seeds or more) sets it to that spread as
+measured: the pooled standard deviation of the nll over seeds, across the k tried. On short
+sentences (MT), the measured speed barely depends on k; the choice matters for long inputs.
 """
 
 import argparse
@@ -46,12 +52,12 @@ def recommend(rows, tolerance):
     if choice["k"] == best["k"]:
         larger = [r for r in scored if r["k"] > best["k"]]
         why = f"k={best['k']} has the best validation nll ({best['valid_nll']:.3f} bits/token) and " + (
-            f"no larger k is within the tolerance of {tolerance:g} bits" if larger else "it is the largest k tried"
+            f"no larger k is within the tolerance of {tolerance:.3g} bits" if larger else "it is the largest k tried"
         )
     else:
         why = (
             f"k={choice['k']} is the largest k whose validation nll ({choice['valid_nll']:.3f}) is within "
-            f"{tolerance:g} bits/token of the best (k={best['k']}: {best['valid_nll']:.3f}); larger k means "
+            f"{tolerance:.3g} bits/token of the best (k={best['k']}: {best['valid_nll']:.3f}); larger k means "
             f"smaller blocks, i.e. the cheapest attention for long inputs at no more than that loss"
         )
     speed = [r for r in scored if r.get("tokens_per_s")]
@@ -63,6 +69,35 @@ def recommend(rows, tolerance):
             f"{fastest['tokens_per_s']:.0f} (k={fastest['k']}) target tokens/s"
         )
     return choice["k"], f"Recommended k = {choice['k']}: {why}. (All: {others}.)"
+
+
+def seed_spread(runs):
+    """The pooled standard deviation over seeds of the best validation nll: the square root of the
+    mean, over the k trained with two seeds or more, of the sample variance of their nll. None if
+    no k has two seeds."""
+    by_k = {}
+    for r in runs:
+        if r.get("valid_nll") is not None:
+            by_k.setdefault(r["k"], []).append(r["valid_nll"])
+    variances = []
+    for vals in by_k.values():
+        if len(vals) >= 2:
+            m = sum(vals) / len(vals)
+            variances.append(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return (sum(variances) / len(variances)) ** 0.5 if variances else None
+
+
+def _tolerance(text):
+    """argparse type of --tolerance: 'auto' or a non-negative number of bits/token."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits/token or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
 
 
 def aggregate(runs):
@@ -100,16 +135,21 @@ def render_markdown(result):
     nll and cost, and the recommendation."""
     rows = result["per_k"]
     seeds = ",".join(str(s) for s in result.get("seeds", []))
+    schedule = " with the learning rate decayed to zero" if result.get("schedule") == "anneal" else ""
+    if result.get("tolerance_rule") == "auto":
+        tolerance = f"tolerance {result['tolerance']:.3f} bits/token: the seed spread, `--tolerance auto`"
+    else:
+        tolerance = f"tolerance {result['tolerance']:g} bits/token"
     lines = [
         "| k | " + " | ".join(str(r["k"]) for r in rows) + " |",
         "|---|" + "---|" * len(rows),
-        f"| valid nll at {result['max_update']} updates (bits/token, mean over seeds {seeds}) | "
+        f"| valid nll at {result['max_update']} updates{schedule} (bits/token, mean over seeds {seeds}) | "
         + " | ".join(f"{r['valid_nll']:.3f}" for r in rows)
         + " |",
         "| training target tokens/s | " + " | ".join(f"{r['tokens_per_s'] or 0:.0f}" for r in rows) + " |",
         "| training wall time (s) | " + " | ".join(f"{r['wall_s']:.0f}" for r in rows) + " |",
         "",
-        f"{result['recommendation']} (tolerance {result['tolerance']:g} bits/token)",
+        f"{result['recommendation']} ({tolerance})",
     ]
     return lines
 
@@ -160,9 +200,17 @@ def main(argv=None):
     p.add_argument("--seeds", default="1", help="comma-separated seeds; the nll is averaged over them")
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         default=0.05,
-        help="bits/token of validation nll a larger k may lose (default: %(default)s)",
+        help="bits/token of validation nll a larger k may lose, or 'auto': the measured seed spread "
+        "(needs two seeds or more) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("inverse_sqrt", "anneal"),
+        default="inverse_sqrt",
+        help="learning-rate schedule of every run: inverse_sqrt (the quick setting's) or anneal (linear "
+        "decay to zero over --max-update, the converged study's) (default: %(default)s)",
     )
     p.add_argument(
         "--model-args",
@@ -180,21 +228,35 @@ def main(argv=None):
         p.error("--ks takes integers (for 'auto', compare it separately with --num-clusters auto)")
     if not ks or min(ks) < 1:
         p.error("--ks needs positive integers")
-    seeds = [int(s) for s in a.seeds.split(",") if s]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {a.seeds!r}")
+    if not seeds:
+        p.error("--seeds needs at least one seed")
+    if a.tolerance == "auto" and len(set(seeds)) < 2:
+        p.error("--tolerance auto measures the seed spread: give two seeds or more (e.g. --seeds 1,2)")
     model_args = expkit.SMALL_MODEL if a.model_args is None else a.model_args.split()
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "choose_k.json"
-    previous = json.loads(store.read_text())["runs"] if store.exists() and not a.force else []
-    runs = [
-        r
-        for r in previous
-        if r["k"] in ks
-        and r["seed"] in seeds
-        and r.get("data") == str(a.data)
-        and r.get("max_update") == a.max_update
-        and r.get("extra") == extra
-    ]
+    stored = json.loads(store.read_text()) if store.exists() else {}
+
+    def this_sweep(r):  # a stored run this call can reuse: same data, budget, schedule and arguments
+        return (
+            r["k"] in ks
+            and r["seed"] in seeds
+            and r.get("data") == str(a.data)
+            and r.get("max_update") == a.max_update
+            and r.get("schedule", "inverse_sqrt") == a.schedule
+            and r.get("extra") == extra
+        )
+
+    stored_runs = stored.get("runs", []) + stored.get("other_runs", [])
+    # runs of other sweeps stay in the file (under other_runs); --force trains this sweep's again
+    other_runs = [r for r in stored_runs if not this_sweep(r)]
+    runs = [] if a.force else [r for r in stored_runs if this_sweep(r)]
     have = {(r["k"], r["seed"]) for r in runs}
+    settings = expkit.TRAIN_SETTINGS if a.schedule == "inverse_sqrt" else expkit.annealed_settings(a.max_update)
     for seed in seeds:
         for k in ks:
             if (k, seed) in have:
@@ -211,11 +273,12 @@ def main(argv=None):
                 a.max_update,
                 seed,
                 model_args=model_args,
+                train_settings=settings,
                 extra=["--num-clusters", str(k), *extra],
                 save=a.keep_checkpoints,
                 user_dir=a.user_dir,
             )
-            say(f"k={k} seed {seed}: training {a.max_update} updates")
+            say(f"k={k} seed {seed}: training {a.max_update} updates ({a.schedule})")
             measured = expkit.run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
             parsed = expkit.parse_train_log(log.read_text())
             if measured["rc"] != 0 or not parsed["done"]:
@@ -226,6 +289,7 @@ def main(argv=None):
                 "seed": seed,
                 "data": str(a.data),
                 "max_update": a.max_update,
+                "schedule": a.schedule,
                 "extra": extra,
                 "valid_nll": best.get("nll_loss"),
                 "valid_loss": best.get("loss"),
@@ -241,18 +305,23 @@ def main(argv=None):
                 f"{run['tokens_per_s']} tokens/s | peak RSS {run['peak_rss_mb']:.0f} MB"
             )
             runs.append(run)
-            store.write_text(json.dumps({"runs": runs}, indent=2) + "\n")  # keep partial progress
+            # keep partial progress
+            store.write_text(json.dumps({"runs": runs, "other_runs": other_runs}, indent=2) + "\n")
     rows = aggregate(runs)
-    k, sentence = recommend(rows, a.tolerance)
+    tolerance = seed_spread(runs) if a.tolerance == "auto" else a.tolerance
+    k, sentence = recommend(rows, tolerance)
     result = {
         "invocation": expkit.shell_join(["clusterformer-choose-k", *argv, *(["--", *extra] if extra else [])]),
         "runs": runs,
+        "other_runs": other_runs,
         "per_k": rows,
-        "tolerance": a.tolerance,
+        "tolerance": tolerance,
+        "tolerance_rule": "auto" if a.tolerance == "auto" else "fixed",
         "recommended_k": k,
         "recommendation": sentence,
         "arch": a.arch,
         "max_update": a.max_update,
+        "schedule": a.schedule,
         "seeds": seeds,
         "machine": expkit.machine_info(),
     }
@@ -261,7 +330,11 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot(rows, a.out / "choose_k.png", f"{a.arch}, {a.max_update} updates, seeds {a.seeds}: {Path(a.data).name}")
+    plot(
+        rows,
+        a.out / "choose_k.png",
+        f"{a.arch}, {a.max_update} updates ({a.schedule}), seeds {a.seeds}: {Path(a.data).name}",
+    )
     print()
     print(f"{'k':>3} {'valid nll':>10} {'loss':>8} {'wall s':>8} {'tok/s':>8} {'RSS MB':>8}")
     for r in rows:

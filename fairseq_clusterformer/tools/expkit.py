@@ -298,6 +298,18 @@ def device_args(device):
     return ["--cpu"] if device == "cpu" else []
 
 
+def annealed_settings(total_updates, settings=TRAIN_SETTINGS):
+    """SETTINGS with the inverse-square-root decay replaced by a linear decay of the learning rate
+    to zero at update TOTAL_UPDATES after the same warm-up (fairseq's polynomial_decay, power 1),
+    so that a run of that many updates ends at the bottom of its curve."""
+    s = list(settings)
+    at = s.index("--lr-scheduler")
+    s[at + 1] = "polynomial_decay"
+    at = s.index("--warmup-init-lr")  # polynomial_decay warms up from 0; it has no such option
+    del s[at : at + 2]
+    return s + ["--total-num-update", str(total_updates), "--end-learning-rate", "0", "--power", "1"]
+
+
 def train_command(
     data_bin,
     save_dir,

@@ -182,7 +182,8 @@ def check_chooser(records, chooser):
     if chooser is None:
         return res, head + " No committed choose_k result to check against."
     chosen = res["chosen_k"]
-    budget = f"`clusterformer-choose-k` at {chooser.get('max_update')} updates recommends k = {chosen}"
+    schedule = ", learning rate decayed to zero," if chooser.get("schedule") == "anneal" else ""
+    budget = f"`clusterformer-choose-k` at {chooser.get('max_update')} updates{schedule} recommends k = {chosen}"
     if chosen not in nll:
         return res, f"{head} {budget}, which the sweep did not train."
     if noise is None:

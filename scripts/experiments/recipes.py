@@ -45,12 +45,7 @@ def _widened(model_args, dim, ffn):
 
 def _annealed_settings():
     """TRAIN_SETTINGS with inverse_sqrt replaced by a linear decay to zero over ANNEAL_UPDATES."""
-    s = list(expkit.TRAIN_SETTINGS)
-    at = s.index("--lr-scheduler")
-    s[at + 1] = "polynomial_decay"
-    at = s.index("--warmup-init-lr")  # polynomial_decay warms up from 0; it has no such option
-    del s[at : at + 2]
-    return s + ["--total-num-update", str(ANNEAL_UPDATES), "--end-learning-rate", "0", "--power", "1"]
+    return expkit.annealed_settings(ANNEAL_UPDATES)
 
 
 RECIPES = {
