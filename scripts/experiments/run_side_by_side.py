@@ -782,6 +782,25 @@ def render(records, img_dir, doc_dir, begin=BEGIN):
     return "\n".join(out)
 
 
+def render_coverage(result, begin):
+    """The generated block of a committed attention-coverage result
+    (scripts/experiments/attention_coverage.py)."""
+    from scripts.experiments import attention_coverage
+
+    machine = result.get("machine", {})
+    return "\n".join(
+        [
+            begin,
+            "",
+            *attention_coverage.render_markdown(result),
+            "",
+            f"Machine: {machine.get('cpu')}, torch {machine.get('torch')}.",
+            "",
+            END,
+        ]
+    )
+
+
 def render_choose_k(result, source, img_dir, doc_dir, begin):
     """The generated block of a committed clusterformer-choose-k result (its table, recommendation,
     plot and command)."""
@@ -864,11 +883,15 @@ def report(results, md, img_dir):
     for block in blocks:
         paths = _source_paths(block.group("src")) if block.group("src") else default
         begin = text[block.start() : text.index("-->", block.start()) + 3]
-        if len(paths) == 1 and paths[0].suffix == ".json":  # a clusterformer-choose-k result
+        if len(paths) == 1 and paths[0].suffix == ".json":  # a choose_k or attention-coverage result
             if not paths[0].is_file():
                 problems.append(_rel(paths[0]))
                 continue
-            rendered.append(render_choose_k(json.loads(paths[0].read_text()), paths[0], img_dir, md.parent, begin))
+            result = json.loads(paths[0].read_text())
+            if result.get("kind") == "attention_coverage":
+                rendered.append(render_coverage(result, begin))
+            else:
+                rendered.append(render_choose_k(result, paths[0], img_dir, md.parent, begin))
             continue
         records = []
         for path in paths:

@@ -1,0 +1,116 @@
+"""scripts/experiments/attention_coverage.py measures which words each word's self-attention
+reaches from gradients. These tests check that measure against what the attention is built to
+see: ClusterFormer's block visibility (encoder) and causal group visibility (decoder), computed
+by the package's own reference functions from the layer's cluster assignments, and fairseq's
+full and causal attention."""
+
+import json
+
+import pytest
+import torch
+from fairseq.modules import MultiheadAttention
+
+from fairseq_clusterformer.modules import ClusterAttention
+from fairseq_clusterformer.modules.cluster_attention import block_visibility, sort_by_cluster
+from fairseq_clusterformer.modules.fairseq_cluster_attention import FairseqClusterAttention
+from fairseq_clusterformer.modules.reference import _causal_visibility
+from scripts.experiments import attention_coverage as cov
+from scripts.experiments import run_side_by_side
+
+N, D, H = 11, 16, 2
+
+
+def _forward_call(x, attn_mask=None):
+    return {"query": x, "key": x, "value": x, "key_padding_mask": None, "need_weights": False, "attn_mask": attn_mask}
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_encoder_reach_is_the_block_visibility(k):
+    torch.manual_seed(k)
+    attn = FairseqClusterAttention(ClusterAttention(D, H, k)).eval()
+    x = torch.randn(N, 1, D)
+    _, info = attn.attend(x, None)
+    _, undo_sort = sort_by_cluster(info.assignments, k)
+    w = torch.tensor([-(-N // k)])
+    expected = block_visibility(undo_sort, w, previous_block=True)[0]
+    heads = cov.replay(attn, "attend", {"x": x, "mask": None, "centroids": None})
+    assert len(heads) == H
+    for reach in heads:  # every encoder head shares the clustering
+        assert torch.equal(reach, expected)
+    assert not expected.all()  # the check is not vacuous: some words are out of reach
+
+
+def test_encoder_reach_with_carried_centroids():
+    torch.manual_seed(0)
+    first = FairseqClusterAttention(ClusterAttention(D, H, 3)).eval()
+    second = FairseqClusterAttention(ClusterAttention(D, H, 3), takes_carried_centroids=True).eval()
+    x = torch.randn(N, 1, D)
+    _, info = first.attend(x, None)
+    _, info2 = second.attend(x, None, info.centroids)
+    _, undo_sort = sort_by_cluster(info2.assignments, 3)
+    expected = block_visibility(undo_sort, torch.tensor([-(-N // 3)]), previous_block=True)[0]
+    heads = cov.replay(second, "attend", {"x": x, "mask": None, "centroids": info.centroids})
+    assert all(torch.equal(reach, expected) for reach in heads)
+
+
+def test_decoder_reach_per_head_is_the_causal_visibility():
+    torch.manual_seed(1)
+    attn = FairseqClusterAttention(ClusterAttention(D, H, 3, causal=True, window=3, local_heads=1)).eval()
+    x = torch.randn(N, 1, D)
+    attn(**_forward_call(x))
+    assign = attn.take_info().assignments
+    expected = _causal_visibility(attn.attention, assign)[0]  # H x N x N
+    heads = cov.replay(attn, "forward", _forward_call(x))
+    for h in range(H):
+        assert torch.equal(heads[h], expected[h]), f"head {h}"
+    assert not torch.equal(heads[0], heads[1])  # the local and the clustered head differ
+
+
+def test_full_attention_reaches_everything_and_causal_only_the_past():
+    torch.manual_seed(2)
+    mha = MultiheadAttention(D, H, self_attention=True).eval()
+    x = torch.randn(N, 1, D)
+    assert all(r.all() for r in cov.replay(mha, "forward", _forward_call(x)))
+    future = torch.triu(torch.full((N, N), float("-inf")), 1)
+    for reach in cov.replay(mha, "forward", _forward_call(x, attn_mask=future)):
+        assert torch.equal(reach, torch.ones(N, N, dtype=torch.bool).tril())
+
+
+def test_replay_restores_the_output_projection():
+    attn = FairseqClusterAttention(ClusterAttention(D, H, 3)).eval()
+    before = attn.attention.out_proj.weight.detach().clone()
+    cov.replay(attn, "attend", {"x": torch.randn(N, 1, D), "mask": None, "centroids": None})
+    assert torch.equal(attn.attention.out_proj.weight, before)
+
+
+def test_measure_on_a_trained_toy_model_and_render(smoke_checkpoint_dir, toy_bin, tmp_path):
+    from fairseq_clusterformer.tools.show_clusters import load
+
+    model, task = load(smoke_checkpoint_dir / "checkpoint_last.pt", toy_bin)
+    out = cov.measure(model, cov.test_samples(task, "valid", 5))
+    assert out["sentences"] == 5 and len(out["encoder"]) == len(model.encoder.layers)
+    for side in ("encoder", "decoder"):
+        for layer in out[side]:
+            assert 0 < min(layer["per_head_fraction"]) <= layer["any_head_fraction"] <= 1
+            assert layer["future_reaching_words"] == 0
+    result = {
+        "sentences": 5,
+        "subset_label": "valid",
+        "mean_source_words": 7.0,
+        "mean_target_words": 7.0,
+        "seed": 1,
+        "systems": [{"label": "toy", **out}],
+        "command": "python -m scripts.experiments.attention_coverage",
+    }
+    text = "\n".join(cov.render_markdown(result))
+    assert "| toy |" in text and "causality violation): 0." in text
+    # the committed form: report renders the block that names the result file
+    published = tmp_path / "docs" / "results" / "coverage_toy.json"
+    published.parent.mkdir(parents=True)
+    published.write_text(json.dumps({**result, "kind": cov.KIND}))
+    md = tmp_path / "docs" / "results.md"
+    begin = run_side_by_side.BEGIN[: -len(" -->")] + f" from {published} -->"
+    md.write_text(f"# r\n\n{begin}\nold\n{run_side_by_side.END}\n\nhand-written\n")
+    run_side_by_side.report([], md, tmp_path / "docs" / "img")
+    text = md.read_text()
+    assert "old" not in text and "| toy |" in text and text.endswith("hand-written\n")
