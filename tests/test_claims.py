@@ -73,7 +73,13 @@ def test_chooser_check_within_and_outside_the_seed_noise():
     res, sentence = claims.check_chooser(records, {"recommended_k": 6, "max_update": 150})
     assert res["verdict"] == "open" and "did not train" in sentence
     res, _ = claims.check_chooser(base[:1] + sweep, {"recommended_k": 8, "max_update": 150})
-    assert res["verdict"] == "open"  # one seed at k = 3: no noise estimate
+    assert res["verdict"] == "open"  # no system with two seeds: no noise estimate
+    # the noise pools every system's seeds: here a Transformer with sd 0.04 next to k = 3's 0.02
+    tf = [run("transformer", "base", s, 39.0, nll) for s, nll in ((1, 2.46), (2, 2.54))]
+    noise, pooled = claims.nll_seed_noise(records + tf)
+    assert pooled == 2 and noise == pytest.approx(((0.02**2 + (0.08**2 / 2)) / 2) ** 0.5)
+    res, sentence = claims.check_chooser(records + tf, {"recommended_k": 8, "max_update": 150})
+    assert res["verdict"] == "outside" and "across the 2 systems" in sentence
     assert claims.check_chooser(base, {"recommended_k": 8})[0]["verdict"] == "open"  # no sweep
     table = "\n".join(claims.render_k_sweep(records, {"recommended_k": 8, "max_update": 150}))
     assert "| 3 | 1,2,3 | 2.500 |" in table and "| 8 | 1 | 2.530 |" in table
