@@ -275,6 +275,43 @@ def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
     capsys.readouterr()
     assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
     assert capsys.readouterr().out.count("already in") == 2
+    # --anneal-over: the first 3 updates of a 10-update decay, a different sweep from the 3-update decay
+    capsys.readouterr()
+    assert choose_k.main([*args, "--anneal-over", "10", "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert "already in" not in capsys.readouterr().out
+    result = json.loads((out / "choose_k.json").read_text())
+    assert result["anneal_over"] == 10 and {r["anneal_over"] for r in result["runs"]} == {10}
+    assert all("--total-num-update 10 " in r["command"] and "--max-update 3 " in r["command"] for r in result["runs"])
+    assert {r.get("anneal_over") for r in result["other_runs"]} == {3, None}  # both earlier sweeps kept
+    assert "at 3 updates of a linear decay over 10 updates" in "\n".join(choose_k.render_markdown(result))
+    # two seeds of one k: no analysis of variance over k (it needs two k)
+    assert result["k_test"] is None and "analysis of variance" not in result["recommendation"]
+
+
+def test_choose_k_anneal_over_is_checked(toy_bin, tmp_path, capsys):
+    base = ["--data", str(toy_bin), "--max-update", "30", "--out", str(tmp_path)]
+    for extra, message in (
+        (["--anneal-over", "60"], "needs --schedule anneal"),
+        (["--schedule", "anneal", "--anneal-over", "20"], "must be at least --max-update"),
+    ):
+        with pytest.raises(SystemExit):
+            choose_k.main(base + extra)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "choose_k.json").exists()
+
+
+def test_choose_k_recommendation_says_whether_the_k_differ():
+    def run(k, seed, nll):
+        return {"k": k, "seed": seed, "valid_nll": nll, "peak_rss_mb": 100.0}
+
+    runs = [run(k, s, v) for k, s, v in ((2, 1, 3.00), (2, 2, 3.02), (8, 1, 3.50), (8, 2, 3.52))]
+    test = choose_k.k_test(runs)
+    assert (test["dof1"], test["dof2"]) == (1, 2) and test["p"] < 0.01
+    k, why = choose_k.recommend(choose_k.aggregate(runs), 0.05, test)
+    assert k == 2 and "At this budget, the k differ by more than the seed noise explains" in why
+    runs[2:] = [run(8, 1, 3.00), run(8, 2, 3.03)]
+    k, why = choose_k.recommend(choose_k.aggregate(runs), 0.05, choose_k.k_test(runs))
+    assert k == 8 and "within what the seed noise explains" in why
 
 
 def test_side_by_side_plan_ablations():

@@ -3,7 +3,7 @@
 
     clusterformer-choose-k --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
         [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05|auto] \\
-        [--schedule inverse_sqrt|anneal] [--out work/choose_k] \\
+        [--schedule inverse_sqrt|anneal [--anneal-over T]] [--out work/choose_k] \\
         [-- extra fairseq-train arguments, e.g. --max-tokens 4096 --lr 5e-4]
 
 Trains one ClusterFormer per k (``--num-clusters k``; the decoder uses k too unless the extra
@@ -13,7 +13,10 @@ scripts/experiments (3+3 layers, d 128, FFN 512, 4 heads, Adam, inverse_sqrt, 20
 batch); ``--model-args ''`` uses the architecture's own sizes, and arguments after ``--`` override
 anything. ``--schedule anneal`` decays the learning rate linearly to zero over the --max-update
 budget instead (the schedule of docs/results.md's converged study), so that each short run ends at
-the bottom of its own curve rather than part-way down it.
+the bottom of its own curve rather than part-way down it; with ``--anneal-over T`` the decay runs
+over T updates and training stops at --max-update, so that each run is the exact first part of the
+T-update run you mean to train (same learning rate at every update; continue the chosen k's run
+from its checkpoint with --keep-checkpoints and fairseq-train --max-update T).
 
 For each k it records the best validation nll and loss, the training wall time, fairseq's training
 throughput (target tokens/s) and the peak memory of the training process; writes
@@ -28,6 +31,13 @@ the seed-to-seed spread of the nll at this budget (run --seeds 1,2 to see it): d
 smaller than that are noise. ``--tolerance auto`` (two seeds or more) sets it to that spread as
 measured: the pooled standard deviation of the nll over seeds, across the k tried. On short
 sentences (MT), the measured speed barely depends on k; the choice matters for long inputs.
+
+With two seeds or more, the recommendation also says whether the k differ at all by more than
+the seed noise explains (a one-way analysis of variance of the nll over k, ``stats``): when it
+does not, the pick is only the rule's preference for the cheapest k. Early in training the ranking
+can reflect how fast each k learns rather than where it ends: on Multi30k, the nll after 245
+updates falls with every step of k from 2 to 8 (more local attention learns faster at first), and
+that order is gone by 490 updates (docs/results.md, the converged k sweep).
 """
 
 import argparse
@@ -36,12 +46,13 @@ import json
 import sys
 from pathlib import Path
 
-from . import expkit
+from . import expkit, stats
 from .expkit import REPO, say
 
 
-def recommend(rows, tolerance):
-    """rows: [{"k", "valid_nll", ...}] (one per k, nll averaged over seeds). Returns (k, sentence)."""
+def recommend(rows, tolerance, test=None):
+    """rows: [{"k", "valid_nll", ...}] (one per k, nll averaged over seeds); test: the analysis of
+    variance over k (``k_test``) or None. Returns (k, sentence)."""
     scored = [r for r in rows if r.get("valid_nll") is not None]
     if not scored:
         raise ValueError("no k has a validation nll")
@@ -68,23 +79,44 @@ def recommend(rows, tolerance):
             f". Measured training speed here ranges {slowest['tokens_per_s']:.0f} (k={slowest['k']}) to "
             f"{fastest['tokens_per_s']:.0f} (k={fastest['k']}) target tokens/s"
         )
+    if test is not None:
+        why += f". At this budget, {stats.describe_test(test)}"
     return choice["k"], f"Recommended k = {choice['k']}: {why}. (All: {others}.)"
 
 
-def seed_spread(runs):
-    """The pooled standard deviation over seeds of the best validation nll: the square root of the
-    mean, over the k trained with two seeds or more, of the sample variance of their nll. None if
-    no k has two seeds."""
+def _nll_by_k(runs):
     by_k = {}
     for r in runs:
         if r.get("valid_nll") is not None:
             by_k.setdefault(r["k"], []).append(r["valid_nll"])
-    variances = []
-    for vals in by_k.values():
-        if len(vals) >= 2:
-            m = sum(vals) / len(vals)
-            variances.append(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return (sum(variances) / len(variances)) ** 0.5 if variances else None
+    return by_k
+
+
+def seed_spread(runs):
+    """The pooled standard deviation over seeds of the best validation nll (``stats.pooled_variance``
+    over the k trained with two seeds or more). None if no k has two seeds."""
+    variance, _ = stats.pooled_variance(_nll_by_k(runs).values())
+    return None if variance is None else variance**0.5
+
+
+def k_test(runs):
+    """Whether the k's mean nll differ by more than the seed noise explains: the one-way analysis of
+    variance of the runs' nll over k (``stats.between_settings_test``); None without two k or two
+    seeds of some k."""
+    by_k = _nll_by_k(runs)
+    variance, dof = stats.pooled_variance(by_k.values())
+    ks = sorted(by_k)
+    return stats.between_settings_test(
+        [sum(by_k[k]) / len(by_k[k]) for k in ks], [len(by_k[k]) for k in ks], variance, dof
+    )
+
+
+def _anneal_over(run):
+    """The length of a stored run's linear decay (None for inverse_sqrt; runs recorded before
+    --anneal-over existed decayed over their own budget)."""
+    if run.get("schedule", "inverse_sqrt") != "anneal":
+        return None
+    return run.get("anneal_over") or run["max_update"]
 
 
 def _tolerance(text):
@@ -135,7 +167,14 @@ def render_markdown(result):
     nll and cost, and the recommendation."""
     rows = result["per_k"]
     seeds = ",".join(str(s) for s in result.get("seeds", []))
-    schedule = " with the learning rate decayed to zero" if result.get("schedule") == "anneal" else ""
+    schedule = ""
+    if result.get("schedule") == "anneal":
+        over = result.get("anneal_over") or result["max_update"]
+        schedule = (
+            " with the learning rate decayed to zero"
+            if over == result["max_update"]
+            else f" of a linear decay over {over} updates"
+        )
     if result.get("tolerance_rule") == "auto":
         tolerance = f"tolerance {result['tolerance']:.3f} bits/token: the seed spread, `--tolerance auto`"
     else:
@@ -213,6 +252,14 @@ def main(argv=None):
         "decay to zero over --max-update, the converged study's) (default: %(default)s)",
     )
     p.add_argument(
+        "--anneal-over",
+        type=int,
+        default=None,
+        metavar="T",
+        help="with --schedule anneal: decay the learning rate over T updates (>= --max-update) and stop at "
+        "--max-update, so that each run is the first part of a T-update run (default: --max-update)",
+    )
+    p.add_argument(
         "--model-args",
         default=None,
         help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)}; '' for the arch's)",
@@ -234,6 +281,12 @@ def main(argv=None):
         p.error(f"--seeds takes comma-separated integers, got {a.seeds!r}")
     if not seeds:
         p.error("--seeds needs at least one seed")
+    if a.anneal_over is not None:
+        if a.schedule != "anneal":
+            p.error("--anneal-over sets the length of the linear decay: it needs --schedule anneal")
+        if a.anneal_over < a.max_update:
+            p.error(f"--anneal-over ({a.anneal_over}) must be at least --max-update ({a.max_update})")
+    anneal_over = (a.anneal_over or a.max_update) if a.schedule == "anneal" else None
     if a.tolerance == "auto" and len(set(seeds)) < 2:
         p.error("--tolerance auto measures the seed spread: give two seeds or more (e.g. --seeds 1,2)")
     model_args = expkit.SMALL_MODEL if a.model_args is None else a.model_args.split()
@@ -248,6 +301,7 @@ def main(argv=None):
             and r.get("data") == str(a.data)
             and r.get("max_update") == a.max_update
             and r.get("schedule", "inverse_sqrt") == a.schedule
+            and _anneal_over(r) == anneal_over
             and r.get("extra") == extra
         )
 
@@ -256,7 +310,7 @@ def main(argv=None):
     other_runs = [r for r in stored_runs if not this_sweep(r)]
     runs = [] if a.force else [r for r in stored_runs if this_sweep(r)]
     have = {(r["k"], r["seed"]) for r in runs}
-    settings = expkit.TRAIN_SETTINGS if a.schedule == "inverse_sqrt" else expkit.annealed_settings(a.max_update)
+    settings = expkit.TRAIN_SETTINGS if a.schedule == "inverse_sqrt" else expkit.annealed_settings(anneal_over)
     for seed in seeds:
         for k in ks:
             if (k, seed) in have:
@@ -278,7 +332,8 @@ def main(argv=None):
                 save=a.keep_checkpoints,
                 user_dir=a.user_dir,
             )
-            say(f"k={k} seed {seed}: training {a.max_update} updates ({a.schedule})")
+            over = f" of {anneal_over}" if anneal_over and anneal_over != a.max_update else ""
+            say(f"k={k} seed {seed}: training {a.max_update}{over} updates ({a.schedule})")
             measured = expkit.run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
             parsed = expkit.parse_train_log(log.read_text())
             if measured["rc"] != 0 or not parsed["done"]:
@@ -290,6 +345,7 @@ def main(argv=None):
                 "data": str(a.data),
                 "max_update": a.max_update,
                 "schedule": a.schedule,
+                "anneal_over": anneal_over,
                 "extra": extra,
                 "valid_nll": best.get("nll_loss"),
                 "valid_loss": best.get("loss"),
@@ -309,7 +365,8 @@ def main(argv=None):
             store.write_text(json.dumps({"runs": runs, "other_runs": other_runs}, indent=2) + "\n")
     rows = aggregate(runs)
     tolerance = seed_spread(runs) if a.tolerance == "auto" else a.tolerance
-    k, sentence = recommend(rows, tolerance)
+    test = k_test(runs)
+    k, sentence = recommend(rows, tolerance, test)
     result = {
         "invocation": expkit.shell_join(["clusterformer-choose-k", *argv, *(["--", *extra] if extra else [])]),
         "runs": runs,
@@ -322,6 +379,8 @@ def main(argv=None):
         "arch": a.arch,
         "max_update": a.max_update,
         "schedule": a.schedule,
+        "anneal_over": anneal_over,
+        "k_test": test,
         "seeds": seeds,
         "machine": expkit.machine_info(),
     }
