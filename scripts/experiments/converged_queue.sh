@@ -26,7 +26,8 @@ R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe "$RECIP
 
 # One entry per run: "label|runner arguments". Seeds first (the main table; within a seed the systems
 # the paper's claims compare come before the encoder-only variant), then the k sweep (it decides
-# whether clusterformer-choose-k needs more work), then the loss ablation.
+# whether clusterformer-choose-k needs more work), then the loss ablation, then a second seed of k = 4
+# and k = 8.
 QUEUE=()
 for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("transformer s$s|--models transformer --seeds $s")
@@ -42,6 +43,11 @@ for s in 1 2; do
     for v in no-clustering-loss no-sorting-loss no-cluster-losses; do
         QUEUE+=("$v s$s|--models clusterformer --seeds $s --variants $v")
     done
+done
+# A second seed of the best converged k (4) and of clusterformer-choose-k's pick (8): the chooser
+# check compares the two, and one seed each cannot tell their gap from the seed noise.
+for k in 4 8; do
+    QUEUE+=("k$k s2|--models clusterformer --seeds 2 --variants= --ks $k")
 done
 
 CLAIMS=work/experiments/queue_claims
