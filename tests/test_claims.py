@@ -73,7 +73,7 @@ def test_chooser_check_within_and_outside_the_seed_noise():
     _, sentence = claims.check_chooser(records, {"recommended_k": 8, "max_update": 400, "schedule": "anneal"})
     assert "at 400 updates, learning rate decayed to zero, recommends k = 8" in sentence
     chooser = {"recommended_k": 8, "max_update": 980, "schedule": "anneal", "anneal_over": 3920}
-    assert "at 980 updates of a 3920-update linear decay, recommends k = 8" in claims.check_chooser(records, chooser)[1]
+    assert "at 980 updates of a 3920-update linear decay recommends k = 8" in claims.check_chooser(records, chooser)[1]
     res, sentence = claims.check_chooser(records, {"recommended_k": 6, "max_update": 150})
     assert res["verdict"] == "open" and "did not train" in sentence
     res, _ = claims.check_chooser(base[:1] + sweep, {"recommended_k": 8, "max_update": 150})

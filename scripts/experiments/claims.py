@@ -221,7 +221,7 @@ def check_chooser(records, chooser):
     if chooser.get("schedule") == "anneal":
         over = chooser.get("anneal_over") or chooser.get("max_update")
         decayed = over == chooser.get("max_update")
-        schedule = ", learning rate decayed to zero," if decayed else f" of a {over}-update linear decay,"
+        schedule = ", learning rate decayed to zero," if decayed else f" of a {over}-update linear decay"
     budget = f"`clusterformer-choose-k` at {chooser.get('max_update')} updates{schedule} recommends k = {chosen}"
     if chosen not in nll:
         return res, f"{head} {budget}, which the sweep did not train."
