@@ -798,7 +798,8 @@ def test_demo_annealed_recipe_decays_over_the_runs_own_budget():
 
 def test_queue_plans_every_system_and_ablation_once():
     """scripts/experiments/converged_queue.sh's entries, as the runner plans them: the main table
-    (5 systems x 3 seeds), the loss ablation (2 seeds) and the k sweep, each a distinct run id."""
+    (5 systems x 3 seeds), the loss ablation (2 seeds), the k sweep and the second seed of k = 4
+    and k = 8, each a distinct run id."""
     text = (REPO / "scripts" / "experiments" / "converged_queue.sh").read_text()
     assert "RECIPE=${RECIPE:-annealed}" in text
     proc = subprocess.run(
@@ -808,10 +809,10 @@ def test_queue_plans_every_system_and_ablation_once():
     )  # fmt: skip
     entries = proc.stdout.strip().splitlines()
     labels = [e.split("|")[0] for e in entries]
-    assert len(labels) == len(set(labels)) == 5 * 3 + 3 * 2 + 4
+    assert len(labels) == len(set(labels)) == 5 * 3 + 3 * 2 + 4 + 2
     for system in ("transformer", "clusterformer", "decoder-full", "lsh", "routing"):
         assert {f"{system} s{s}" for s in (1, 2, 3)} <= set(labels)
-    assert {"k2 s1", "k4 s1", "k6 s1", "k8 s1", "no-sorting-loss s2"} <= set(labels)
+    assert {"k2 s1", "k4 s1", "k6 s1", "k8 s1", "k4 s2", "k8 s2", "no-sorting-loss s2"} <= set(labels)
 
 
 def test_annealed_d256_recipe_and_gpu_runs():
