@@ -69,6 +69,9 @@ def test_chooser_check_within_and_outside_the_seed_noise():
     assert "outside the seed noise" in sentence
     # 15.70 * (0.02 / 0.06)^2 = 1.74: two seeds of each k
     assert res["seeds_needed"] == 2 and "takes about 2 seeds of each k" in sentence
+    # one seed of k = 8 against one of k = 4: standard error 0.02 * sqrt(2) = 0.028, gap 2.1 of them
+    assert res["gap_se"] == pytest.approx(0.02 * 2**0.5)
+    assert "2.1 standard errors of a difference between a mean over 1 seed and one over 1 (0.028 bits)" in sentence
     assert "at 150 updates recommends" in sentence and "decayed" not in sentence
     _, sentence = claims.check_chooser(records, {"recommended_k": 8, "max_update": 400, "schedule": "anneal"})
     assert "at 400 updates, learning rate decayed to zero, recommends k = 8" in sentence

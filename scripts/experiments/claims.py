@@ -236,9 +236,15 @@ def check_chooser(records, chooser):
         f"{pooled} systems run with two seeds or more)."
     )
     if gap > 0:
+        # the rule above compares the gap with the noise of one run; the gap itself is a difference
+        # of two means, of n_chosen and n_best seeds, whose standard error is larger
+        n_chosen, n_best = (sum(x is not None for x in sweep[k]["nll"].values()) for k in (chosen, best))
+        res["gap_se"] = noise * (1 / n_chosen + 1 / n_best) ** 0.5
         res["seeds_needed"] = stats.seeds_to_separate(gap, noise)
         sentence += (
-            f" Telling a difference of {gap:.3f} bits from the seed noise (5 % level, 80 % power) takes about "
+            f" The gap is {gap / res['gap_se']:.1f} standard errors of a difference between a mean over "
+            f"{n_chosen} seed{'s' if n_chosen > 1 else ''} and one over {n_best} ({res['gap_se']:.3f} bits). "
+            f"Telling a difference of {gap:.3f} bits from the seed noise (5 % level, 80 % power) takes about "
             f"{res['seeds_needed']} seeds of each k."
         )
     return res, sentence
