@@ -44,8 +44,8 @@ for s in 1 2; do
         QUEUE+=("$v s$s|--models clusterformer --seeds $s --variants $v")
     done
 done
-# A second seed of the best converged k (4) and of clusterformer-choose-k's pick (8): the chooser
-# check compares the two, and one seed each cannot tell their gap from the seed noise.
+# A second seed of the best converged k at seed 1 (4) and of clusterformer-choose-k's pick (8): the
+# chooser check compares the best k with the pick, and one seed each cannot tell their gap from noise.
 for k in 4 8; do
     QUEUE+=("k$k s2|--models clusterformer --seeds 2 --variants= --ks $k")
 done

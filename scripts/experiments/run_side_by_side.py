@@ -70,7 +70,8 @@ REPORT_RESULTS = [
 ]
 IMG = REPO / "docs" / "img"
 # clusterformer-choose-k's committed short-budget result per data set, which the study's k sweep checks:
-# two seeds on the first quarter of the study's own (annealed) schedule, so that the pick comes with its seed spread
+# two seeds on the first quarter of the study's own (annealed) schedule, so that the pick comes with
+# its seed spread
 CHOOSE_K = {"multi30k": RAW / "choose_k_multi30k_980.json"}
 ARCHS = {"clusterformer": "clusterformer_iwslt", "transformer": "transformer_iwslt_de_en"}
 # The paper's ablations (clusterformer only), as fairseq-train arguments.
