@@ -50,6 +50,14 @@ for k in 4 8; do
     QUEUE+=("k$k s2|--models clusterformer --seeds 2 --variants= --ks $k")
 done
 
+# Like-for-like baselines (three seeds each): routing without its rotary local heads in the encoder,
+# and LSH with 1 and 2 hash rounds (8 rounds reach the whole of a Multi30k sentence).
+for s in ${SEEDS:-1 2 3}; do
+    QUEUE+=("routing-local-heads=0 s$s|--models clusterformer --seeds $s --label routing-local-heads=0 -- --self-attention-encoder routing --self-attention-decoder routing --routing-local-heads 0")
+    QUEUE+=("lsh-n-hashes=1 s$s|--models clusterformer --seeds $s --label lsh-n-hashes=1 -- --self-attention-encoder lsh --self-attention-decoder lsh --lsh-n-hashes 1")
+    QUEUE+=("lsh-n-hashes=2 s$s|--models clusterformer --seeds $s --label lsh-n-hashes=2 -- --self-attention-encoder lsh --self-attention-decoder lsh --lsh-n-hashes 2")
+done
+
 CLAIMS=work/experiments/queue_claims
 rm -rf "$CLAIMS"
 mkdir -p "$CLAIMS"
