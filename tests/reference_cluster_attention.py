@@ -1,8 +1,9 @@
 """A slow, obviously correct float64 reference for ClusterAttention (tests only; loops allowed).
 
 Each sequence is handled alone: its real tokens are taken out of the padding, clustered, sorted,
-cut into blocks (encoder) or given their causal within-cluster window (decoder; local heads: the
-last `window` words of any cluster), attended to with
+cut into blocks (encoder; local heads: blocks of the words in their own order) or given their
+causal within-cluster window (decoder; local heads: the last `window` words of any cluster),
+attended to with
 explicit per-head, per-query softmax, and put back in their positions.
 """
 
@@ -105,6 +106,21 @@ def reference_forward(module, x, key_padding_mask=None, centroids=None):
                 )
                 for r, j in enumerate(block):
                     O[j] = res[r]
+            Hl = module.local_heads
+            if Hl:  # local heads: the same blocks cut from the words in their own order
+                O_local = torch.zeros(L, d, dtype=torch.float64)
+                for i in range(k):
+                    block = list(range(L))[i * w : (i + 1) * w]
+                    keys = (list(range(L))[(i - 1) * w : i * w] if (module.previous_block and i > 0) else []) + block
+                    res = _attend(
+                        module,
+                        [Q[j] for j in block],
+                        [[K_[t] for t in keys]] * len(block),
+                        [[V[t] for t in keys]] * len(block),
+                    )
+                    for r, j in enumerate(block):
+                        O_local[j] = res[r]
+                O[:, : Hl * module.head_dim] = O_local[:, : Hl * module.head_dim]
         O = _lin(module.out_proj, O)
         for j, p in enumerate(positions):
             out[b, p] = O[j]

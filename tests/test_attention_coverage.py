@@ -11,9 +11,8 @@ import torch
 from fairseq.modules import MultiheadAttention
 
 from fairseq_clusterformer.modules import ClusterAttention
-from fairseq_clusterformer.modules.cluster_attention import block_visibility, sort_by_cluster
+from fairseq_clusterformer.modules.clustering import block_visibility, causal_visibility, sort_by_cluster
 from fairseq_clusterformer.modules.fairseq_cluster_attention import FairseqClusterAttention
-from fairseq_clusterformer.modules.reference import _causal_visibility
 from scripts.experiments import attention_coverage as cov
 from scripts.experiments import run_side_by_side
 
@@ -43,7 +42,7 @@ def test_encoder_reach_is_the_block_visibility(k):
 def test_encoder_reach_with_carried_centroids():
     torch.manual_seed(0)
     first = FairseqClusterAttention(ClusterAttention(D, H, 3)).eval()
-    second = FairseqClusterAttention(ClusterAttention(D, H, 3), takes_carried_centroids=True).eval()
+    second = FairseqClusterAttention(ClusterAttention(D, H, 3, learned_centroids=False)).eval()
     x = torch.randn(N, 1, D)
     _, info = first.attend(x, None)
     _, info2 = second.attend(x, None, info.centroids)
@@ -59,7 +58,8 @@ def test_decoder_reach_per_head_is_the_causal_visibility():
     x = torch.randn(N, 1, D)
     attn(**_forward_call(x))
     assign = attn.take_info().assignments
-    expected = _causal_visibility(attn.attention, assign)[0]  # H x N x N
+    a = attn.attention
+    expected = causal_visibility(assign, a.window, a.num_heads, a.local_heads)[0]  # H x N x N
     heads = cov.replay(attn, "forward", _forward_call(x))
     for h in range(H):
         assert torch.equal(heads[h], expected[h]), f"head {h}"

@@ -90,6 +90,26 @@ def test_causal_local_heads_match_reference(local_heads, window):
         assert (reference_forward(m, x, kpm)[0][valid] - ref[valid]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("local_heads", [1, 2, 4])
+@pytest.mark.parametrize("dense_max_len", [0, 64], ids=["blocks", "dense-if-short"])
+@pytest.mark.parametrize("k", [3, "auto"])
+def test_encoder_local_heads_match_reference(local_heads, dense_max_len, k):
+    """Encoder local heads: the blocks of the words in their own order (counted from the first
+    real word, whatever the padding); the other heads the blocks of the cluster-sorted words."""
+    B, N = 4, 19
+    m = make(d=32, heads=4, k=k, local_heads=local_heads, dense_max_len=dense_max_len, seed=local_heads)
+    x = torch.randn(B, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(local_heads))
+    kpm = random_padding(B, N, seed=local_heads)
+    out, info = m(x, kpm)
+    ref, _, ref_cl, ref_sl, ref_assign = reference_forward(m, x, kpm)
+    valid = ~kpm
+    assert torch.equal(info.assignments, ref_assign)
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-9, rtol=1e-9)
+    if local_heads < 4:  # the clustered heads still see the clusters, the local ones the order
+        m.local_heads = 0
+        assert (reference_forward(m, x, kpm)[0][valid] - ref[valid]).abs().max() > 1e-3
+
+
 def test_without_previous_block_matches_reference():
     m = make(k=3, previous_block=False)
     x = torch.randn(3, 11, 32, dtype=torch.float64)
@@ -357,7 +377,6 @@ def test_forward_has_no_python_loops_over_batch_heads_clusters_or_blocks(causal,
         (dict(num_clusters=3, causal=True, window=0), "window must be >= 1"),
         (dict(num_clusters=3, causal=True, local_heads=5), "local_heads must be an integer in"),
         (dict(num_clusters=3, causal=True, local_heads=-1), "local_heads must be an integer in"),
-        (dict(num_clusters=3, local_heads=1), "local_heads is for the causal"),
         (dict(num_clusters=3, similarity="l2"), "similarity must be one of"),
         (dict(num_clusters=3, embed_dim=30, num_heads=4), "divisible"),
     ],

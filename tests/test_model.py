@@ -112,6 +112,47 @@ def test_checkpoints_from_before_local_heads_keep_a_fully_clustered_decoder(toy_
     assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [0, 0]
 
 
+def test_encoder_local_heads_flag(toy_bin):
+    """--local-heads reaches every clustering encoder layer; absent from a checkpoint's args
+    (a model from before the option), the encoder has none."""
+    from fairseq import models
+
+    _, model = build(toy_bin, ["--local-heads", "half"])
+    assert [layer.self_attn.attention.local_heads for layer in model.encoder.layers] == [2, 2]
+    assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [2, 2]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY]
+    )
+    assert args.local_heads == "0"
+    del args.local_heads
+    model = models.build_model(args, tasks.setup_task(args))
+    assert [layer.self_attn.attention.local_heads for layer in model.encoder.layers] == [0, 0]
+    with pytest.raises(ValueError, match="--local-heads must be in \\[0, 4\\]"):
+        build(toy_bin, ["--local-heads", "5"])
+
+
+def test_state_dicts_without_a_version_are_upgraded(toy_bin):
+    """A state dict from before the clusterformer_version stamp (version 1) loads through
+    fairseq's upgrade; a stray centroid parameter of a carried-centroid layer is dropped; a
+    newer version than this code reads is refused by name."""
+    task, model = build(toy_bin)
+    src, lengths, prev = batch(task)
+    out, _ = model(src, lengths, prev)
+    state = model.state_dict()
+    assert state["encoder.clusterformer_version"].item() == 2
+    old = {k: v for k, v in state.items() if k != "encoder.clusterformer_version"}
+    old["encoder.layers.1.self_attn.attention.centroids"] = torch.randn(3, 32)
+    _, fresh = build(toy_bin)
+    fresh.load_state_dict(old)  # fairseq's load_state_dict runs upgrade_state_dict first (strict)
+    assert torch.equal(fresh.eval()(src, lengths, prev)[0], out)
+    assert "encoder.layers.1.self_attn.attention.centroids" not in old
+    assert old["encoder.clusterformer_version"].item() == 2
+    newer = dict(state, **{"encoder.clusterformer_version": torch.tensor([3.0])})
+    with pytest.raises(ValueError, match="newer fairseq-clusterformer"):
+        fresh.load_state_dict(newer)
+
+
 def test_decoder_is_causal_through_every_layer(toy_bin):
     task, model = build(toy_bin)
     src, lengths, prev = batch(task)

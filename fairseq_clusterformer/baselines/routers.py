@@ -12,7 +12,7 @@ router replaces only that rule:
                     mean |x/|x| - mu_a|^2 over real words goes to the criterion.
 
 A router exposes ``num_groups``, ``directions(dtype)`` (K x d: the group of x is the argmax of
-these rows' dot products with x, which ClusterAttention.assign_per_word computes exactly the
+these rows' dot products with x, which modules/incremental.assign_per_word computes exactly the
 same way in a full forward and in a decoding step) and ``losses(x, pad, assign)``.
 """
 

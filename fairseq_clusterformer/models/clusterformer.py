@@ -75,6 +75,15 @@ class ClusterformerConfig(FairseqDataclass):
             "the decoder loops at generation, docs/results.md); 0: all heads clustered"
         },
     )
+    local_heads: str = field(
+        default="0",
+        metadata={
+            "help": "encoder: how many of each clustering layer's heads (the first ones) attend "
+            "to the same blocks cut from the words in their own order instead of in cluster "
+            "order, the local-head budget of --self-attention-encoder routing. An integer, or "
+            "'half'; 0 (default): every head clustered, as in the paper"
+        },
+    )
     no_previous_block: bool = field(
         default=False,
         metadata={
@@ -140,10 +149,11 @@ def lsh_buckets(k: int) -> int:
     return 2 * -(-k // 2)
 
 
-def _local_heads(cfg, num_heads: int, name: str = "causal_local_heads") -> int:
+def _local_heads(cfg, num_heads: int, name: str = "causal_local_heads", missing: str = "half") -> int:
     local = safe_getattr(cfg, name, None)
+    local = missing if local is None else local
     flag = "--" + name.replace("_", "-")
-    if local is None or str(local).strip().lower() == "half":
+    if str(local).strip().lower() == "half":
         return num_heads // 2
     try:
         local = int(local)
@@ -177,14 +187,16 @@ def build_cluster_attention(
         num_clusters,
         causal=causal,
         window=safe_getattr(cfg, "causal_window", CLUSTER_DEFAULTS.causal_window),
-        local_heads=_local_heads(cfg, num_heads) if causal else 0,
+        # The encoder's option is newer than the decoder's: a model without it has none.
+        local_heads=_local_heads(cfg, num_heads) if causal else _local_heads(cfg, num_heads, "local_heads", "0"),
+        learned_centroids=not takes_carried_centroids,
         previous_block=not safe_getattr(cfg, "no_previous_block", False),
         max_clusters=safe_getattr(cfg, "max_clusters", CLUSTER_DEFAULTS.max_clusters),
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
         router=router_module,
     )
-    return FairseqClusterAttention(attention, takes_carried_centroids)
+    return FairseqClusterAttention(attention)
 
 
 def _num_clusters(cfg, causal: bool):
@@ -331,6 +343,37 @@ class ClusterformerEncoder(TransformerEncoderBase):
     ``sorting_losses`` (one scalar per clustering layer, for the criterion) and
     ``cluster_assignments`` (B x T per layer, for inspection).
     """
+
+    # The layout of the clusterformer parts of the state dict, stamped as
+    # "<name>.clusterformer_version". 1: checkpoints from before the stamp (the same layout).
+    STATE_VERSION = 2
+
+    def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
+        super().__init__(cfg, dictionary, embed_tokens, return_fc)
+        self.register_buffer("clusterformer_version", torch.tensor([float(self.STATE_VERSION)]))
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """fairseq's upgrades, then ours, by the stamped version (1 when there is none): the
+        layers after the first take the previous layer's centroids and own no centroid
+        parameter, so a stray one (saved by code that built the attention with its own
+        centroids and dropped them later) is removed; then the stamp is set."""
+        state_dict = super().upgrade_state_dict_named(state_dict, name)
+        key = f"{name}.clusterformer_version" if name else "clusterformer_version"
+        version = int(state_dict[key].item()) if key in state_dict else 1
+        if version > self.STATE_VERSION:
+            raise ValueError(
+                f"{key} is {version}: the checkpoint was saved by a newer fairseq-clusterformer "
+                f"(this one reads versions up to {self.STATE_VERSION}); upgrade the plugin"
+            )
+        if version < 2:
+            prefix = f"{name}.layers." if name else "layers."
+            for stale in [
+                k for k in state_dict if k.startswith(prefix) and k.endswith(".self_attn.attention.centroids")
+            ]:
+                if int(stale[len(prefix) :].split(".")[0]) > 0:
+                    del state_dict[stale]
+        state_dict[key] = torch.tensor([float(self.STATE_VERSION)])
+        return state_dict
 
     def build_encoder_layer(self, cfg):
         # Called once per layer, in order, by TransformerEncoderBase.__init__.
@@ -563,6 +606,7 @@ def _set_cluster_defaults(args):
         "causal_num_clusters",
         "causal_window",
         "causal_local_heads",
+        "local_heads",
         "no_previous_block",
         "cluster_similarity",
         "max_clusters",

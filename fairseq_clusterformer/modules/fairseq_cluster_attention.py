@@ -45,19 +45,17 @@ class InputBufferMixin:
 class FairseqClusterAttention(InputBufferMixin, nn.Module):
     """Wraps a ClusterAttention with fairseq's MultiheadAttention interface (self-attention only).
 
-    takes_carried_centroids: an encoder layer after the first, which clusters with the previous
-    layer's updated centroids: its own centroid parameter is dropped (an unused parameter would
-    also break DistributedDataParallel), and ``attend`` must be given centroids.
+    An encoder layer after the first clusters with the previous layer's updated centroids: build
+    its attention with ``learned_centroids=False`` (no centroid parameter; an unused one would
+    also break DistributedDataParallel), and ``attend`` must then be given centroids.
     """
 
-    def __init__(self, attention: ClusterAttention, takes_carried_centroids: bool = False):
+    def __init__(self, attention: ClusterAttention):
         super().__init__()
-        if takes_carried_centroids:
-            if attention.causal:
-                raise ValueError("causal layers use their own learned centroids; they cannot take carried ones")
-            attention.centroids = None
         self.attention = attention
-        self.takes_carried_centroids = takes_carried_centroids
+        # An encoder layer without its own centroids takes the previous layer's (the router of a
+        # baseline decoder replaces the centroids instead).
+        self.takes_carried_centroids = attention.centroids is None and attention.router is None
         self.embed_dim = attention.embed_dim
         self.num_heads = attention.num_heads
         self.head_dim = attention.head_dim  # read by fairseq's decoder layer (head scaling)

@@ -1,7 +1,10 @@
-"""Exact incremental decoding for the causal variant: the cache, one step, beam reordering.
+"""Exact incremental decoding for the causal variant: the assignment, the cache, one step, beam
+reordering.
 
 The functions take the ClusterAttention layer (``attn``) as their first argument;
-``ClusterAttention.init_state`` / ``step`` / ``reorder_state`` call them.
+``ClusterAttention.init_state`` / ``step`` / ``reorder_state`` call them. The decoder's
+assignment rule lives here because decoding is exact only if a word gets the same cluster alone
+in a step (``assign_step``) as in a full forward (``assign_per_word``).
 
 Two cache layouts, because beam search reorders the whole cache at every step:
     ring    per sequence and cluster, a ring buffer of the last ``window`` keys and values
@@ -19,6 +22,63 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@torch.no_grad()
+def assign_per_word(attn, x: Tensor) -> Tensor:
+    """The decoder's assignment: argmax_i (c_i W_C) . x_t for each word, ... x d -> ... long.
+
+    Defined as the argmax of an elementwise product summed over d, in the input dtype: every
+    word gets the same floating-point result whether it comes in a full sequence or alone in
+    a decoding step (a batched matmul may block the reduction differently by shape and flip
+    a near-tie). Materialising that product for all words costs N x K x d, so the argmax is
+    taken from a float64 matmul instead wherever its top two scores are further apart than
+    the rounding error of either computation can bridge (then both argmaxes agree), and the
+    elementwise product is computed only for the remaining near-ties: the same result as
+    computing it everywhere.
+
+    With a router, its ``directions`` take the place of C W_C (the same exact argmax).
+    """
+    cw = assignment_directions(attn, x.dtype)  # K x d
+    if cw.size(0) == 1:
+        return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    d = x.size(-1)
+    words = x.reshape(-1, d)
+    top = torch.matmul(words.double(), cw.double().t()).topk(2, dim=-1)  # rows x 2
+    # Both sums of d products are within gamma_d * sum_i |x_i c_i| <= (d + 2) eps |x| |c| of the
+    # exact dot product (any summation order; the float64 one far closer).
+    norms = words.double().norm(dim=-1) * cw.double().norm(dim=-1).max()
+    bound = 2 * (d + 2) * torch.finfo(x.dtype).eps * norms
+    assign = top.indices[:, 0]
+    near = (top.values[:, 0] - top.values[:, 1] <= bound).nonzero()[:, 0]
+    assign[near] = (words[near].unsqueeze(-2) * cw).sum(-1).argmax(-1)
+    return assign.view(x.shape[:-1])
+
+
+@torch.no_grad()
+def assign_step(attn, x: Tensor) -> Tensor:
+    """assign_per_word for the few words of one decoding step, B x d -> B: the elementwise
+    product that defines the assignment, computed for every word (B x K x d is small here),
+    without the float64 screen that spares a full sequence from materialising it."""
+    return (x.unsqueeze(-2) * assignment_directions(attn, x.dtype)).sum(-1).argmax(-1)
+
+
+def assignment_directions(attn, dtype) -> Tensor:
+    """The K x d rows a decoder word's assignment is the argmax against: the router's
+    directions, or C W_C. C W_C is computed once per parameter state (a decoding run calls
+    this at every step of every layer): the cache key holds each parameter's storage and
+    version counter, which every in-place update (an optimizer step, load_state_dict) and
+    every replacement changes."""
+    if attn.router is not None:
+        return attn.router.directions(dtype)
+    params = (attn.centroids, attn.centroid_proj.weight)
+    key = (dtype, *((p.data_ptr(), p._version) for p in params))
+    cached = getattr(attn, "_directions_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, attn.centroid_proj(attn.centroids.to(dtype)))
+        attn._directions_cache = cached
+    return cached[1]
 
 
 def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring") -> Dict[str, Tensor]:
@@ -82,7 +142,7 @@ def step(
     real = None if key_padding_mask is None else ~key_padding_mask.reshape(B).to(torch.bool)
 
     x0 = x[:, 0]  # B x d
-    cluster = attn.assign_step(x0)  # B
+    cluster = assign_step(attn, x0)  # B
     # Three matmuls, not one on concatenated weights: a step has few rows, and concatenating
     # the 3 d x d weights would copy more memory than the matmuls read.
     q, k, v = (p(x0).view(B, H, hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))

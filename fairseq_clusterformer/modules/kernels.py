@@ -1,8 +1,9 @@
 """The fast path's kernels: custom autograd Functions around block attention and clustering.
 
-ClusterAttention (cluster_attention.py) states the algorithm and calls these; reference.py
-computes the same with plain autograd. Each Function here exists for memory or speed, and each
-is checked against the reference path, a float64 oracle and gradcheck in tests/.
+ClusterAttention (cluster_attention.py) calls these on its fast path; its reference path
+computes the same with clustering.py's plain torch functions. Each Function here exists for
+memory or speed, and each is checked against the reference path, a float64 oracle and gradcheck
+in tests/.
 
 Terms used throughout:
     layout      the block layout of the sorted words: M blocks of W rows (M = B K for the encoder),
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-COSINE_EPS = 1e-6  # cosine similarity: a.b / max(|a| |b|, eps)
+from .clustering import COSINE_EPS
 
 # The two row permutations around block attention (words -> block slots -> words) are one-to-one
 # on the rows that matter: every word is in exactly one block slot, and every other row (padding
@@ -397,3 +398,75 @@ def cluster_words(
     return ClusteringFunction.apply(
         x, projected_centroids, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine
     )
+
+
+def attend_in_blocks(
+    attn,
+    x: Tensor,
+    pad: Optional[Tensor],
+    block_word: Tensor,
+    word_row: Tensor,
+    key_ok: Tensor,
+    slot_real: Tensor,
+    paired: bool,
+    heads: Optional[Tuple[int, int]] = None,
+) -> Tensor:
+    """Attention inside blocks of the sorted sequence, back in the original order, out_proj applied.
+
+    attn: the ClusterAttention layer (its projections and head sizes); x: B x N x d; pad: B x N
+    (True at padding) or None; block_word: B x M x W original position held by each block slot
+    (in range everywhere); word_row: B x N the slot (index into M W) of each real word (anything at
+    padding); key_ok: B x M x W x n_keys (or broadcastable) which keys each query may see
+    (n_keys = 2W with ``paired``: block i sees block i-1 then itself; W otherwise);
+    slot_real: B x M x W slots holding a real word (the others see every key, so that their
+    discarded rows stay finite). Returns B x N x d: out_proj of the attention output, which
+    is zero at padding.
+
+    The words are gathered into block order once and projected by one fused q|k|v matmul;
+    the [previous, own] keys and values of every block are overlapping views of that result,
+    so nothing is computed twice. Both row gathers (into block order and back) are one-to-one
+    on the real words, so their backward passes are gathers too, each fused with the
+    projection next to it (GatherProject, ScatterProject).
+
+    heads: (first, end) computes only those heads: their rows of the q/k/v projections and
+    their columns of out_proj (whose bias is added only by the part holding head 0), so the
+    parts of a layer whose heads attend differently add up to the whole layer's output.
+    """
+    B, N, d = x.shape
+    M, W = block_word.shape[1:]
+    hd = attn.head_dim
+    h0, h1 = heads if heads is not None else (0, attn.num_heads)
+    H, cols = h1 - h0, slice(h0 * hd, h1 * hd)
+    seq_start = torch.arange(B, device=x.device)[:, None]
+    word_pad = None if pad is None else pad.view(-1)
+    layout_empty = ~slot_real  # B|1 x M x W
+    filler = W if paired else 0  # W rows in front: the "previous block" of the first block (masked)
+    # Rows of the flattened (B N) x d input that make the layout (filler rows read word 0).
+    layout_word = block_word.new_zeros(filler + B * M * W)
+    torch.add(block_word.view(B, M * W), seq_start, alpha=N, out=layout_word[filler:].view(B, M * W))
+    layout_row = torch.add(word_row, seq_start, alpha=M * W).view(-1)  # layout row of each word
+    layout_row = layout_row if word_pad is None else layout_row.masked_fill_(word_pad, 0)
+    biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    qkv = GatherProject.apply(
+        x.reshape(B * N, d),
+        layout_word,
+        layout_row + filler,
+        word_pad,
+        torch.cat([p.weight[cols] for p in (attn.q_proj, attn.k_proj, attn.v_proj)]),
+        None if biases[0] is None else torch.cat([b[cols] for b in biases]),
+    )  # layout rows x 3 H hd
+    n_keys = 2 * W if paired else W
+    allowed = (key_ok | layout_empty[..., None]).expand(B, M, W, n_keys).reshape(B * M, 1, W, n_keys)
+    dropout_p = attn.dropout if attn.training else 0.0
+    out = block_attention(qkv, allowed, W, H, hd, paired, dropout_p)  # (B M W) x H hd
+    out_weight = attn.out_proj.weight if heads is None else attn.out_proj.weight[:, cols]
+    out = ScatterProject.apply(
+        out,
+        layout_row,
+        word_pad,
+        layout_word[filler:],
+        layout_empty.expand(B, M, W).reshape(-1),
+        out_weight,
+        attn.out_proj.bias if h0 == 0 else None,
+    )
+    return out.view(B, N, d)
