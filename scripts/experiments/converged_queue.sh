@@ -57,6 +57,11 @@ for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("lsh-n-hashes=1 s$s|--models clusterformer --seeds $s --label lsh-n-hashes=1 -- --self-attention-encoder lsh --self-attention-decoder lsh --lsh-n-hashes 1")
     QUEUE+=("lsh-n-hashes=2 s$s|--models clusterformer --seeds $s --label lsh-n-hashes=2 -- --self-attention-encoder lsh --self-attention-decoder lsh --lsh-n-hashes 2")
 done
+# ClusterFormer's encoder with half of its heads local, routing's local-head budget (the encoder
+# --local-heads option is newer than the study's code: these runs use the commit that added it).
+for s in ${SEEDS:-1 2 3}; do
+    QUEUE+=("local-heads=half s$s|--models clusterformer --seeds $s --label local-heads=half --code 574b05d -- --local-heads half")
+done
 
 CLAIMS=work/experiments/queue_claims
 rm -rf "$CLAIMS"
