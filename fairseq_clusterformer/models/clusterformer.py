@@ -10,7 +10,9 @@ The paper's baselines are choices of the same model (``--self-attention-encoder/
 docs/baselines.md): on the encoder side the published reformer-pytorch / routing-transformer
 attentions (fairseq_clusterformer/baselines, imported only when chosen), on the decoder side the
 causal ClusterAttention with their assignment rule (a router). Routing layers' commitment losses,
-averaged over those layers, go to the criterion beside the clustering losses.
+averaged over those layers, go to the criterion beside the clustering losses. Two more
+baselines need only torch (baselines/sparse.py, baselines/linformer.py): ``sparse`` (the Sparse
+Transformer's fixed pattern, both sides) and ``linformer`` (encoder only: no causal form exists).
 """
 
 import argparse
@@ -38,7 +40,8 @@ from torch import Tensor
 from ..modules.cluster_attention import ClusterAttention, parse_num_clusters
 from ..modules.fairseq_cluster_attention import FairseqClusterAttention
 
-ATTENTION_CHOICES = ChoiceEnum(["cluster", "full", "lsh", "routing"])
+# "linformer" is an encoder choice only; the decoder refuses it at build time, saying why.
+ATTENTION_CHOICES = ChoiceEnum(["cluster", "full", "lsh", "routing", "sparse", "linformer"])
 SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
 
 
@@ -109,17 +112,20 @@ class ClusterformerConfig(FairseqDataclass):
         default="cluster",
         metadata={
             "help": "encoder self-attention: cluster (ClusterFormer), full, lsh (Reformer's LSH attention, "
-            "reformer-pytorch) or routing (Routing Transformer, routing-transformer); lsh and routing "
-            "need the baselines extra (pip install -e .[baselines]) and size their buckets/windows from "
-            "k (docs/baselines.md)"
+            "reformer-pytorch), routing (Routing Transformer, routing-transformer), sparse (Sparse "
+            "Transformer's fixed pattern, blocks of ceil(L/k) words) or linformer (keys and values "
+            "projected to --linformer-k rows); lsh and routing need the baselines extra (pip install -e "
+            ".[baselines]); all but linformer size their buckets/windows/blocks from k (docs/baselines.md)"
         },
     )
     self_attention_decoder: ATTENTION_CHOICES = field(
         default="cluster",
         metadata={
             "help": "decoder self-attention: cluster (causal ClusterFormer), full, lsh (the causal "
-            "clustering decoder with LSH buckets of fixed random rotations) or routing (with the "
-            "nearest EMA k-means mean); all but full decode exactly (docs/baselines.md)"
+            "clustering decoder with LSH buckets of fixed random rotations), routing (with the "
+            "nearest EMA k-means mean) or sparse (Sparse Transformer's causal fixed pattern, blocks "
+            "of --causal-window words); cluster, lsh, routing and sparse decode exactly with their own "
+            "caches (docs/baselines.md). linformer is refused: no causal Linformer exists"
         },
     )
     lsh_n_hashes: int = field(
@@ -135,6 +141,14 @@ class ClusterformerConfig(FairseqDataclass):
             "help": "encoder routing: how many heads are local (windowed) heads; the rest are routed "
             "(k-means) heads. An integer below the head count, or 'half' (default). The routing "
             "decoder's split is --causal-local-heads"
+        },
+    )
+    linformer_k: int = field(
+        default=32,
+        metadata={
+            "help": "encoder linformer: k, the rows that keys and values are projected to along the "
+            "sequence (learned E, F of --max-source-positions x k per layer). A sentence of L > k "
+            "words is compressed L/k-fold (docs/baselines.md)"
         },
     )
 
@@ -245,6 +259,45 @@ def build_baseline_encoder_attention(cfg, embed_dim: int, num_heads: int, kind: 
     return FairseqBaselineAttention(attention)
 
 
+LINFORMER_DECODER_REFUSED = (
+    "--self-attention-decoder linformer is refused: a causal Linformer does not exist. Linformer "
+    "projects the keys and values along the whole sequence (E K, F V, each row a mixture of all "
+    "positions), so every projected row mixes future words into a word's attention, and masking "
+    "cannot undo a mixture. Use linformer on the encoder side only, with another decoder "
+    "(--self-attention-decoder full, sparse, cluster, lsh or routing)"
+)
+
+
+def build_torch_baseline_attention(cfg, embed_dim: int, num_heads: int, kind: str, causal: bool):
+    """``sparse`` (both sides) or ``linformer`` (encoder only) self-attention, behind fairseq's
+    attention interface (baselines/sparse.py, baselines/linformer.py; torch only)."""
+    from ..baselines.sparse import FairseqSelfAttention, SparseAttention
+
+    if safe_getattr(cfg, "cross_self_attention", False):
+        raise ValueError(f"--cross-self-attention is not supported with {kind} self-attention")
+    if kind == "linformer":
+        if causal:
+            raise ValueError(LINFORMER_DECODER_REFUSED)
+        from ..baselines.linformer import LinformerAttention
+
+        k = int(safe_getattr(cfg, "linformer_k", CLUSTER_DEFAULTS.linformer_k))
+        if k < 1:
+            raise ValueError(f"--linformer-k must be >= 1, got {k}")
+        max_positions = safe_getattr(cfg, "max_source_positions", None)
+        if not max_positions or int(max_positions) < 1:
+            raise ValueError(f"linformer needs a positive --max-source-positions (its E, F rows), got {max_positions}")
+        attention = LinformerAttention(embed_dim, num_heads, k, int(max_positions), cfg.attention_dropout)
+    elif causal:  # a fixed block length, so that incremental decoding is exact
+        window = int(safe_getattr(cfg, "causal_window", CLUSTER_DEFAULTS.causal_window))
+        if window < 1:
+            raise ValueError(f"--causal-window (the sparse decoder's block length) must be >= 1, got {window}")
+        attention = SparseAttention(embed_dim, num_heads, causal=True, block_len=window, dropout=cfg.attention_dropout)
+    else:  # blocks of ceil(L / k) per sentence; k = 'auto': ceil(sqrt(L))
+        k = _num_clusters(cfg, causal=False)
+        attention = SparseAttention(embed_dim, num_heads, num_blocks=k, dropout=cfg.attention_dropout)
+    return FairseqSelfAttention(attention)
+
+
 class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
     """fairseq's encoder layer whose self-attention clusters; centroids in, centroids out.
 
@@ -252,7 +305,9 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
     ``(x, centroids', clustering_loss, sorting_loss, commitment_loss)``: all tensors or None (the
     losses a layer's attention does not have), so fairseq's activation checkpointing recomputes
     the layer from the same centroids. With ``lsh``/``routing`` the self-attention is a
-    baselines.FairseqBaselineAttention (no centroids; routing has a commitment loss).
+    baselines.FairseqBaselineAttention (no centroids; routing has a commitment loss). With
+    ``sparse``/``linformer`` it is a baselines.sparse.FairseqSelfAttention, which fairseq's own
+    layer code calls (the four extra outputs are None).
     """
 
     def __init__(self, cfg, takes_carried_centroids: bool, return_fc=False):
@@ -267,6 +322,8 @@ class ClusterformerEncoderLayer(TransformerEncoderLayerBase):
             return super().build_self_attention(embed_dim, cfg)
         if kind in ("lsh", "routing"):
             return build_baseline_encoder_attention(cfg, embed_dim, cfg.encoder.attention_heads, kind)
+        if kind in ("sparse", "linformer"):  # fairseq's own layer code calls them (no ``attend``)
+            return build_torch_baseline_attention(cfg, embed_dim, cfg.encoder.attention_heads, kind, causal=False)
         return build_cluster_attention(
             cfg,
             embed_dim,
@@ -325,7 +382,9 @@ class ClusterformerDecoderLayer(TransformerDecoderLayerBase):
         if kind == "full":
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
         if add_bias_kv or add_zero_attn:
-            raise ValueError("add_bias_kv/add_zero_attn are not supported with clustering self-attention")
+            raise ValueError(f"add_bias_kv/add_zero_attn are not supported with {kind} self-attention")
+        if kind in ("sparse", "linformer"):
+            return build_torch_baseline_attention(cfg, embed_dim, cfg.decoder.attention_heads, kind, causal=True)
         return build_cluster_attention(cfg, embed_dim, cfg.decoder.attention_heads, causal=True, router=kind)
 
     def forward(self, *args, **kwargs):
@@ -614,6 +673,7 @@ def _set_cluster_defaults(args):
         "self_attention_decoder",
         "lsh_n_hashes",
         "routing_local_heads",
+        "linformer_k",
     ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))
