@@ -62,6 +62,13 @@ done
 for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("local-heads=half s$s|--models clusterformer --seeds $s --label local-heads=half --code 574b05d -- --local-heads half")
 done
+# The Sparse Transformer (fixed pattern on both sides) and the Linformer (encoder only; the
+# decoder stays ClusterFormer's, so the row differs from ClusterFormer's in the encoder alone), at
+# the commit that added them.
+for s in ${SEEDS:-1 2 3}; do
+    QUEUE+=("sparse s$s|--models clusterformer --seeds $s --label sparse --code 95dbe7f -- --self-attention-encoder sparse --self-attention-decoder sparse")
+    QUEUE+=("linformer s$s|--models clusterformer --seeds $s --label linformer --code 95dbe7f -- --self-attention-encoder linformer")
+done
 
 CLAIMS=work/experiments/queue_claims
 rm -rf "$CLAIMS"
