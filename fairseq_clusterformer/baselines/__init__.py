@@ -1,4 +1,5 @@
-"""The paper's baselines beside ClusterFormer: Reformer (LSH) and Routing Transformer attention.
+"""The baselines beside ClusterFormer: Reformer (LSH), Routing Transformer, Sparse Transformer and
+Linformer attention.
 
 Encoder side: the published implementations (``reformer-pytorch``, ``routing-transformer``,
 the ``baselines`` extra of setup.py), in small subclasses that fix their padding dependence,
@@ -9,7 +10,11 @@ Decoder side: the project's exact causal clustering attention (ClusterAttention,
 with the assignment rule swapped for a router (routers.py): LSH hashing with fixed rotations,
 or the nearest k-means centroid. docs/baselines.md has what comes from where, and why.
 
-This file and routers.py / kmeans.py import only torch.
+The Sparse Transformer's fixed pattern (sparse.py, both sides, with its own exact decoding
+cache) and the Linformer (linformer.py, encoder only) are written here in torch; sparse.py's
+FairseqSelfAttention adapter (which imports fairseq) gives both fairseq's attention interface.
+
+This file and routers.py / kmeans.py / linformer.py import only torch.
 """
 
 from .routers import LSHRouter, RoutingRouter  # noqa: F401

@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sparse import _check_positive_int
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 class LinformerAttention(nn.Module):

@@ -31,11 +31,7 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+from .linformer import _check_positive_int
 
 
 def sentence_block_lengths(lengths: Tensor, num_blocks: Union[int, str, None], block_len: Optional[int]) -> Tensor:
