@@ -642,3 +642,143 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer block of docs/results.md (rendered by the report)
+
+# What each system of the converged study is, in the settings that differ from ClusterFormer's.
+SYSTEM_NOTES = {
+    "transformer/base": "fairseq's Transformer, full attention",
+    "clusterformer/base": "ClusterFormer, k = 3 (the paper's MT setting), losses weighted 0.01",
+    "clusterformer/decoder-full": "ClusterFormer's encoder, full-attention decoder",
+    "clusterformer/lsh": "Reformer: LSH attention, 8 hash rounds (the package default)",
+    "clusterformer/lsh-n-hashes=1": "Reformer: LSH attention, 1 hash round",
+    "clusterformer/lsh-n-hashes=2": "Reformer: LSH attention, 2 hash rounds",
+    "clusterformer/routing": "Routing Transformer: half of the encoder heads local, with rotary positions",
+    "clusterformer/routing-local-heads=0": "Routing Transformer without encoder local heads",
+    "clusterformer/local-heads=half": "ClusterFormer with half of its encoder heads local (routing's budget)",
+    "clusterformer/sparse": "Sparse Transformer: fixed pattern, blocks of ⌈L/3⌉ words",
+    "clusterformer/linformer": "Linformer encoder (k = 32), ClusterFormer's decoder",
+    "clusterformer/k=2": "ClusterFormer, k = 2",
+    "clusterformer/k=4": "ClusterFormer, k = 4",
+    "clusterformer/k=6": "ClusterFormer, k = 6",
+    "clusterformer/k=8": "ClusterFormer, k = 8",
+    "clusterformer/no-clustering-loss": "ClusterFormer without the clustering loss",
+    "clusterformer/no-sorting-loss": "ClusterFormer without the sorting loss",
+    "clusterformer/no-cluster-losses": "ClusterFormer without either loss",
+}
+
+SETTINGS_ONLY = {s for s in SYSTEM_NOTES if s.startswith(("clusterformer/k=", "clusterformer/no-"))}
+
+# The paper's claims (and the like-for-like checks of its baselines): (claim, system A, system B).
+CLAIMS = (
+    ("ClusterFormer is better than the Transformer", "clusterformer/base", "transformer/base"),
+    ("ClusterFormer is better than Reformer (8 hash rounds)", "clusterformer/base", "clusterformer/lsh"),
+    ("ClusterFormer is better than Reformer (1 hash round)", "clusterformer/base", "clusterformer/lsh-n-hashes=1"),
+    ("ClusterFormer is better than Reformer (2 hash rounds)", "clusterformer/base", "clusterformer/lsh-n-hashes=2"),
+    ("ClusterFormer is better than the Routing Transformer", "clusterformer/base", "clusterformer/routing"),
+    (
+        "ClusterFormer is better than routing without its local heads",
+        "clusterformer/base",
+        "clusterformer/routing-local-heads=0",
+    ),
+    (
+        "at routing's local-head budget, ClusterFormer is better than routing",
+        "clusterformer/local-heads=half",
+        "clusterformer/routing",
+    ),
+    ("ClusterFormer is better than the Sparse Transformer", "clusterformer/base", "clusterformer/sparse"),
+    ("ClusterFormer is better than the Linformer encoder", "clusterformer/base", "clusterformer/linformer"),
+    ("the clustering loss helps", "clusterformer/base", "clusterformer/no-clustering-loss"),
+    ("the sorting loss helps", "clusterformer/base", "clusterformer/no-sorting-loss"),
+    ("the two losses help", "clusterformer/base", "clusterformer/no-cluster-losses"),
+)
+
+
+def _system_name(system: str) -> str:
+    model, _, variant = system.partition("/")
+    return model if variant == "base" else variant
+
+
+def answer_markdown(
+    records: Sequence[dict],
+    test_sets: Sequence[str] = ("test_2016", "test_2017"),
+    against: str = "transformer/base",
+    n_resamples: int = 10000,
+    seed: int = DEFAULT_SEED,
+    alpha: float = 0.05,
+    repo=None,
+) -> List[str]:
+    """The systems table (sacreBLEU on the first test set, mean and 95 % CI over seeds, Δ against
+    AGAINST with both tests and a verdict, Δ on the other test sets) and the claims table, as
+    Markdown lines. Systems without records are left out; claims without them say so."""
+    systems = [s for s in SYSTEM_NOTES if any(f"{r['model']}/{r['variant']}" == s for r in records)]
+    runs = {s: system_runs(records, s) for s in systems}
+    stats = {}
+    for test_set in test_sets:
+        ids = [r["run_id"] for s in systems for r in runs[s].values()]
+        refs, hyps = load_translations(records, ids, test_set, repo)
+        extract = SentenceStats(refs, "BLEU")
+        stats[test_set] = {s: {k: extract(hyps[r["run_id"]], r["run_id"]) for k, r in runs[s].items()} for s in systems}
+
+    def cmp(a, b, test_set):
+        return compare_stats(stats[test_set][a], stats[test_set][b], "BLEU", n_resamples, seed)
+
+    main, others = test_sets[0], test_sets[1:]
+    ref_name = _system_name(against)
+    out = [
+        f"| system | what it is | seeds | {main} BLEU, mean ± 95 % CI over seeds | Δ vs {ref_name} "
+        f"[bootstrap 95 % CI] | bootstrap p | t-test p | verdict | "
+        + " | ".join(f"Δ on {t} [bootstrap 95 % CI]" for t in others)
+        + (" |" if others else ""),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(others),
+    ]
+    for s in systems:
+        if s in SETTINGS_ONLY:  # ClusterFormer's k and loss ablations: the claims table and the appendix
+            continue
+        scores = {k: float(bleu_from_stats(st.sum(axis=0))) for k, st in stats[main][s].items()}
+        cells = [_system_name(s), SYSTEM_NOTES[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
+        if s == against:
+            cells += ["–", "–", "–", "(reference)"] + ["–"] * len(others)
+        else:
+            c = cmp(s, against, main)
+            b, t = c.bootstrap, c.ttest
+            cells += [
+                f"{b.delta:+.2f} [{b.ci_low:+.2f}, {b.ci_high:+.2f}]",
+                _fmt_p(b.p),
+                "–" if t is None else _fmt_p(t.p),
+                verdict(c, alpha, _system_name(s)),
+            ]
+            for other in others:
+                o = cmp(s, against, other).bootstrap
+                cells.append(f"{o.delta:+.2f} [{o.ci_low:+.2f}, {o.ci_high:+.2f}]")
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"| claim | A vs B | Δ = A − B on {main} [bootstrap 95 % CI] | bootstrap p | t-test p (common seeds) "
+        f"| verdict on {main} | " + " | ".join(f"verdict on {t}" for t in others) + (" |" if others else ""),
+        "|---|---|---|---|---|---|" + "---|" * len(others),
+    ]
+    for claim, a, b in CLAIMS:
+        pair = f"{_system_name(a)} vs {_system_name(b)}"
+        if a not in runs or b not in runs:
+            missing = " and ".join(_system_name(x) for x in (a, b) if x not in runs)
+            out.append("| " + " | ".join([claim, pair, f"not run yet ({missing})"] + [""] * (3 + len(others))) + " |")
+            continue
+        c = cmp(a, b, main)
+        bt, t = c.bootstrap, c.ttest
+        tt = "–" if t is None else f"{_fmt_p(t.p)} ({','.join(map(str, c.common_seeds))})"
+        cells = [claim, pair, f"{bt.delta:+.2f} [{bt.ci_low:+.2f}, {bt.ci_high:+.2f}]", _fmt_p(bt.p), tt]
+        cells.append(verdict(c, alpha, _system_name(a)))
+        cells += [verdict(cmp(a, b, other), alpha, _system_name(a)) for other in others]
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"BLEU: sacreBLEU on detokenised output. Δ: mean over each system's seeds of its corpus BLEU, A − B. "
+        f"Bootstrap: {n_resamples:,} paired resamples of the test sentences (seed {seed}), the same indices for "
+        "every seed of both systems; percentile CI; two-sided p of the centred resamples. t-test: paired over "
+        f"the seeds both systems have. A verdict names a better or worse system only where both tests reject at "
+        f"{alpha}; otherwise it says so (scripts/experiments/significance.py).",
+    ]
+    return out

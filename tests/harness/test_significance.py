@@ -396,3 +396,27 @@ def test_command_line_prints_the_answer_tables(tmp_path, capsys, monkeypatch):
     assert "| 1,2,3 |" in rows["good base"] and "(1,2)" in rows["good base"]
     assert "| – (under two common seeds) | – |" in rows["good one"]
     assert "#### test_2016: good base against each system (BLEU; Δ = good base − system)" in out
+
+
+def test_answer_tables_agree_with_direct_comparisons():
+    """The answer block's rows are the comparisons of compare_stats on the committed runs; a claim
+    whose systems have no runs says so instead of a verdict."""
+    records = sig.load_records(sig.REPO / "docs/results/multi30k_annealed.jsonl")
+    lines = sig.answer_markdown(records, n_resamples=200)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
+    ids = [r["run_id"] for r in records if r["variant"] == "base"]
+    refs, hyps = sig.load_translations(records, ids, "test_2016")
+    by = {
+        m: {r["seed"]: hyps[r["run_id"]] for r in records if r["variant"] == "base" and r["model"] == m}
+        for m in ("clusterformer", "transformer")
+    }
+    c = sig.compare_systems(by["clusterformer"], by["transformer"], refs, n_resamples=200)
+    cells = rows["clusterformer"]
+    assert cells[4] == f"{c.delta:+.2f} [{c.bootstrap.ci_low:+.2f}, {c.bootstrap.ci_high:+.2f}]"
+    assert cells[7] == sig.verdict(c, name="clusterformer")
+    assert "k=4" not in rows and "no-sorting-loss" not in rows  # settings of ClusterFormer: claims table only
+    claim = rows["ClusterFormer is better than the Transformer"]
+    assert claim[2] == cells[4] and claim[5] == cells[7]
+    absent = [r for r in lines if "Sparse Transformer" in r]
+    if not any(r["variant"] == "sparse" for r in records):
+        assert absent and "not run yet (sparse)" in absent[0]
