@@ -79,7 +79,6 @@ setup(
             "clusterformer-choose-k = fairseq_clusterformer.tools.choose_k:main",
             "clusterformer-show-clusters = fairseq_clusterformer.tools.show_clusters:main",
             "clusterformer-average-checkpoints = fairseq_clusterformer.tools.average_checkpoints:main",
-            "clusterformer-prepare-data = fairseq_clusterformer.tools.prepare_data:main",
             "clusterformer-mt-prep = fairseq_clusterformer.tools.mt_prep:_cli",
             "clusterformer-autoload = fairseq_clusterformer_autoload:main",
         ]

@@ -34,6 +34,17 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
                   SelfAttention), k clusters, windows of ceil(N/k), --local-heads local heads; its
                   commitment loss is part of the backward pass. The baselines need the baselines
                   extra and are not in the default --impl list (docs/baselines.md).
+  sparse          the Sparse Transformer baseline (--self-attention-encoder sparse,
+                  fairseq_clusterformer/baselines/sparse.py): the fixed pattern, blocks of
+                  l = ceil(N/k) words (k = sqrt: l about sqrt(N), the paper's choice), each attending
+                  to its block and to every block's last word. Torch only.
+  sparse-causal   the same, causal (--self-attention-decoder sparse): blocks of --window words
+                  (default ceil(N/k)), each word attending to its block up to itself and to the last
+                  word of every earlier block.
+  linformer-32, linformer-256
+                  the Linformer baseline (--self-attention-encoder linformer, baselines/linformer.py):
+                  keys and values projected along the sequence to 32 (the model's default
+                  --linformer-k) or 256 rows, with E, F of N x k. Not in the default --impl list.
 
 Every implementation but flash gets a key_padding_mask (all False: every token is real).
 
@@ -78,6 +89,8 @@ import sys
 import time
 from pathlib import Path
 
+from scripts.harness_common import CpuPeak, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = (
     "cluster",
@@ -93,57 +106,24 @@ IMPLS = (
     "routing",
     "cluster-blocks",
     "cluster-causal-blocks",
+    "sparse",
+    "sparse-causal",
+    "linformer-32",
+    "linformer-256",
 )
 DEFAULT_IMPLS = IMPLS[:5]
 # cluster-blocks / cluster-causal-blocks: the block layout at every length (dense_max_len=0),
 # against which the short-sequence dense path (ClusterAttention's dense_max_len) is measured
 CLUSTER_IMPLS = ("cluster", "cluster-causal", "cluster-blocks", "cluster-causal-blocks")
 BASELINE_IMPLS = ("lsh-1", "lsh-4", "lsh-8", "routing")
-K_IMPLS = CLUSTER_IMPLS + BASELINE_IMPLS  # the implementations that take --k
+SPARSE_IMPLS = ("sparse", "sparse-causal")  # Sparse Transformer: blocks of ceil(N/k) (causal: --window)
+K_IMPLS = CLUSTER_IMPLS + BASELINE_IMPLS + SPARSE_IMPLS  # the implementations that take --k
 CSV_COLUMNS = ["impl", "n", "k", "batch", "mode", "device", "time_ms", "peak_mb"]
 MiB = 1024 * 1024
 
 
 # ----------------------------------------------------------------------------------------------
 # worker side (runs in its own process)
-def _proc_status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB -> bytes
-    raise KeyError(field)
-
-
-class CpuPeak:
-    """Extra resident memory of a block of code: peak RSS during it minus RSS before it."""
-
-    def __init__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "vmhwm"
-        except OSError:  # no clear_refs: ru_maxrss cannot be reset; a fresh process keeps it fair
-            self.method = "ru_maxrss"
-
-    def _peak(self):
-        if self.method == "vmhwm":
-            return _proc_status("VmHWM")
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def start(self):
-        if self.method == "vmhwm":
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the high-water mark to the current RSS
-            self.base = _proc_status("VmRSS")
-        else:
-            self.base = self._peak()
-
-    def stop(self):
-        return max(self._peak() - self.base, 0)
-
-
 def _limit_memory(cap_gb):
     """From now on, allocating more than cap_gb GiB of further address space raises MemoryError /
     RuntimeError in this process (instead of waking the system's OOM killer). 0: no limit."""
@@ -151,7 +131,7 @@ def _limit_memory(cap_gb):
         return
     import resource
 
-    limit = _proc_status("VmSize") + int(cap_gb * 1024**3)
+    limit = proc_status("VmSize") + int(cap_gb * 1024**3)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
 
 
@@ -214,6 +194,24 @@ def build(impl, d, heads, k, n, window, device, local_heads="half", dense_max_le
 
         def step(x, kpm):
             return m(x, kpm)  # (out, the routing commitment loss or None)
+
+        return step, False, m
+    if impl in SPARSE_IMPLS or impl.startswith("linformer-"):
+        if impl == "sparse":
+            from fairseq_clusterformer.baselines.sparse import SparseAttention
+
+            m = SparseAttention(d, heads, num_blocks=k).to(device)
+        elif impl == "sparse-causal":
+            from fairseq_clusterformer.baselines.sparse import SparseAttention
+
+            m = SparseAttention(d, heads, causal=True, block_len=window or -(-n // k)).to(device)
+        else:
+            from fairseq_clusterformer.baselines.linformer import LinformerAttention
+
+            m = LinformerAttention(d, heads, proj_len=int(impl.split("-")[1]), max_positions=n).to(device)
+
+        def step(x, kpm):
+            return m(x, kpm), None
 
         return step, False, m
 
@@ -604,7 +602,7 @@ def read_rows(path):
 
 def series_label(r):
     """'cluster k=sqrt' / 'cluster k=3' / 'full'."""
-    if r["impl"] not in CLUSTER_IMPLS:
+    if r["impl"] not in CLUSTER_IMPLS + SPARSE_IMPLS:
         return r["impl"]
     k = int(r["k"])
     return f"{r['impl']} k={'sqrt' if k == math.ceil(math.sqrt(r['n'])) and k != 3 else k}"
@@ -1018,7 +1016,7 @@ def main(argv=None):
         "--window",
         type=int,
         default=0,
-        help="cluster-causal window (default ceil(N/k))",
+        help="cluster-causal window and sparse-causal block length (default ceil(N/k))",
     )
     p.add_argument(
         "--local-heads",

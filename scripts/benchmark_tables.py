@@ -9,8 +9,8 @@ attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv,
 profile_*.txt), and docs/data/gpu/ for the GPU section
 (bench_attention.csv, translation.csv, cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
-the blocks is left alone. A missing or empty CSV is an error: a table is never replaced by
-nothing.
+the blocks is left alone (scripts/harness_common.py rewrites them). A missing or empty CSV is an
+error: a table is never replaced by nothing.
 """
 
 import argparse
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from scripts.benchmark_attention import fit_exponent, read_rows, series_label
+from scripts.harness_common import GeneratedBlockError, generated_blocks, rewrite_generated
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -392,14 +393,16 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
 
 
 def render(text, generated):
-    for name, body in generated.items():
-        begin, end = f"<!-- BEGIN GENERATED {name} -->", f"<!-- END GENERATED {name} -->"
-        if begin not in text or end not in text:
+    """TEXT with the body of each generated block named in GENERATED (name -> markdown) replaced."""
+    try:
+        present = {block.tag for block in generated_blocks(text)}
+    except GeneratedBlockError as err:
+        raise TableError(f"{DOC.name}: {err}") from None
+    for name in generated:
+        if name not in present:
+            begin, end = f"<!-- BEGIN GENERATED {name} -->", f"<!-- END GENERATED {name} -->"
             raise TableError(f"{DOC.name} has no '{begin}' ... '{end}' block for the {name} table")
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{begin}\n{body}\n{end}{tail}"
-    return text
+    return rewrite_generated(text, generated)
 
 
 def main(argv=None):

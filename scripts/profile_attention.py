@@ -108,7 +108,7 @@ def main(argv=None):
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
     if args.memory:
-        from scripts.benchmark_attention import CpuPeak
+        from scripts.harness_common import CpuPeak
 
         meter = CpuPeak()
         meter.start()

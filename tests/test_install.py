@@ -1,8 +1,13 @@
-"""The install path: the plugin's fairseq check, --user-dir registration, the bootstrap fast path."""
+"""The install path: the plugin's fairseq check, --user-dir registration, the bootstrap fast path,
+and a non-editable install's console command run from another folder."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 from fairseq_helpers import REPO, run
 
@@ -74,3 +79,49 @@ def test_bootstrap_second_run_is_the_fast_path():
     out = run(["bash", REPO / "scripts" / "bootstrap.sh"], env=env)
     assert "environment up to date" in out.stdout, out.stdout
     assert "installing" not in out.stdout
+
+
+def _tree(folder):
+    """{path: (size, mtime)} of every file and folder under FOLDER."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).rglob("*")}
+
+
+@pytest.mark.install
+def test_non_editable_install_runs_choose_k_from_any_folder(tmp_path):
+    """`pip install .` (not editable) into a throwaway folder: clusterformer-choose-k answers --help
+    and plans a sweep (--dry-run) from another folder, with its defaults in that folder (output
+    under ./work/choose_k, fairseq's --user-dir the installed package), and writes nothing into the
+    installed package, nor anything at all in a dry run. The harness (scripts/) is not installed."""
+    src, site, cwd = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    # a copy of the sources: building in place would leave build/ and *.egg-info in the checkout
+    shutil.copytree(
+        REPO / "fairseq_clusterformer", src / "fairseq_clusterformer", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("setup.py", "README.md", "pyproject.toml", "fairseq_clusterformer_autoload.py"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    run([*pip, "--target", site, src], timeout=300)
+    assert sorted(p.name for p in (site / "bin").iterdir()) == [
+        "clusterformer-autoload",
+        "clusterformer-average-checkpoints",
+        "clusterformer-choose-k",
+        "clusterformer-mt-prep",
+        "clusterformer-show-clusters",
+    ]
+    assert not (site / "scripts").exists() and not (site / "fairseq_clusterformer" / "tools" / "expkit.py").exists()
+    cwd.mkdir()
+    installed = _tree(site)
+    # the installed copy, not the checkout's: PYTHONPATH comes before the editable install's finder
+    env = {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    choose_k = site / "bin" / "clusterformer-choose-k"
+    out = run([choose_k, "--help"], cwd=cwd, env=env).stdout
+    assert "--dry-run" in out and "(default: work/choose_k)" in " ".join(out.split())
+    out = run(
+        [choose_k, "--data", "data-bin", "--ks", "2,4", "--max-update", "5", "--dry-run"], cwd=cwd, env=env
+    ).stdout
+    assert out.count("would train 5 updates") == 2
+    assert f"--user-dir {site / 'fairseq_clusterformer'} " in out
+    assert "--save-dir work/choose_k/k4.s1/checkpoints" in out
+    assert f"would write {cwd / 'work' / 'choose_k' / 'choose_k.json'}" in out
+    assert list(cwd.iterdir()) == []
+    assert _tree(site) == installed

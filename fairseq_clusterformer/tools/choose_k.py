@@ -3,7 +3,7 @@
 
     clusterformer-choose-k --data DATA_BIN --ks 1,2,3,4,6,8 --max-update 300 \\
         [--arch clusterformer_iwslt] [--seeds 1] [--tolerance 0.05|auto] \\
-        [--schedule inverse_sqrt|anneal [--anneal-over T]] [--out work/choose_k] \\
+        [--schedule inverse_sqrt|anneal [--anneal-over T]] [--out work/choose_k] [--dry-run] \\
         [-- extra fairseq-train arguments, e.g. --max-tokens 4096 --lr 5e-4]
 
 Trains one ClusterFormer per k (``--num-clusters k``; the decoder uses k too unless the extra
@@ -21,7 +21,9 @@ from its checkpoint with --keep-checkpoints and fairseq-train --max-update T).
 For each k it records the best validation nll and loss, the training wall time, fairseq's training
 throughput (target tokens/s) and the peak memory of the training process; writes
 OUT/choose_k.json and OUT/choose_k.csv, plots quality and cost against k (OUT/choose_k.png) and
-prints a recommendation.
+prints a recommendation. OUT (default work/choose_k) is relative to the current directory, where
+fairseq-train also runs; ``--dry-run`` prints the training commands and the files it would write,
+and writes nothing.
 
 The rule: among the k whose best validation nll (mean over seeds) is within --tolerance
 (bits/token) of the best k's, recommend the largest. A larger k makes the attention cheaper on
@@ -46,8 +48,21 @@ import json
 import sys
 from pathlib import Path
 
-from . import expkit, stats
-from .expkit import REPO, say
+from . import stats
+from .runs import (
+    SMALL_MODEL,
+    TRAIN_SETTINGS,
+    USER_DIR,
+    annealed_settings,
+    best_valid,
+    machine_info,
+    parse_train_log,
+    run_measured,
+    say,
+    shell_join,
+    split_extra_args,
+    train_command,
+)
 
 
 def recommend(rows, tolerance, test=None):
@@ -228,7 +243,7 @@ def plot(rows, path, title):
 
 
 def main(argv=None):
-    argv, extra = expkit.split_extra_args(argv)
+    argv, extra = split_extra_args(argv)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
@@ -262,12 +277,20 @@ def main(argv=None):
     p.add_argument(
         "--model-args",
         default=None,
-        help=f"model size arguments (default: {' '.join(expkit.SMALL_MODEL)}; '' for the arch's)",
+        help=f"model size arguments (default: {' '.join(SMALL_MODEL)}; '' for the arch's)",
     )
-    p.add_argument("--out", type=Path, default=REPO / "work" / "choose_k", help="output folder")
-    p.add_argument("--user-dir", default=expkit.USER_DIR)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("work") / "choose_k",
+        help="output folder, relative to the current directory (default: %(default)s)",
+    )
+    p.add_argument("--user-dir", default=USER_DIR, help="fairseq's --user-dir (default: this package, %(default)s)")
     p.add_argument("--keep-checkpoints", action="store_true", help="save checkpoints (default: --no-save)")
     p.add_argument("--force", action="store_true", help="train again the (k, seed) pairs already in OUT")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the fairseq-train commands and the output files; write nothing"
+    )
     a = p.parse_args(argv)
     try:
         ks = [int(k) for k in a.ks.split(",") if k]
@@ -289,8 +312,9 @@ def main(argv=None):
     anneal_over = (a.anneal_over or a.max_update) if a.schedule == "anneal" else None
     if a.tolerance == "auto" and len(set(seeds)) < 2:
         p.error("--tolerance auto measures the seed spread: give two seeds or more (e.g. --seeds 1,2)")
-    model_args = expkit.SMALL_MODEL if a.model_args is None else a.model_args.split()
-    a.out.mkdir(parents=True, exist_ok=True)
+    model_args = SMALL_MODEL if a.model_args is None else a.model_args.split()
+    if not a.dry_run:
+        a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "choose_k.json"
     stored = json.loads(store.read_text()) if store.exists() else {}
 
@@ -310,7 +334,7 @@ def main(argv=None):
     other_runs = [r for r in stored_runs if not this_sweep(r)]
     runs = [] if a.force else [r for r in stored_runs if this_sweep(r)]
     have = {(r["k"], r["seed"]) for r in runs}
-    settings = expkit.TRAIN_SETTINGS if a.schedule == "inverse_sqrt" else expkit.annealed_settings(anneal_over)
+    settings = TRAIN_SETTINGS if a.schedule == "inverse_sqrt" else annealed_settings(anneal_over)
     for seed in seeds:
         for k in ks:
             if (k, seed) in have:
@@ -318,9 +342,9 @@ def main(argv=None):
                 continue
             run_dir = a.out / f"k{k}.s{seed}"
             log = run_dir / "train.log"
-            if log.exists():
+            if log.exists() and not a.dry_run:
                 log.unlink()
-            cmd = expkit.train_command(
+            cmd = train_command(
                 a.data,
                 run_dir / "checkpoints",
                 a.arch,
@@ -333,12 +357,16 @@ def main(argv=None):
                 user_dir=a.user_dir,
             )
             over = f" of {anneal_over}" if anneal_over and anneal_over != a.max_update else ""
+            if a.dry_run:
+                say(f"k={k} seed {seed}: would train {a.max_update}{over} updates ({a.schedule}), log {log}")
+                print("    " + shell_join(cmd), flush=True)
+                continue
             say(f"k={k} seed {seed}: training {a.max_update}{over} updates ({a.schedule})")
-            measured = expkit.run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
-            parsed = expkit.parse_train_log(log.read_text())
+            measured = run_measured(cmd, log, echo=r"done training|Error|error:|Traceback")
+            parsed = parse_train_log(log.read_text())
             if measured["rc"] != 0 or not parsed["done"]:
                 sys.exit(f"fairseq-train failed for k={k} (exit {measured['rc']}); see {log}")
-            best = expkit.best_valid(parsed) or {}
+            best = best_valid(parsed) or {}
             run = {
                 "k": k,
                 "seed": seed,
@@ -354,7 +382,7 @@ def main(argv=None):
                 "train_wall_s": parsed["train_wall_s"],
                 "tokens_per_s": parsed["tokens_per_s"],
                 "peak_rss_mb": measured["peak_rss_mb"],
-                "command": expkit.shell_join(cmd),
+                "command": shell_join(cmd),
             }
             say(
                 f"k={k} seed {seed}: valid nll {run['valid_nll']} | {run['wall_s']:.0f} s | "
@@ -363,12 +391,16 @@ def main(argv=None):
             runs.append(run)
             # keep partial progress
             store.write_text(json.dumps({"runs": runs, "other_runs": other_runs}, indent=2) + "\n")
+    if a.dry_run:
+        files = ", ".join(str(Path.cwd() / a.out / name) for name in ("choose_k.json", "choose_k.csv", "choose_k.png"))
+        print(f"dry run: nothing trained or written; would write {files}")
+        return 0
     rows = aggregate(runs)
     tolerance = seed_spread(runs) if a.tolerance == "auto" else a.tolerance
     test = k_test(runs)
     k, sentence = recommend(rows, tolerance, test)
     result = {
-        "invocation": expkit.shell_join(["clusterformer-choose-k", *argv, *(["--", *extra] if extra else [])]),
+        "invocation": shell_join(["clusterformer-choose-k", *argv, *(["--", *extra] if extra else [])]),
         "runs": runs,
         "other_runs": other_runs,
         "per_k": rows,
@@ -382,7 +414,7 @@ def main(argv=None):
         "anneal_over": anneal_over,
         "k_test": test,
         "seeds": seeds,
-        "machine": expkit.machine_info(),
+        "machine": machine_info(),
     }
     store.write_text(json.dumps(result, indent=2) + "\n")
     with open(a.out / "choose_k.csv", "w", newline="", encoding="utf-8") as f:

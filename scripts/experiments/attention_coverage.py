@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fairseq_clusterformer.tools import expkit
-from fairseq_clusterformer.tools.expkit import REPO, say
+from scripts.experiments import expkit
+from scripts.experiments.expkit import REPO, say
 
 KIND = "attention_coverage"
 DEFAULT_RESULTS = REPO / "docs" / "results" / "multi30k_annealed.jsonl"
@@ -347,10 +347,8 @@ def main(argv=None):
         ),
         "machine": expkit.machine_info(),
     }
-    from scripts.experiments.run_side_by_side import _portable
-
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(_portable(result), indent=2) + "\n")
+    a.out.write_text(json.dumps(expkit.portable(result), indent=2) + "\n")
     print("\n".join(render_markdown(result)))
     say(f"wrote {a.out}")
     return 0

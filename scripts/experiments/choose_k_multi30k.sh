@@ -25,9 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from scripts.experiments.run_side_by_side import _portable
+from scripts.experiments.expkit import portable
 
-result = _portable(json.loads(Path(sys.argv[1]).read_text()))
+result = portable(json.loads(Path(sys.argv[1]).read_text()))
 result["invocation"] = result["invocation"].replace("clusterformer-choose-k", "OMP_NUM_THREADS=1 clusterformer-choose-k", 1)
 Path(sys.argv[2]).write_text(json.dumps(result, indent=2) + "\n")
 print(f"published {sys.argv[2]}")

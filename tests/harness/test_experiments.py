@@ -1,6 +1,7 @@
-"""Smoke tests of the experiment tools: clusterformer-show-clusters, clusterformer-choose-k and
-python -m scripts.experiments.run_side_by_side, on the toy corpus with tiny models and a few updates.
-The real runs (minutes to hours) and their results are in docs/results.md."""
+"""Smoke tests of the experiment harness: python -m scripts.experiments.run_side_by_side (prepare, run,
+refresh) and scripts.experiments.report, on the toy corpus with tiny models and a few updates, and
+the report against the committed raw results. The real runs (minutes to hours) and their results
+are in docs/results.md."""
 
 import json
 import os
@@ -12,9 +13,8 @@ import pytest
 import sacrebleu
 import torch
 
-from fairseq_clusterformer.tools import choose_k, expkit
-from fairseq_helpers import REPO, cli, run
-from scripts.experiments import run_side_by_side
+from fairseq_helpers import REPO, run
+from scripts.experiments import expkit, report, run_side_by_side
 
 PY = sys.executable
 TINY_MODEL = (
@@ -24,294 +24,9 @@ TINY_MODEL = (
 )
 
 
-def test_show_clusters_text_and_png(smoke_checkpoint_dir, toy_bin, tmp_path, capsys):
-    from fairseq_clusterformer.tools import show_clusters
-
-    out = tmp_path / "clusters.png"
-    assert (
-        show_clusters.main(
-            [
-                "--path",
-                str(smoke_checkpoint_dir / "checkpoint_last.pt"),
-                "--data",
-                str(toy_bin),
-                "--sentence",
-                "s1 s2 s3 s4 s5 s6 s7",
-                "--target",
-                "t1 t2 t3 t4 t5 t6 t7",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    text = capsys.readouterr().out
-    for side in ("encoder", "decoder"):
-        for layer in (1, 2):
-            assert f"{side} layer {layer}:" in text
-
-    def listed(block):
-        return sorted(
-            w
-            for line in block.splitlines()
-            if line.strip().startswith("cluster")
-            for w in line.split(":", 1)[1].split()
-        )
-
-    # every token is listed once per layer, under exactly one cluster
-    enc1 = text.split("encoder layer 1:")[1].split("encoder layer 2:")[0]
-    assert listed(enc1) == sorted("s1 s2 s3 s4 s5 s6 s7 </s>".split())
-    dec1 = text.split("decoder layer 1:")[1].split("decoder layer 2:")[0]
-    assert listed(dec1) == sorted("</s> t1 t2 t3 t4 t5 t6 t7".split())  # the decoder's input
-    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.stat().st_size < 200_000
-
-
-def test_show_clusters_unknown_tokens_stdin_and_stats(smoke_checkpoint_dir, toy_bin, monkeypatch, capsys):
-    import io
-
-    from fairseq_clusterformer.tools import show_clusters
-
-    model, task = show_clusters.load(smoke_checkpoint_dir / "checkpoint_last.pt", toy_bin)
-    assignments, warnings = show_clusters.cluster_assignments(model, task, "s1 s2 zzz")
-    words, layers = assignments["encoder"]
-    assert words == ["s1", "s2", "zzz", "</s>"] and len(layers) == 2
-    assert all(len(ids) == 4 and all(0 <= c < 3 for c in ids) for ids in layers)
-    assert "decoder" not in assignments
-    assert any("zzz" in w for w in warnings)  # unknown tokens are reported
-    stats = show_clusters.cluster_stats(model, task, ["s1 s2 s3", "s4 s5", ""], ["t1 t2 t3", "t4 t5", ""])
-    assert list(stats) == [("encoder", 1), ("encoder", 2), ("decoder", 1), ("decoder", 2)]
-    for st in stats.values():
-        assert st["n"] == 2 and 1 <= st["clusters_used"] <= 3 and 0 < st["largest_share"] <= 1
-    # the sentence (and target, on a second line) from stdin
-    monkeypatch.setattr("sys.stdin", io.StringIO("s3 s4\nt3 t4\n"))
-    assert (
-        show_clusters.main(
-            ["--path", str(smoke_checkpoint_dir / "checkpoint_last.pt"), "--data", str(toy_bin), "--out", ""]
-        )
-        == 0
-    )
-    text = capsys.readouterr().out
-    assert "encoder layer 2:" in text and "decoder layer 2:" in text and "t4" in text
-
-
-def test_choose_k_rule():
-    rows = [
-        {"k": 1, "valid_nll": 3.00},
-        {"k": 2, "valid_nll": 3.02},
-        {"k": 4, "valid_nll": 3.04},
-        {"k": 8, "valid_nll": 3.30},
-    ]
-    k, why = choose_k.recommend(rows, tolerance=0.05)
-    assert k == 4 and "largest k" in why and "k=1" in why
-    k, why = choose_k.recommend(rows, tolerance=0.01)
-    assert k == 1 and "best validation nll" in why
-    k, _ = choose_k.recommend([{"k": 3, "valid_nll": 2.0}, {"k": 6, "valid_nll": 1.9}], tolerance=0.0)
-    assert k == 6
-
-
-def test_choose_k_seed_spread_and_tolerance_argument():
-    runs = [
-        {"k": 2, "seed": 1, "valid_nll": 3.0},
-        {"k": 2, "seed": 2, "valid_nll": 3.2},  # sample variance 0.02
-        {"k": 4, "seed": 1, "valid_nll": 3.1},
-        {"k": 4, "seed": 2, "valid_nll": 3.1},  # 0
-        {"k": 8, "seed": 1, "valid_nll": 2.0},  # one seed: no variance, left out
-    ]
-    assert choose_k.seed_spread(runs) == pytest.approx(0.01**0.5)
-    assert choose_k.seed_spread(runs[-1:]) is None
-    assert choose_k._tolerance("auto") == "auto" and choose_k._tolerance("0.1") == 0.1
-    for bad in ("-0.1", "loose"):
-        with pytest.raises(Exception, match="bits/token|negative"):
-            choose_k._tolerance(bad)
-
-
-def test_choose_k_auto_tolerance_needs_two_seeds(toy_bin, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        choose_k.main(["--data", str(toy_bin), "--max-update", "3", "--tolerance", "auto", "--out", str(tmp_path)])
-    assert "give two seeds or more" in capsys.readouterr().err
-    assert not (tmp_path / "choose_k.json").exists()  # refused before training anything
-
-
-def test_annealed_settings_replace_only_the_schedule():
-    settings = expkit.annealed_settings(800)
-    assert settings[settings.index("--lr-scheduler") + 1] == "polynomial_decay"
-    assert settings[settings.index("--total-num-update") + 1] == "800"
-    assert "--warmup-init-lr" not in settings and "inverse_sqrt" not in settings
-    plain = list(expkit.TRAIN_SETTINGS)
-    for flag in ("--lr", "--warmup-updates", "--dropout", "--max-tokens", "--label-smoothing"):
-        assert settings[settings.index(flag) + 1] == plain[plain.index(flag) + 1]
-
-
-def test_parse_train_log():
-    log = "\n".join(
-        [
-            "2026-01-01 00:00:01 | INFO | train_inner | epoch 001:     10 / 20 loss=5.1, nll_loss=5.0",
-            "2026-01-01 00:00:02 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 4.9 | nll_loss 4.5 "
-            "| ppl 22.6 | num_updates 20",
-            "2026-01-01 00:00:02 | INFO | train | epoch 001 | loss 5.0 | nll_loss 4.8 | wpb 100 | num_updates 20 "
-            "| train_wall 4 | wall 5",
-            "2026-01-01 00:00:04 | INFO | valid | epoch 002 | valid on 'valid' subset | loss 4.7 | nll_loss 4.6 "
-            "| num_updates 30",
-            "2026-01-01 00:00:04 | INFO | train | epoch 002 | loss 4.8 | wpb 50 | num_updates 30 | train_wall 6",
-            "2026-01-01 00:00:04 | INFO | fairseq_cli.train | done training in 5.0 seconds",
-        ]
-    )
-    parsed = expkit.parse_train_log(log)
-    assert parsed["done"] and parsed["updates"] == 30
-    assert [v["nll_loss"] for v in parsed["valid"]] == [4.5, 4.6]
-    assert expkit.best_valid(parsed)["num_updates"] == 20
-    assert parsed["train_tokens"] == 100 * 20 + 50 * 10 and parsed["tokens_per_s"] == 250.0
-    assert parsed["train_wall_s"] == 10  # fairseq's per-epoch train_wall, summed
-
-
 def test_repetition_rate():
     hyps = ["a b c a b c a b c", "a group of a group of a group of men", "a dog runs .", ""]
     assert expkit.repetition_rate(hyps) == 50.0
-
-
-def test_choose_k_smoke(toy_bin, tmp_path, capsys):
-    out = tmp_path / "ck"
-    proc = run(
-        [
-            cli("clusterformer-choose-k"),
-            "--data",
-            toy_bin,
-            "--ks",
-            "1,2",
-            "--max-update",
-            "3",
-            "--model-args",
-            TINY_MODEL,
-            "--out",
-            out,
-            "--",
-            "--max-tokens",
-            "500",
-            "--causal-window",
-            "8",
-        ],
-        timeout=300,
-    )
-    assert "Recommended k = " in proc.stdout
-    result = json.loads((out / "choose_k.json").read_text())
-    assert [r["k"] for r in result["per_k"]] == [1, 2]
-    assert result["recommended_k"] in (1, 2)
-    assert all(r["valid_nll"] > 0 and r["peak_rss_mb"] > 0 for r in result["per_k"])
-    assert (out / "choose_k.csv").read_text().startswith("k,")
-    assert (out / "choose_k.png").read_bytes()[:4] == b"\x89PNG"
-    # a second call reuses the recorded runs instead of training again
-    assert (
-        choose_k.main(
-            [
-                "--data",
-                str(toy_bin),
-                "--ks",
-                "1,2",
-                "--max-update",
-                "3",
-                "--model-args",
-                TINY_MODEL,
-                "--out",
-                str(out),
-                "--",
-                "--max-tokens",
-                "500",
-                "--causal-window",
-                "8",
-            ]
-        )
-        == 0
-    )
-    assert capsys.readouterr().out.count("already in") == 2
-    # the committed form: report renders a block naming the result file
-    result = json.loads((out / "choose_k.json").read_text())
-    assert (
-        result["invocation"].startswith("clusterformer-choose-k --data ")
-        and "-- --max-tokens 500" in result["invocation"]
-    )
-    published = tmp_path / "docs" / "results" / "choose_k_toy.json"
-    published.parent.mkdir(parents=True)
-    published.write_text(json.dumps(result))
-    md = tmp_path / "docs" / "results.md"
-    begin = run_side_by_side.BEGIN[: -len(" -->")] + f" from {published} -->"
-    md.write_text(f"# r\n\n{begin}\nold\n{run_side_by_side.END}\n\nhand-written\n")
-    run_side_by_side.report([], md, tmp_path / "docs" / "img")
-    text = md.read_text()
-    assert "old" not in text and text.endswith("hand-written\n")
-    assert f"Recommended k = {result['recommended_k']}" in text
-    nll_row = next(line for line in text.splitlines() if line.startswith("| valid nll at 3 updates"))
-    assert nll_row.count("|") == 4 and f"{result['per_k'][0]['valid_nll']:.3f}" in nll_row
-    assert (tmp_path / "docs" / "img" / "choose_k_toy.png").read_bytes()[:4] == b"\x89PNG"
-    published.unlink()  # a missing result: an error, and the document is left as it was
-    with pytest.raises(SystemExit, match="choose_k_toy.json"):
-        run_side_by_side.report([], md, tmp_path / "docs" / "img")
-    assert md.read_text() == text
-
-
-def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
-    out = tmp_path / "ck"
-    args = ["--data", str(toy_bin), "--ks", "2", "--max-update", "3", "--model-args", TINY_MODEL]
-    args += ["--seeds", "1,2", "--tolerance", "auto", "--schedule", "anneal", "--out", str(out)]
-    assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
-    result = json.loads((out / "choose_k.json").read_text())
-    assert result["schedule"] == "anneal" and result["tolerance_rule"] == "auto"
-    assert result["tolerance"] == pytest.approx(choose_k.seed_spread(result["runs"]))
-    for r in result["runs"]:  # every run decays the learning rate to zero at its own budget
-        assert r["schedule"] == "anneal"
-        assert "--lr-scheduler polynomial_decay" in r["command"] and "--total-num-update 3 " in r["command"]
-    text = "\n".join(choose_k.render_markdown(result))
-    assert "at 3 updates with the learning rate decayed to zero" in text and "`--tolerance auto`" in text
-    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own
-    capsys.readouterr()
-    plain = [a if a != "anneal" else "inverse_sqrt" for a in args]
-    assert choose_k.main([*plain, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
-    assert "already in" not in capsys.readouterr().out
-    result = json.loads((out / "choose_k.json").read_text())
-    assert {r["schedule"] for r in result["runs"]} == {"inverse_sqrt"}
-    assert all("inverse_sqrt" in r["command"] for r in result["runs"])
-    assert [r["schedule"] for r in result["other_runs"]] == ["anneal", "anneal"]  # kept, not lost
-    # and running the annealed sweep again reuses them
-    capsys.readouterr()
-    assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
-    assert capsys.readouterr().out.count("already in") == 2
-    # --anneal-over: the first 3 updates of a 10-update decay, a different sweep from the 3-update decay
-    capsys.readouterr()
-    assert choose_k.main([*args, "--anneal-over", "10", "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
-    assert "already in" not in capsys.readouterr().out
-    result = json.loads((out / "choose_k.json").read_text())
-    assert result["anneal_over"] == 10 and {r["anneal_over"] for r in result["runs"]} == {10}
-    assert all("--total-num-update 10 " in r["command"] and "--max-update 3 " in r["command"] for r in result["runs"])
-    assert {r.get("anneal_over") for r in result["other_runs"]} == {3, None}  # both earlier sweeps kept
-    assert "at 3 updates of a linear decay over 10 updates" in "\n".join(choose_k.render_markdown(result))
-    # two seeds of one k: no analysis of variance over k (it needs two k)
-    assert result["k_test"] is None and "analysis of variance" not in result["recommendation"]
-
-
-def test_choose_k_anneal_over_is_checked(toy_bin, tmp_path, capsys):
-    base = ["--data", str(toy_bin), "--max-update", "30", "--out", str(tmp_path)]
-    for extra, message in (
-        (["--anneal-over", "60"], "needs --schedule anneal"),
-        (["--schedule", "anneal", "--anneal-over", "20"], "must be at least --max-update"),
-    ):
-        with pytest.raises(SystemExit):
-            choose_k.main(base + extra)
-        assert message in capsys.readouterr().err
-    assert not (tmp_path / "choose_k.json").exists()
-
-
-def test_choose_k_recommendation_says_whether_the_k_differ():
-    def run(k, seed, nll):
-        return {"k": k, "seed": seed, "valid_nll": nll, "peak_rss_mb": 100.0}
-
-    runs = [run(k, s, v) for k, s, v in ((2, 1, 3.00), (2, 2, 3.02), (8, 1, 3.50), (8, 2, 3.52))]
-    test = choose_k.k_test(runs)
-    assert (test["dof1"], test["dof2"]) == (1, 2) and test["p"] < 0.01
-    k, why = choose_k.recommend(choose_k.aggregate(runs), 0.05, test)
-    assert k == 2 and "At this budget, the k differ by more than the seed noise explains" in why
-    runs[2:] = [run(8, 1, 3.00), run(8, 2, 3.03)]
-    k, why = choose_k.recommend(choose_k.aggregate(runs), 0.05, choose_k.k_test(runs))
-    assert k == 8 and "within what the seed noise explains" in why
 
 
 def test_side_by_side_plan_ablations():
@@ -422,87 +137,41 @@ def test_side_by_side_smoke_and_report(toy_bin, tmp_path, capsys):
     )
     assert "already in" in capsys.readouterr().out and len(expkit.read_jsonl(work / "results.jsonl")) == 2
     md = tmp_path / "results.md"
-    md.write_text(
-        "# hand-written intro\n\n"
-        + run_side_by_side.BEGIN
-        + "\nold\n"
-        + run_side_by_side.END
-        + "\n\nhand-written conclusion\n"
-    )
+    md.write_text("# hand-written intro\n\n" + report.BEGIN + "\nold\n" + report.END + "\n\nhand-written conclusion\n")
     run_side_by_side.main(
         ["report", "--results", str(work / "results.jsonl"), "--md", str(md), "--img-dir", str(tmp_path / "img")]
     )
     text = md.read_text()
     assert text.startswith("# hand-written intro") and text.rstrip().endswith("hand-written conclusion")
-    assert "old" not in text.split(run_side_by_side.BEGIN)[1].split(run_side_by_side.END)[0].split()
+    assert "old" not in text.split(report.BEGIN)[1].split(report.END)[0].split()
     assert "| clusterformer | base | 3 | 1 |" in text and "| transformer | base | 3 | 1 |" in text
     assert "ClusterFormer minus Transformer (3 updates, seeds 1" in text
     assert "fairseq-train" in text and (tmp_path / "img" / "curves_toy.png").exists()
 
 
-def test_commands_not_run_elsewhere_answer_help():
-    """The console commands and modules that no other test runs: their entry points resolve and
-    parse. (clusterformer-choose-k, -prepare-data, -average-checkpoints and run_side_by_side run
-    in their own tests.)"""
-    commands = [
-        [cli(name)] for name in ("clusterformer-show-clusters", "clusterformer-mt-prep", "clusterformer-autoload")
-    ]
-    commands.append([PY, "-m", "scripts.check_offline"])
-    procs = [subprocess.Popen([*c, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]  # fmt: skip
-    for command, proc in zip(commands, procs):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and "usage" in out.lower(), (command, err[-2000:])
-
-
 def test_prepare_data_needs_an_explicit_iwslt14_source(tmp_path):
-    proc = subprocess.run(
-        [cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path)], capture_output=True, text=True
-    )
+    prepare = [PY, "-m", "scripts.experiments.prepare_data"]
+    proc = subprocess.run([*prepare, "iwslt14", "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "iwslt14 needs --source DIR" in proc.stderr
     proc = subprocess.run(
-        [cli("clusterformer-prepare-data"), "iwslt14", "--work", str(tmp_path), "--source", str(tmp_path)],
+        [*prepare, "iwslt14", "--work", str(tmp_path), "--source", str(tmp_path)],
+        cwd=REPO,
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2 and "does not hold the IWSLT14 material" in proc.stderr
 
 
-def test_k1_cluster_attention_is_fairseq_multihead_attention():
-    """The k = 1 ablation reads as "full attention": with one cluster (and a window longer than the
-    sentence), ClusterAttention computes what fairseq's MultiheadAttention computes with the same
-    weights, for the encoder (left padding, as fairseq pads sources) and the causal decoder."""
-    import torch
-    from fairseq.modules import MultiheadAttention
-
-    from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
-
-    torch.manual_seed(0)
-    d, heads, batch, n = 32, 4, 3, 11
-    for causal in (False, True):
-        mha = MultiheadAttention(d, heads, self_attention=True).eval()
-        ca = ClusterAttention(d, heads, 1, causal=causal, window=16).eval()
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            getattr(ca, name).weight.data.copy_(getattr(mha, name).weight.data)
-            getattr(ca, name).bias.data.copy_(getattr(mha, name).bias.data)
-        x = torch.randn(batch, n, d)
-        pad, mask = torch.zeros(batch, n, dtype=torch.bool), None
-        if causal:
-            pad, mask = None, torch.triu(torch.full((n, n), float("-inf")), 1)
-        else:
-            pad[1, :4] = True
-        xt = x.transpose(0, 1)
-        ref = mha(xt, xt, xt, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0].transpose(0, 1)
-        out, _ = ca(x, pad)
-        real = ~pad if pad is not None else torch.ones(batch, n, dtype=torch.bool)
-        assert torch.allclose(out[real], ref[real], atol=1e-5), (causal, (out - ref)[real].abs().max())
+def test_check_offline_answers_help():
+    proc = subprocess.run([PY, "-m", "scripts.check_offline", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ report from committed results
 
 
 def _generated_blocks(text):
-    return [m.group(0) for m in run_side_by_side._BLOCK.finditer(text)]
+    return [text[block.start : block.stop] for block, _ in report.report_blocks(text)]
 
 
 def test_report_rebuilds_docs_results_from_the_committed_raw_results(tmp_path):
@@ -513,7 +182,7 @@ def test_report_rebuilds_docs_results_from_the_committed_raw_results(tmp_path):
     doc = REPO / "docs" / "results.md"
     text = doc.read_text()
     blocks = _generated_blocks(text)
-    sources = [m.group("src") for m in run_side_by_side._BLOCK.finditer(text)]
+    sources = [src for _, src in report.report_blocks(text)]
     assert blocks and all(src and src.startswith("docs/results/") for src in sources)
     (tmp_path / "img").mkdir()
     for png in (REPO / "docs" / "img").glob("curves_*.png"):
@@ -535,8 +204,8 @@ def test_report_refuses_to_replace_a_table_with_nothing(tmp_path):
     md = tmp_path / "results.md"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    begin = run_side_by_side.BEGIN[: -len(" -->")]
-    original = f"# intro\n\n{begin} from {empty} -->\n| kept | table |\n{run_side_by_side.END}\n"
+    begin = report.BEGIN[: -len(" -->")]
+    original = f"# intro\n\n{begin} from {empty} -->\n| kept | table |\n{report.END}\n"
     md.write_text(original)
     proc = subprocess.run(
         [PY, "-m", "scripts.experiments.run_side_by_side", "report", "--md", str(md), "--img-dir", str(tmp_path)],
@@ -549,18 +218,84 @@ def test_report_refuses_to_replace_a_table_with_nothing(tmp_path):
     # a missing file, and a block without a source given a missing --results, are refused alike
     md.write_text(original.replace(str(empty), str(tmp_path / "missing.jsonl")))
     with pytest.raises(SystemExit):
-        run_side_by_side.report([tmp_path / "nothing.jsonl"], md, tmp_path)
-    md.write_text(f"{run_side_by_side.BEGIN}\n| kept |\n{run_side_by_side.END}\n")
+        report.report([tmp_path / "nothing.jsonl"], md, tmp_path)
+    md.write_text(f"{report.BEGIN}\n| kept |\n{report.END}\n")
     with pytest.raises(SystemExit):
-        run_side_by_side.report([tmp_path / "nothing.jsonl"], md, tmp_path)
-    assert md.read_text() == f"{run_side_by_side.BEGIN}\n| kept |\n{run_side_by_side.END}\n"
+        report.report([tmp_path / "nothing.jsonl"], md, tmp_path)
+    assert md.read_text() == f"{report.BEGIN}\n| kept |\n{report.END}\n"
+
+
+def test_report_renders_a_published_choose_k_result(tmp_path):
+    """A block naming a clusterformer-choose-k result (as scripts/experiments/choose_k_multi30k.sh
+    publishes it) gets its table, recommendation, plot and command; a missing result is an error
+    and leaves the document as it was."""
+    result = json.loads((REPO / "docs" / "results" / "choose_k_multi30k.json").read_text())
+    published = tmp_path / "docs" / "results" / "choose_k_toy.json"
+    published.parent.mkdir(parents=True)
+    published.write_text(json.dumps(result))
+    md = tmp_path / "docs" / "results.md"
+    begin = report.BEGIN[: -len(" -->")] + f" from {published} -->"
+    md.write_text(f"# r\n\n{begin}\nold\n{report.END}\n\nhand-written\n")
+    report.report([], md, tmp_path / "docs" / "img")
+    text = md.read_text()
+    assert "old" not in text and text.endswith("hand-written\n")
+    assert f"Recommended k = {result['recommended_k']}" in text
+    nll_row = next(line for line in text.splitlines() if line.startswith("| valid nll at "))
+    assert nll_row.count("|") == len(result["per_k"]) + 2 and f"{result['per_k'][0]['valid_nll']:.3f}" in nll_row
+    assert result["invocation"] in text
+    assert (tmp_path / "docs" / "img" / "choose_k_toy.png").read_bytes()[:4] == b"\x89PNG"
+    published.unlink()  # a missing result: an error, and the document is left as it was
+    with pytest.raises(SystemExit, match="choose_k_toy.json"):
+        report.report([], md, tmp_path / "docs" / "img")
+    assert md.read_text() == text
+
+
+def _files(folder, skip=()):
+    return {
+        p: p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and not any(p == s or s in p.parents for s in skip)
+    }
+
+
+def test_report_only_reads_the_raw_results_and_refresh_updates_them(tmp_path):
+    """report writes the document and its plots, nothing else, even where a run's training log on
+    this machine would change a record; `run_side_by_side refresh` is what updates the record."""
+    run_dir = tmp_path / "runs" / "toy.transformer.base.s1.3"
+    (run_dir / "output").mkdir(parents=True)
+    (run_dir / "train.log").write_text(
+        "# command: fairseq-train a\n"
+        "| INFO | valid | epoch 001 | valid on 'valid' subset | loss 4 | nll_loss 2.5 | num_updates 3\n"
+        "| INFO | train | epoch 001 | loss 5 | wpb 100 | num_updates 3 | train_wall 2\n"
+        "| INFO | fairseq_cli.train | done training in 3.0 seconds\n"
+    )
+    (run_dir / "output" / "hyp.test.tok").write_text("a b c a b c a b c\nt1 t2\n")
+    record = {
+        "run_id": "toy.transformer.base.s1.3", "dataset": "toy", "model": "transformer", "variant": "base",
+        "seed": 1, "max_update": 3, "updates": 3, "epochs": 1, "params": 10, "best_valid_nll": 2.5,
+        "best_valid_updates": 3, "train_wall_clock_s": 60.0, "train_wall_s": 50.0, "tokens_per_s": 1000.0,
+        "train_tokens": 5, "peak_rss_mb": 800.0, "train_command": "fairseq-train", "run_dir": str(run_dir),
+        "tests": [{"label": "test", "sacrebleu": 1.0, "bleu_tok": 1.0, "command": "fairseq-generate"}],
+    }  # fmt: skip
+    results = tmp_path / "raw" / "toy.jsonl"
+    results.parent.mkdir()
+    results.write_text(json.dumps(record, sort_keys=True) + "\n")
+    md, img = tmp_path / "doc" / "results.md", tmp_path / "doc" / "img"
+    before = _files(tmp_path)
+    assert report.main(["--results", str(results), "--md", str(md), "--img-dir", str(img)]) == 0
+    assert "| transformer | base | 3 | 1 | 2.500 |" in md.read_text()
+    assert _files(tmp_path, skip=(md, img)) == before  # the records, logs and translations as they were
+    run_side_by_side.main(["refresh", "--results", str(results)])
+    (refreshed,) = expkit.read_jsonl(results)
+    assert refreshed["train_wall_s"] == 2 and refreshed["tokens_per_s"] == 150.0
+    assert refreshed["tests"][0]["repeat_pct"] == 50.0
 
 
 def test_mean_cell_with_std():
-    assert run_side_by_side._mean_cell([30.0, 32.0, 34.0], std=True) == "32.00 ± 2.00 [30.00, 32.00, 34.00]"
-    assert run_side_by_side._mean_cell([1.0, 2.0]) == "1.50 [1.00, 2.00]"
-    assert run_side_by_side._mean_cell([1.0, 2.0], mean=1.6) == "1.60 [1.00, 2.00]"
-    assert run_side_by_side._mean_cell([None, 3.0], std=True) == "3.00"
+    assert report._mean_cell([30.0, 32.0, 34.0], std=True) == "32.00 ± 2.00 [30.00, 32.00, 34.00]"
+    assert report._mean_cell([1.0, 2.0]) == "1.50 [1.00, 2.00]"
+    assert report._mean_cell([1.0, 2.0], mean=1.6) == "1.60 [1.00, 2.00]"
+    assert report._mean_cell([None, 3.0], std=True) == "3.00"
 
 
 # ---------------------------------------------------------------------------- converged recipe
@@ -707,10 +442,10 @@ def test_render_converged_block_with_paired_bootstrap(tmp_path):
         record("clusterformer", 1, worse, 30.0),
         record("clusterformer", 2, worse, 34.0),
     ]
-    text = run_side_by_side.render(recs, tmp_path, tmp_path)
+    text = report.render(recs, tmp_path, tmp_path)
     assert "### m, converged recipe\n" in text
     on_gpu = [{**r, "device": "cuda", "machine": {"gpu": "NVIDIA H200"}} for r in recs]
-    assert "### m, converged recipe (on NVIDIA H200)\n" in run_side_by_side.render(on_gpu, tmp_path, tmp_path)
+    assert "### m, converged recipe (on NVIDIA H200)\n" in report.render(on_gpu, tmp_path, tmp_path)
     assert "| transformer | base | 11.5 ± 0.7 [11.0, 12.0] | 1,2 |" in text
     assert "| 40.00 ± 1.41 [39.00, 41.00] | 50.00 ± 0.00 [50.00, 50.00] |" in text
     assert "ClusterFormer minus Transformer (converged recipe, seeds 1,2; BLEU points, nll bits): " in text
@@ -796,29 +531,10 @@ def test_demo_annealed_recipe_decays_over_the_runs_own_budget():
         assert settings[settings.index(flag) + 1] == quick[quick.index(flag) + 1]
 
 
-def test_queue_plans_every_system_and_ablation_once():
-    """scripts/experiments/converged_queue.sh's entries, as the runner plans them: the main table
-    (5 systems x 3 seeds), the loss ablation (2 seeds), the k sweep and the second seed of k = 4
-    and k = 8, each a distinct run id."""
-    text = (REPO / "scripts" / "experiments" / "converged_queue.sh").read_text()
-    assert "RECIPE=${RECIPE:-annealed}" in text
-    proc = subprocess.run(
-        ["bash", "-c", 'source <(sed -n "/^QUEUE=()/,/^done$/p;/^for s in 1 2; do/,/^done$/p;/^for k in/,/^done$/p" '
-         '"$0"); printf "%s\\n" "${QUEUE[@]}"', str(REPO / "scripts" / "experiments" / "converged_queue.sh")],
-        capture_output=True, text=True, check=True, env={**os.environ, "SEEDS": "1 2 3"},
-    )  # fmt: skip
-    entries = proc.stdout.strip().splitlines()
-    labels = [e.split("|")[0] for e in entries]
-    assert len(labels) == len(set(labels)) == 5 * 3 + 3 * 2 + 4 + 2
-    for system in ("transformer", "clusterformer", "decoder-full", "lsh", "routing"):
-        assert {f"{system} s{s}" for s in (1, 2, 3)} <= set(labels)
-    assert {"k2 s1", "k4 s1", "k6 s1", "k8 s1", "k4 s2", "k8 s2", "no-sorting-loss s2"} <= set(labels)
-
-
 def test_annealed_d256_recipe_and_gpu_runs():
     """annealed-d256: the annealed recipe's training settings with every width doubled; a run on
-    the GPU drops fairseq's --cpu and gets its own run id; --device cuda without a GPU stops
-    before anything runs, with the reason."""
+    the GPU gets its own run id; --device cuda without a GPU stops before anything runs, with the
+    reason. (That a GPU run drops fairseq's --cpu: tests/test_tools.py.)"""
     from scripts.experiments import recipes
 
     d128, d256 = recipes.RECIPES["annealed"], recipes.RECIPES["annealed-d256"]
@@ -837,11 +553,6 @@ def test_annealed_d256_recipe_and_gpu_runs():
         f"m.clusterformer.base.s1.ann{recipes.ANNEAL_UPDATES}d256.cuda"
     )
     assert run_side_by_side.run_id("m", "clusterformer", "base", 1, 0, "annealed", "cpu").endswith(".ann3920")
-    gpu = expkit.train_command("bin", "save", "transformer_iwslt_de_en", 10, 1, device="cuda")
-    cpu = expkit.train_command("bin", "save", "transformer_iwslt_de_en", 10, 1)
-    assert "--cpu" in cpu and [c for c in cpu if c != "--cpu"] == gpu
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
-        expkit.device_args("tpu")
     if not torch.cuda.is_available():
         proc = subprocess.run(
             [PY, "-m", "scripts.experiments.run_side_by_side", "run", "--dataset", "multi30k", "--device", "cuda"],
@@ -860,25 +571,3 @@ def test_git_commit_in_a_copy_without_git(tmp_path, monkeypatch):
     assert expkit.git_commit() == "abc1234"
     monkeypatch.delenv("CLUSTERFORMER_GIT_COMMIT")
     assert expkit.git_commit() is None
-
-
-def test_gpu_converged_script_runs_the_queues_systems():
-    """scripts/gpu/converged.sh gives each system the runner arguments the CPU queue gives it, and
-    refuses an unknown system before anything runs."""
-    script = REPO / "scripts" / "gpu" / "converged.sh"
-    queue = REPO / "scripts" / "experiments" / "converged_queue.sh"
-    entries = subprocess.run(
-        ["bash", "-c", 'source <(sed -n "/^QUEUE=()/,/^done$/p" "$0"); printf "%s\\n" "${QUEUE[@]}"', str(queue)],
-        capture_output=True, text=True, check=True, env={**os.environ, "SEEDS": "1"},
-    ).stdout.splitlines()  # fmt: skip
-    for entry in entries:
-        label, args = entry.split("|")
-        system = label.split()[0]
-        ours = subprocess.run(
-            ["bash", "-c", 'source <(sed -n "/^system_args() {/,/^}/p" "$0"); system_args "$1"', str(script), system],
-            capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
-        assert ours == [a for a in args.split() if a not in ("--seeds", "1")], system
-    proc = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env={
-        **os.environ, "SYSTEMS": "transformer reformer", "OUT": ""})  # fmt: skip
-    assert proc.returncode == 2 and "unknown system in SYSTEMS: reformer" in proc.stderr

@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Prepare the two data sets of the side-by-side experiments (offline, CPU, a few minutes).
 
-    clusterformer-prepare-data multi30k   # -> work/experiments/data/multi30k
-    clusterformer-prepare-data iwslt14    # -> work/experiments/data/iwslt14
+    python -m scripts.experiments.prepare_data multi30k   # -> work/experiments/data/multi30k
+    python -m scripts.experiments.prepare_data iwslt14 --source ../shared/data/iwslt14
+                                                          # -> work/experiments/data/iwslt14
+
+(``python -m scripts.experiments.run_side_by_side prepare DATASET`` runs the same.) Run from the
+checkout: it reads the shipped corpus in data/multi30k and writes under work/experiments/data.
 
 multi30k: the shipped Multi30k de-en (data/multi30k: train 29,000, val 1,014, test_2016_flickr
 1,000, test_2017_flickr 1,000 pairs), Moses-tokenised (sacremoses, case kept), a joint subword-nmt
@@ -27,8 +31,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fairseq_clusterformer.tools import mt_prep
+
 from . import expkit
-from .expkit import REPO, mt_prep, say, tool
+from .expkit import REPO, say, tool
 
 WORK = REPO / "work" / "experiments" / "data"
 MULTI30K = REPO / "data" / "multi30k"
@@ -229,7 +235,7 @@ def main(argv=None):
     )
     a = p.parse_args(argv)
     if a.dataset == "multi30k":
-        prepare_multi30k(a.work / "multi30k", a.bpe_ops, a.workers, **({"source": a.source} if a.source else {}))
+        prepare_multi30k(a.work / "multi30k", a.bpe_ops, a.workers, **({"raw": a.source} if a.source else {}))
     else:
         if a.source is None:
             p.error("iwslt14 needs --source DIR: the offline IWSLT14 material (e.g. ../shared/data/iwslt14)")

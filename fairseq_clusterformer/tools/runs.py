@@ -1,30 +1,28 @@
-"""Shared pieces of the experiment tools (clusterformer-choose-k, scripts/experiments/*.py).
+"""Run fairseq's console scripts the way clusterformer-choose-k does, and read what they log.
 
-Every step runs fairseq's console scripts in a subprocess, as a user would, single-threaded
-(OMP_NUM_THREADS=1) unless the caller's environment says otherwise:
+Every step runs a fairseq command in a subprocess, as a user would, single-threaded
+(OMP_NUM_THREADS=1) unless the caller's environment says otherwise, in the caller's current
+directory unless told another one. Nothing here knows where a checkout lives: the only path it
+names on its own is this package's folder, the ``--user-dir`` handed to fairseq.
 
-- :func:`run_measured` runs a command, keeps its whole output in a log file and measures its wall
-  time and peak resident memory (``/usr/bin/time -v`` when present, else psutil polling);
+- :func:`train_command` builds a ``fairseq-train`` command line for the small model and the
+  optimiser settings of the experiments (:data:`SMALL_MODEL`, :data:`TRAIN_SETTINGS`);
+- :func:`run_measured` runs a command, keeps its whole output in a log file, prints a progress
+  line for each epoch, and measures the wall time and the peak resident memory of the process;
 - :func:`parse_train_log` turns a ``fairseq-train --log-format simple`` log into per-epoch train and
-  valid records (the learning curve) and the run's throughput;
-- :func:`generate_and_score` translates a subset with ``fairseq-generate``, keeps fairseq's
-  tokenised BLEU line and computes sacrebleu on detokenised text against a raw reference.
+  valid records (the learning curve) and the run's throughput; :func:`best_valid` picks the best.
 """
 
-import json
 import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
-from . import mt_prep  # network-free tokeniser, BPE, detokeniser, generate-output parser
-
-REPO = Path(__file__).resolve().parents[2]  # the checkout (the package is installed editable)
 # --user-dir for fairseq: the package folder itself, so runs work from any directory.
 USER_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -103,41 +101,6 @@ def child_env(extra=None):
     return env
 
 
-def code_snapshot(rev="HEAD", root=None):
-    """Export the committed tree REV (``git archive``) to work/experiments/code/<sha>/ once and
-    return (folder, full sha). Experiments run the plugin from there (``--user-dir`` and
-    PYTHONPATH), so their numbers belong to one commit even while the working tree is being
-    edited."""
-    root = Path(root) if root else REPO / "work" / "experiments" / "code"
-    sha = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dest = root / sha[:12]
-    if not (dest / ".done").exists():
-        # extracted beside it and renamed into place: parallel runners never see a half-written tree
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}.", dir=root))
-        archive = subprocess.run(["git", "archive", "--format=tar", sha], cwd=REPO, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
-        (tmp / ".done").write_text(sha + "\n")
-        if (dest / ".done").exists():  # another runner finished first
-            shutil.rmtree(tmp)
-        else:
-            shutil.rmtree(dest, ignore_errors=True)
-            try:
-                tmp.rename(dest)
-            except OSError:  # another runner renamed its copy into place meanwhile
-                shutil.rmtree(tmp)
-    return dest, sha
-
-
-def code_env(code_dir):
-    """Environment that makes `import fairseq_clusterformer` resolve to CODE_DIR (None: the repo)."""
-    if code_dir is None:
-        return {}
-    return {"PYTHONPATH": os.pathsep.join([str(code_dir), *filter(None, [os.environ.get("PYTHONPATH")])])}
-
-
 def split_extra_args(argv=None):
     """(our arguments, extra fairseq-train arguments): everything after a lone "--" is passed on."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,31 +114,31 @@ def say(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# ---------------------------------------------------------------------------------- running
+
 PROGRESS = re.compile(r"\| (train|valid) \| epoch|done training|Error|error:|Traceback")
 
 
-def run_measured(cmd, log_path, cwd=REPO, env=None, echo=PROGRESS, poll_s=0.5):
-    """Run CMD with stdout+stderr appended to LOG_PATH; lines matching ECHO (a regex, or None) are
-    also printed. Returns {"rc", "wall_s", "peak_rss_mb", "rss_method"}: the wall time of the
-    process and its peak resident set size (max RSS of the process itself, as the kernel counts it,
-    via /usr/bin/time -v; psutil polling of the process and its children if that is missing)."""
+def run_measured(cmd, log_path, cwd=None, env=None, echo=PROGRESS, poll_s=0.5):
+    """Run CMD in CWD (default: the current directory) with stdout+stderr appended to LOG_PATH;
+    lines matching ECHO (a regex, or None) are also printed. Returns {"rc", "wall_s",
+    "peak_rss_mb", "rss_method"}: the wall time of the process and its peak resident set size (max
+    RSS of the process itself, as the kernel counts it, via /usr/bin/time -v; psutil polling of the
+    process and its children if that is missing)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(c) for c in cmd]
     time_bin = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
     time_out = log_path.with_suffix(".time")
     full = ["/usr/bin/time", "-v", "-o", str(time_out)] + cmd if time_bin else cmd
-    peak = 0
     t0 = time.monotonic()
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:  # line-buffered: follow it live
-        log.write("# command: " + " ".join(_quote(c) for c in cmd) + "\n")
+        log.write("# command: " + shell_join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
             full, cwd=cwd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        poller = None
-        if not time_bin:
-            poller = _RssPoller(proc.pid, poll_s)
+        poller = None if time_bin else PeakRssPoller(proc.pid, poll_s)
         for line in proc.stdout:
             log.write(line)
             if echo is not None and re.search(echo, line):
@@ -183,8 +146,7 @@ def run_measured(cmd, log_path, cwd=REPO, env=None, echo=PROGRESS, poll_s=0.5):
         rc = proc.wait()
     wall = time.monotonic() - t0
     if time_bin and time_out.exists():
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_out.read_text())
-        peak = int(m.group(1)) / 1024 if m else 0
+        peak = time_v_peak_mb(time_out.read_text())
         method = "/usr/bin/time -v (ru_maxrss)"
     else:
         peak = poller.stop() if poller else 0
@@ -192,10 +154,17 @@ def run_measured(cmd, log_path, cwd=REPO, env=None, echo=PROGRESS, poll_s=0.5):
     return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(peak, 1), "rss_method": method}
 
 
-class _RssPoller:
-    def __init__(self, pid, interval):
-        import threading
+def time_v_peak_mb(report):
+    """The peak resident memory (MiB) in a ``/usr/bin/time -v`` report; 0 if it has none."""
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report)
+    return int(m.group(1)) / 1024 if m else 0
 
+
+class PeakRssPoller:
+    """The peak resident memory of another process and its children, polled with psutil every
+    INTERVAL seconds from a thread (the fallback where /usr/bin/time is missing)."""
+
+    def __init__(self, pid, interval):
         import psutil
 
         self.peak = 0
@@ -215,6 +184,7 @@ class _RssPoller:
         self._thread.start()
 
     def stop(self):
+        """Stop polling; the peak in MiB."""
         self._stop.set()
         self._thread.join(timeout=5)
         return self.peak / 2**20
@@ -286,6 +256,8 @@ def best_valid(parsed, key="nll_loss"):
         return None
     return min(vals, key=lambda v: v[key])
 
+
+# ------------------------------------------------------------------------------ train commands
 
 DEVICES = ("cpu", "cuda")
 
@@ -363,120 +335,6 @@ def train_command(
     return cmd + [str(e) for e in extra]
 
 
-def count_parameters_from_log(text):
-    m = re.search(r"num\. (?:shared )?(?:model )?params: ([\d,]+)", text)
-    return int(m.group(1).replace(",", "")) if m else None
-
-
-# ---------------------------------------------------------------------------------- generation
-
-_BLEU_LINE = re.compile(r"Generate (\S+) with beam=(\d+): (BLEU4? = ([\d.]+).*)$")
-
-
-def generate_and_score(
-    data_bin,
-    checkpoint,
-    subset,
-    out_dir,
-    detok_lang,
-    raw_refs,
-    beam=5,
-    batch_size=128,
-    remove_bpe="subword_nmt",
-    extra=(),
-    label=None,
-    user_dir=USER_DIR,
-    env=None,
-    device="cpu",
-):
-    """Translate SUBSET on DEVICE ("cpu" or "cuda"), score it two ways, return a dict:
-
-    - bleu_tok: fairseq-generate's own BLEU line (on the tokenised text after BPE removal, against
-      fairseq's tokenised reference: the classic "tokenised BLEU");
-    - sacrebleu: sacrebleu's default BLEU on Moses-detokenised hypotheses against RAW_REFS (a list of
-      untokenised reference lines, one per sentence id), with its signature.
-    """
-    import sacrebleu
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    label = label or subset
-    cmd = [
-        tool("fairseq-generate"),
-        data_bin,
-        "--user-dir",
-        user_dir,
-        "--path",
-        checkpoint,
-        "--gen-subset",
-        subset,
-        "--beam",
-        str(beam),
-        "--batch-size",
-        str(batch_size),
-        "--required-batch-size-multiple",
-        "1",
-        *device_args(device),
-        "--num-workers",
-        "0",
-        "--remove-bpe",
-        "@@ " if remove_bpe == "subword_nmt" else remove_bpe,
-        *extra,
-    ]
-    gen_out = out_dir / f"generate.{label}.out"
-    t0 = time.monotonic()
-    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=child_env(env), capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    gen_out.write_text(proc.stdout)
-    (out_dir / f"generate.{label}.log").write_text(proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fairseq-generate failed ({proc.returncode}) on {subset}:\n{proc.stderr[-3000:]}")
-    parsed = mt_prep.parse_generate(proc.stdout.splitlines())
-    ids = sorted(parsed["H"])
-    if ids != list(range(len(raw_refs))):
-        raise RuntimeError(
-            f"fairseq-generate translated {len(ids)} sentences of {subset}, expected ids 0..{len(raw_refs) - 1}"
-        )
-    hyps_tok = [parsed["H"][i] for i in ids]
-    hyps = list(mt_prep.detokenize(hyps_tok, detok_lang))
-    mt_prep.write_lines(out_dir / f"hyp.{label}.tok", hyps_tok)
-    mt_prep.write_lines(out_dir / f"hyp.{label}.detok", hyps)
-    m = None
-    for line in proc.stdout.splitlines() + proc.stderr.splitlines():
-        m = _BLEU_LINE.search(line) or m
-    metric = sacrebleu.BLEU()
-    bleu = metric.corpus_score(hyps, [list(raw_refs)])
-    signature = str(metric.get_signature())
-    return {
-        "subset": subset,
-        "label": label,
-        "n": len(ids),
-        "bleu_tok": float(m.group(4)) if m else None,
-        "bleu_tok_line": m.group(3) if m else None,
-        "sacrebleu": round(bleu.score, 2),
-        "sacrebleu_verbose": str(bleu),
-        "sacrebleu_signature": signature,
-        "repeat_pct": repetition_rate(hyps_tok),
-        "generate_wall_s": round(wall, 1),
-        "command": shell_join(cmd),
-    }
-
-
-def repetition_rate(hyps, n=3, times=3):
-    """Percentage of hypotheses in which some n-gram occurs at least TIMES times: a rough count of
-    degenerate repetition loops ("a group of a group of a group of ...")."""
-    from collections import Counter
-
-    if not hyps:
-        return 0.0
-    loops = 0
-    for h in hyps:
-        w = h.split()
-        grams = Counter(tuple(w[i : i + n]) for i in range(len(w) - n + 1))
-        loops += bool(grams) and max(grams.values()) >= times
-    return round(100.0 * loops / len(hyps), 1)
-
-
 # ----------------------------------------------------------------------------------- bookkeeping
 
 
@@ -508,28 +366,3 @@ def machine_info(device="cpu"):
     except OSError:
         pass
     return info
-
-
-def git_commit():
-    """The checkout's commit; in a copy without .git (a GPU machine's), CLUSTERFORMER_GIT_COMMIT."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        sha = ""
-    return sha or os.environ.get("CLUSTERFORMER_GIT_COMMIT") or None
-
-
-def append_jsonl(path, record):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def read_jsonl(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ATTENTION = ("-m", "scripts.benchmark_attention")
 TRANSLATION = ("-m", "scripts.benchmark_translation")
 PROFILE = ("-m", "scripts.profile_attention")
@@ -416,7 +416,7 @@ def test_the_memory_meter_measures_what_a_block_allocates():
     and memory freed before the block does not count."""
     import torch
 
-    from scripts.benchmark_attention import CpuPeak
+    from scripts.harness_common import CpuPeak
 
     before = torch.ones(32 * 2**20 // 4)  # 32 MiB, allocated and freed before the block
     del before

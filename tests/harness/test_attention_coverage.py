@@ -14,7 +14,7 @@ from fairseq_clusterformer.modules import ClusterAttention
 from fairseq_clusterformer.modules.clustering import block_visibility, causal_visibility, sort_by_cluster
 from fairseq_clusterformer.modules.fairseq_cluster_attention import FairseqClusterAttention
 from scripts.experiments import attention_coverage as cov
-from scripts.experiments import run_side_by_side
+from scripts.experiments import report
 
 N, D, H = 11, 16, 2
 
@@ -109,8 +109,8 @@ def test_measure_on_a_trained_toy_model_and_render(smoke_checkpoint_dir, toy_bin
     published.parent.mkdir(parents=True)
     published.write_text(json.dumps({**result, "kind": cov.KIND}))
     md = tmp_path / "docs" / "results.md"
-    begin = run_side_by_side.BEGIN[: -len(" -->")] + f" from {published} -->"
-    md.write_text(f"# r\n\n{begin}\nold\n{run_side_by_side.END}\n\nhand-written\n")
-    run_side_by_side.report([], md, tmp_path / "docs" / "img")
+    begin = report.BEGIN[: -len(" -->")] + f" from {published} -->"
+    md.write_text(f"# r\n\n{begin}\nold\n{report.END}\n\nhand-written\n")
+    report.report([], md, tmp_path / "docs" / "img")
     text = md.read_text()
     assert "old" not in text and "| toy |" in text and text.endswith("hand-written\n")
