@@ -1,38 +1,11 @@
-"""The paper's claims, checked on a study's run records (docs/results.md, converged section).
+"""The k sweep of a study and the check of clusterformer-choose-k's pick, on run records.
 
 Pure functions over the runner's records (one dict per run, as in docs/results/*.jsonl), so that
-the verdicts in the document are rebuilt with the tables by ``run_side_by_side report``.
-
-The verdict rule, for a claim "A is better than B" on a score (higher is better):
-- d = mean over the seeds both have of (A's score - B's score);
-- spread = the larger of the two systems' sample standard deviations over their seeds;
-- d > spread: **confirmed**; d < -spread: **opposite**; otherwise **not confirmed** (the
-  difference is within what changing the seed does). With fewer than two seeds on either side
-  there is no spread and the verdict is **open**.
+the tables in the appendix are rebuilt by ``run_side_by_side report``. The paper's claims are
+tested by significance.py (a paired bootstrap over sentences and a seed-level t-test).
 """
 
 from fairseq_clusterformer.tools import stats
-
-# (claim as the paper makes it, system A, system B); a system is (model, variant)
-CLUSTERFORMER = ("clusterformer", "base")
-CLAIMS = [
-    ("ClusterFormer is better than the Transformer", CLUSTERFORMER, ("transformer", "base")),
-    ("ClusterFormer is better than Reformer (LSH attention)", CLUSTERFORMER, ("clusterformer", "lsh")),
-    ("ClusterFormer is better than the Routing Transformer", CLUSTERFORMER, ("clusterformer", "routing")),
-    ("the clustering loss helps", CLUSTERFORMER, ("clusterformer", "no-clustering-loss")),
-    ("the sorting loss helps", CLUSTERFORMER, ("clusterformer", "no-sorting-loss")),
-    ("the two losses help", CLUSTERFORMER, ("clusterformer", "no-cluster-losses")),
-]
-NAMES = {
-    ("transformer", "base"): "Transformer",
-    CLUSTERFORMER: "ClusterFormer",
-    ("clusterformer", "lsh"): "Reformer (`lsh`)",
-    ("clusterformer", "routing"): "Routing (`routing`)",
-    ("clusterformer", "decoder-full"): "ClusterFormer, full-attention decoder",
-    ("clusterformer", "no-clustering-loss"): "ClusterFormer without the clustering loss",
-    ("clusterformer", "no-sorting-loss"): "ClusterFormer without the sorting loss",
-    ("clusterformer", "no-cluster-losses"): "ClusterFormer without either loss",
-}
 
 
 def score(record, label, key="sacrebleu"):
@@ -50,6 +23,12 @@ def _std(values):
     return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
+def _num(x, nd=2, sign=False):
+    if x is None:
+        return "–"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
 def per_seed(records, system, value):
     """{seed: value(record)} for SYSTEM's runs (None values left out)."""
     out = {}
@@ -59,83 +38,6 @@ def per_seed(records, system, value):
             if v is not None:
                 out[r["seed"]] = v
     return out
-
-
-def compare(a, b):
-    """A and B: {seed: score}, higher is better. Returns a dict: mean_a, mean_b, seeds (common),
-    diff (mean over common seeds of a - b), spread, verdict."""
-    common = sorted(set(a) & set(b))
-    res = {
-        "mean_a": sum(a.values()) / len(a) if a else None,
-        "mean_b": sum(b.values()) / len(b) if b else None,
-        "n_a": len(a),
-        "n_b": len(b),
-        "seeds": common,
-        "diff": sum(a[s] - b[s] for s in common) / len(common) if common else None,
-        "spread": None,
-    }
-    if not common:
-        res["verdict"] = "not run yet"
-        return res
-    spreads = [_std(list(a.values())), _std(list(b.values()))]
-    if None in spreads:
-        res["verdict"] = "open (one seed)"
-        return res
-    res["spread"] = max(spreads)
-    if res["diff"] > res["spread"]:
-        res["verdict"] = "confirmed"
-    elif res["diff"] < -res["spread"]:
-        res["verdict"] = "opposite"
-    else:
-        res["verdict"] = "not confirmed (within the seed spread)"
-    return res
-
-
-def _num(x, nd=2, sign=False):
-    if x is None:
-        return "–"
-    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
-
-
-def render_claims(records, label="test_2016", other="test_2017"):
-    """Markdown lines: one row per claim with both sides run (empty list if none)."""
-    rows = []
-    for claim, sa, sb in CLAIMS:
-        a = per_seed(records, sa, lambda r: score(r, label))
-        b = per_seed(records, sb, lambda r: score(r, label))
-        if not a or not b:
-            continue
-        res = compare(a, b)
-        a2 = per_seed(records, sa, lambda r: score(r, other))
-        b2 = per_seed(records, sb, lambda r: score(r, other))
-        res2 = compare(a2, b2) if a2 and b2 else {"diff": None}
-        nll = compare(
-            per_seed(records, sb, lambda r: r.get("best_valid_nll")),
-            per_seed(records, sa, lambda r: r.get("best_valid_nll")),
-        )  # B - A: positive when A has the lower (better) nll
-        rows.append(
-            f"| {claim} | {NAMES.get(sb, ' '.join(sb))} | {','.join(map(str, res['seeds']))} "
-            f"| {_num(res['mean_a'])} | {_num(res['mean_b'])} | {_num(res['diff'], sign=True)} "
-            f"| {_num(res['spread'])} | **{res['verdict']}** | {_num(res2['diff'], sign=True)} "
-            f"| {_num(nll['diff'], 3, sign=True)} |"
-        )
-    if not rows:
-        return []
-    return [
-        f"The paper's claims on these runs. Verdict on {label} sacreBLEU: d = mean over the common seeds "
-        f"of (ClusterFormer − the other system); spread = the larger of the two systems' standard "
-        f"deviations over seeds; **confirmed** if d > spread, **opposite** if d < −spread, **not "
-        f"confirmed** otherwise, **open** with one seed. The last two columns give the same "
-        f"difference on {other} and in validation nll (other − ClusterFormer: positive when "
-        f"ClusterFormer's is lower).",
-        "",
-        f"| claim | against | common seeds | ClusterFormer {label} (mean, all its seeds) "
-        f"| other {label} (mean, all its seeds) | d | spread | verdict "
-        f"| d on {other} | nll difference (bits) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-    ]
 
 
 def k_sweep(records):

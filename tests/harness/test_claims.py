@@ -1,4 +1,4 @@
-"""The claim verdicts and the chooser check that docs/results.md's converged section is built with."""
+"""The k sweep and the chooser check that the appendix of docs/results.md is built with."""
 
 import pytest
 
@@ -18,41 +18,6 @@ def run(model, variant, seed, bleu, nll=2.5, bleu2017=None, k=None):
         "tests": tests,
         "tokens_per_s": 1000.0,
     }
-
-
-def test_verdict_rule_against_the_seed_spread():
-    # spread: the larger of the two sample standard deviations (here 1.0 and 0.5)
-    a = {1: 40.0, 2: 41.0, 3: 42.0}
-    res = claims.compare(a, {1: 38.0, 2: 38.5, 3: 39.0})
-    assert res["diff"] == pytest.approx(2.5) and res["spread"] == pytest.approx(1.0)
-    assert res["verdict"] == "confirmed"
-    assert claims.compare(a, {1: 40.5, 2: 40.0, 3: 41.0})["verdict"].startswith("not confirmed")
-    assert claims.compare(a, {1: 43.5, 2: 44.0, 3: 43.0})["verdict"] == "opposite"
-    # the difference is taken over the seeds both have; means over all of each side's seeds
-    res = claims.compare(a, {1: 39.0, 2: 39.0})
-    assert res["seeds"] == [1, 2] and res["diff"] == pytest.approx(1.5) and res["mean_a"] == pytest.approx(41.0)
-    assert claims.compare({1: 40.0}, {1: 30.0})["verdict"] == "open (one seed)"
-    assert claims.compare({1: 40.0}, {2: 30.0})["verdict"] == "not run yet"
-
-
-def test_render_claims_names_each_run_pair_and_skips_missing_systems():
-    records = [
-        run("transformer", "base", 1, 39.0, 2.50, 34.0),
-        run("transformer", "base", 2, 39.4, 2.52, 34.2),
-        run("clusterformer", "base", 1, 40.0, 2.48, 35.0, k=3),
-        run("clusterformer", "base", 2, 40.6, 2.46, 35.4, k=3),
-        run("clusterformer", "routing", 1, 42.0, 2.40),
-    ]
-    text = "\n".join(claims.render_claims(records))
-    (tf_row,) = [
-        line for line in text.splitlines() if line.startswith("| ClusterFormer is better than the Transformer")
-    ]
-    cells = [c.strip() for c in tf_row.strip("|").split("|")]
-    assert cells[2:8] == ["1,2", "40.30", "39.20", "+1.10", "0.42", "**confirmed**"]
-    assert cells[8] == "+1.10" and cells[9] == "+0.040"  # test_2017; nll: Transformer's minus ClusterFormer's
-    assert "**open (one seed)**" in text  # routing has one seed
-    assert "Reformer" not in text and "sorting loss" not in text  # not run: no row
-    assert claims.render_claims([run("transformer", "base", 1, 39.0)]) == []
 
 
 def test_chooser_check_within_and_outside_the_seed_noise():
