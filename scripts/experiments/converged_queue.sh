@@ -70,30 +70,6 @@ for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("linformer s$s|--models clusterformer --seeds $s --label linformer --code 95dbe7f -- --self-attention-encoder linformer")
 done
 
-CLAIMS=work/experiments/queue_claims
-rm -rf "$CLAIMS"
-mkdir -p "$CLAIMS"
-
-lane() {
-    local lane_no=$1 i entry label args
-    for i in "${!QUEUE[@]}"; do
-        entry=${QUEUE[$i]}
-        label=${entry%%|*}
-        args=${entry#*|}
-        [[ -z "$ONLY" || "$label" == $ONLY ]] || continue
-        while [[ -e work/experiments/queue.pause ]]; do sleep 30; done
-        mkdir "$CLAIMS/$i" 2>/dev/null || continue # another lane has it
-        echo "[queue $(date +%H:%M:%S)] lane $lane_no: $label ($((i + 1)) of ${#QUEUE[@]})"
-        # shellcheck disable=SC2086  # args is a word list written above
-        if ! "${R[@]}" $args; then
-            echo "[queue $(date +%H:%M:%S)] lane $lane_no: $label FAILED; going on with the next"
-        fi
-    done
-    echo "[queue $(date +%H:%M:%S)] lane $lane_no: nothing left"
-}
-
-for ((l = 1; l <= LANES; l++)); do
-    lane "$l" &
-    sleep 5 # the lanes' first runs do not export the code snapshot at the same moment
-done
-wait
+# shellcheck source=scripts/experiments/_queue_lib.sh
+source scripts/experiments/_queue_lib.sh # (the working directory is the repository root)
+run_queue work/experiments/queue_claims

@@ -98,7 +98,7 @@ RECIPES = {
 def budget_tag(recipe, max_update):
     """The last part of a run id: u<updates> for the quick recipe, conv for the converged recipe,
     ann<updates> for the annealed recipe (ann<updates>d256 for annealed-d256), dann<updates> for
-    demo-annealed."""
+    demo-annealed, doc<updates> for documents."""
     if recipe == "converged":
         return "conv"
     if recipe == "annealed":
@@ -107,6 +107,8 @@ def budget_tag(recipe, max_update):
         return f"ann{ANNEAL_UPDATES}d256"
     if recipe == "demo-annealed":
         return f"dann{max_update}"
+    if recipe == "documents":
+        return f"doc{DOC_UPDATES}"
     return f"u{max_update}"
 
 
@@ -131,8 +133,9 @@ def max_update(recipe, requested):
 # length: positions for 1,024 tokens (the longest pair plus </s>, with room: fairseq-train drops a
 # training pair longer than its positions with only a warning), and --max-tokens 4096. fairseq counts
 # a pair as its longer side, so a batch holds about ten whole documents (one longer than --max-tokens
-# stops fairseq-train with an error; none is). DOC_UPDATES: about 2 hours of training on one core.
-DOC_UPDATES = 2000
+# stops fairseq-train with an error; none is). DOC_UPDATES: 20 epochs of the 1,007 training documents
+# (103 updates each), sized so that a run, test translation included, fits about 2 hours on one core.
+DOC_UPDATES = 2060
 DOC_MAX_TOKENS = 4096
 DOC_POSITIONS = 1024
 

@@ -269,7 +269,9 @@ def one_run(a, meta, model, variant, extra, k, seed):
             user_dir=user_dir,
             env=env,
             device=a.device,
-            extra=shlex.split(a.generate_args),
+            # the data set's own generation settings first (documents: a length bound above
+            # fairseq's default 200 tokens), then the command line's
+            extra=shlex.split(meta.get("generate_args", "")) + shlex.split(a.generate_args),
         )
         res["command"] = _env_prefix(env) + res["command"]
         res["ref"] = rel(t["ref"])
