@@ -235,3 +235,81 @@ def assert_incremental_scores_equal_score_reference(data_bin, checkpoint, tmp, n
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=2e-4, rtol=0)  # fairseq prints 4 decimals
     return gen
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_two_process_ddp(data_bin, save_dir, extra=(), max_update=8):
+    """fairseq-train of a tiny clusterformer_iwslt (TINY, the clustering criterion, EXTRA) on 2 CPU
+    processes over gloo (tests/ddp_driver.py, the only way fairseq runs DDP on the CPU: FAIRSEQ-NOTES
+    item 3). Returns (rank 0's log, rank 0's and rank 1's saved {"model", "num_updates"})."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    common = [
+        str(data_bin), "--user-dir", USER_DIR, "--arch", "clusterformer_iwslt", *TINY, *CLUSTER_CRITERION,
+        "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "300", "--max-update", str(max_update),
+        "--cpu", "--seed", "3", "--num-workers", "0", "--log-format", "simple", "--log-interval", "1",
+        "--no-progress-bar", "--save-dir", str(save_dir), "--required-batch-size-multiple", "1",
+        "--distributed-world-size", "2", "--distributed-init-method", f"tcp://127.0.0.1:{_free_port()}",
+        "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests"), "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    assert "training on 2 devices" in logs[0]  # only rank 0 logs
+    ranks = [torch.load(Path(save_dir) / f"params_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == max_update
+    for name in ranks[0]["model"]:
+        assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
+    return logs[0], ranks[0], ranks[1]
+
+
+def build_toy_model(data_bin, extra=()):
+    """(task, model in eval mode, args): a tiny clusterformer_iwslt (TINY) built in-process on
+    DATA_BIN's dictionaries, with EXTRA model flags; torch seeded, so equal calls build equal models."""
+    import torch
+    from fairseq import options, tasks
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [str(data_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY, *extra]
+    )
+    task = tasks.setup_task(args)
+    torch.manual_seed(0)
+    return task, task.build_model(args).eval(), args
+
+
+def toy_batch(task, n=4, src_len=9, tgt_len=11, seed=0):
+    """(source tokens, source lengths, previous output tokens) of N random sentences of TASK's
+    dictionaries, the source ending in </s> and the target starting with it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = task.source_dictionary
+    src = torch.randint(d.nspecial, len(d), (n, src_len), generator=g)
+    src[:, -1] = d.eos()
+    prev = torch.randint(d.nspecial, len(d), (n, tgt_len), generator=g)
+    prev[:, 0] = d.eos()
+    return src, torch.full((n,), src_len), prev

@@ -2,24 +2,19 @@
 fairseq-train, fairseq-generate (exact incremental decoding: its beam-1 token scores equal
 --score-reference's teacher-forced ones), fairseq-interactive, and 2-process DDP."""
 
-import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from fairseq_helpers import (
     CLUSTER_CRITERION,
-    REPO,
     TINY,
     USER_DIR,
     assert_incremental_scores_equal_score_reference,
     cli,
     run,
     train,
+    train_two_process_ddp,
 )
 
 pytest.importorskip("reformer_pytorch", reason="needs the baselines extra")
@@ -115,79 +110,14 @@ def test_interactive_translates_with_beam_search(toy_bin, trained):
     assert sorted(map(int, hyps)) == [0, 1, 2]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_keeps_the_kmeans_means_identical(toy_bin, tmp_path):
     """Routing on both sides, 2 CPU processes over gloo: every parameter and every k-means
     means buffer (updated once per step from each process's own batches, all-reduced) is
     identical on both ranks after training."""
-    save = tmp_path / "ddp"
-    common = [
-        str(toy_bin),
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "clusterformer_iwslt",
-        *TINY,
-        *CLUSTER_CRITERION,
-        *options("routing", "routing"),
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.005",
-        "--max-tokens",
-        "300",
-        "--max-update",
-        "8",
-        "--cpu",
-        "--seed",
-        "3",
-        "--num-workers",
-        "0",
-        "--log-format",
-        "simple",
-        "--no-progress-bar",
-        "--save-dir",
-        str(save),
-        "--required-batch-size-multiple",
-        "1",
-        "--distributed-world-size",
-        "2",
-        "--distributed-init-method",
-        f"tcp://127.0.0.1:{_free_port()}",
-        "--distributed-no-spawn",
-        "--distributed-backend",
-        "gloo",
-        "--ddp-backend",
-        "legacy_ddp",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests"), "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    assert "training on 2 devices" in logs[0]
-    r0, r1 = (torch.load(save / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["num_updates"] == r1["num_updates"] == 8
+    _, r0, _ = train_two_process_ddp(toy_bin, tmp_path / "ddp", options("routing", "routing"), max_update=8)
     means = [n for n in r0["model"] if n.endswith(".means")]
     # 2 encoder layers (per-head means of the package's Kmeans) + 2 decoder routers
     assert len(means) == 4, means
-    for name in r0["model"]:
-        assert torch.equal(r0["model"][name], r1["model"][name]), name
     for name in means:
         assert bool(r0["model"][name[: -len("means")] + "initted"])  # updated from data, not the random init
         norms = r0["model"][name].norm(dim=-1)  # an EMA of unit vectors: just inside the unit sphere

@@ -1,15 +1,23 @@
 """fairseq's other entry points with the plugin: interactive, averaging, hydra, DDP, precision."""
 
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fairseq_clusterformer  # noqa: F401
-from fairseq_helpers import CLUSTER_CRITERION, REPO, TINY, USER_DIR, cli, generate, parse_generate, run, train
+from fairseq_helpers import (
+    CLUSTER_CRITERION,
+    REPO,
+    TINY,
+    USER_DIR,
+    cli,
+    generate,
+    parse_generate,
+    run,
+    train,
+    train_two_process_ddp,
+)
 
 
 def test_interactive_translates_stdin(toy_bin, smoke_checkpoint_dir):
@@ -112,84 +120,11 @@ def test_hydra_train_with_the_example_config(toy_bin, tmp_path):
     assert state["cfg"]["model"]["_name"] == "clusterformer_iwslt"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_ddp_keeps_ranks_identical(toy_bin, tmp_path):
-    port = _free_port()
     save = tmp_path / "ddp"
-    common = [
-        str(toy_bin),
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "clusterformer_iwslt",
-        *TINY,
-        *CLUSTER_CRITERION,
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.005",
-        "--lr-scheduler",
-        "inverse_sqrt",
-        "--warmup-updates",
-        "5",
-        "--max-tokens",
-        "300",
-        "--max-update",
-        "12",
-        "--cpu",
-        "--seed",
-        "3",
-        "--num-workers",
-        "0",
-        "--log-format",
-        "simple",
-        "--log-interval",
-        "1",
-        "--no-progress-bar",
-        "--save-dir",
-        str(save),
-        "--required-batch-size-multiple",
-        "1",
-        "--distributed-world-size",
-        "2",
-        "--distributed-init-method",
-        f"tcp://127.0.0.1:{port}",
-        "--distributed-no-spawn",
-        "--distributed-backend",
-        "gloo",
-        "--ddp-backend",
-        "legacy_ddp",
-        "--dropout",
-        "0.1",
-    ]
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    import os
-
-    full_env = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "ddp_driver.py"), *common, "--distributed-rank", str(r)],
-            cwd=REPO,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    assert "training on 2 devices" in logs[0]  # only rank 0 logs
-    r0, r1 = (torch.load(save / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["num_updates"] == r1["num_updates"] == 12
-    for name in r0["model"]:
-        assert torch.equal(r0["model"][name], r1["model"][name]), name
+    _, r0, _ = train_two_process_ddp(
+        toy_bin, save, ["--lr-scheduler", "inverse_sqrt", "--warmup-updates", "5", "--dropout", "0.1"], max_update=12
+    )
     # The copies are the model fairseq saved (so the dump really is the trained model).
     saved = torch.load(save / "checkpoint_last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[n], r0["model"][n]) for n in saved)

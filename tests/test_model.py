@@ -8,29 +8,16 @@ from fairseq import options, tasks
 
 import fairseq_clusterformer  # noqa: F401
 from fairseq_clusterformer.models.clusterformer import ClusterformerModel
-from fairseq_helpers import TINY
+from fairseq_helpers import TINY, build_toy_model, toy_batch
 
 
 def build(toy_bin, extra=()):
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(
-        parser, [str(toy_bin), "--task", "translation", "--arch", "clusterformer_iwslt", *TINY, *extra]
-    )
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    model = task.build_model(args)
+    task, model, _ = build_toy_model(toy_bin, extra)
     assert isinstance(model, ClusterformerModel)
-    return task, model.eval()
+    return task, model
 
 
-def batch(task, n=4, src_len=9, tgt_len=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = task.source_dictionary
-    src = torch.randint(d.nspecial, len(d), (n, src_len), generator=g)
-    src[:, -1] = d.eos()
-    prev = torch.randint(d.nspecial, len(d), (n, tgt_len), generator=g)
-    prev[:, 0] = d.eos()
-    return src, torch.full((n,), src_len), prev
+batch = toy_batch
 
 
 def test_only_self_attention_is_swapped(toy_bin):

@@ -14,7 +14,7 @@ from fairseq import options, tasks
 import fairseq_clusterformer  # noqa: F401
 from fairseq_clusterformer.baselines.linformer import LinformerAttention
 from fairseq_clusterformer.baselines.sparse import FairseqSelfAttention, SparseAttention
-from fairseq_helpers import TINY
+from fairseq_helpers import TINY, build_toy_model, toy_batch
 
 D, H = 16, 2
 
@@ -306,38 +306,12 @@ def test_bad_input_is_named(build, match):
 # ----------------------------------------------------------------------------------------------
 # inside the clusterformer model
 def build_model(toy_bin, enc, dec, extra=()):
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(
-        parser,
-        [
-            str(toy_bin),
-            "--task",
-            "translation",
-            "--arch",
-            "clusterformer_iwslt",
-            *TINY,
-            "--causal-window",
-            "3",
-            "--self-attention-encoder",
-            enc,
-            "--self-attention-decoder",
-            dec,
-            *extra,
-        ],
+    return build_toy_model(
+        toy_bin, ["--causal-window", "3", "--self-attention-encoder", enc, "--self-attention-decoder", dec, *extra]
     )
-    task = tasks.setup_task(args)
-    torch.manual_seed(0)
-    return task, task.build_model(args).eval(), args
 
 
-def batch(task, n=4, src_len=9, tgt_len=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = task.source_dictionary
-    src = torch.randint(d.nspecial, len(d), (n, src_len), generator=g)
-    src[:, -1] = d.eos()
-    prev = torch.randint(d.nspecial, len(d), (n, tgt_len), generator=g)
-    prev[:, 0] = d.eos()
-    return src, torch.full((n,), src_len), prev
+batch = toy_batch
 
 
 def test_flags_reach_the_modules_and_every_parameter_learns(toy_bin):
