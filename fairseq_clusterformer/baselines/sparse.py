@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
+from ..modules.fairseq_cluster_attention import InputBufferMixin
 from .linformer import _check_positive_int
 
 
@@ -293,7 +294,7 @@ class SparseAttention(nn.Module):
 
 
 @with_incremental_state
-class FairseqSelfAttention(nn.Module):
+class FairseqSelfAttention(InputBufferMixin, nn.Module):
     """fairseq's MultiheadAttention calling convention around a batch-first self-attention
     ``attention(x, key_padding_mask) -> B x N x d`` (SparseAttention, LinformerAttention).
 
@@ -310,13 +311,6 @@ class FairseqSelfAttention(nn.Module):
         self.num_heads = attention.num_heads
         self.head_dim = attention.embed_dim // attention.num_heads  # read by fairseq's decoder layer
         self.causal = bool(getattr(attention, "causal", False))
-
-    def _get_input_buffer(self, incremental_state) -> Dict[str, Optional[Tensor]]:
-        result = self.get_incremental_state(incremental_state, "attn_state")
-        return result if result is not None else {}
-
-    def _set_input_buffer(self, incremental_state, buffer: Dict[str, Optional[Tensor]]):
-        return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def forward(
         self,
