@@ -402,6 +402,59 @@ def render_coverage(result):
     )
 
 
+def render_cluster_analysis(result, source, img_dir, doc_dir):
+    """The body of the generated block of a committed cluster-analysis result
+    (scripts/experiments/cluster_analysis.py), and its figure in IMG_DIR."""
+    layers = result["layers"]
+    out = [
+        "",
+        f"{result['model']}, {result['test_set']} (every sentence; the decoder teacher-forced on the reference). "
+        f"NMI: normalised mutual information (0: unrelated, 1: the same partition) of a token's cluster with "
+        f"which of {result['position_bins']} equal parts of its sentence it is in (*position*), with its class "
+        f"(punctuation, one of the {result['frequent_words']} most frequent words, other: *class*), and with "
+        "the word itself (*word*). Words: the most over-represented in each cluster (at least 5 occurrences).",
+        "",
+        "| layer | clusters used per sentence | largest cluster's share | NMI position | NMI class | NMI word "
+        "| clusters: share of tokens, most over-represented words |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, v in layers.items():
+        groups = "; ".join(
+            f"{c['cluster']}: {c['share'] * 100:.0f} % ({', '.join(c['top_words']) or '–'})" for c in v["clusters"]
+        )
+        out.append(
+            f"| {key} | {v['clusters_used']:.2f} | {v['largest_share']:.2f} | {v['nmi_position']:.2f} "
+            f"| {v['nmi_token_class']:.2f} | {v['nmi_word']:.2f} | {groups} |"
+        )
+    img = Path(img_dir) / f"{Path(source).stem}.png"
+    _plot_cluster_analysis(layers, img)
+    out += ["", f"![what the clusters follow, per layer]({os.path.relpath(img, doc_dir)})", ""]
+    out += ["```bash", _rel(result["command"]), "```", ""]
+    return "\n".join(out)
+
+
+def _plot_cluster_analysis(layers, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(layers)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
+    width = 0.27
+    for i, (field, label) in enumerate(
+        (("nmi_position", "position"), ("nmi_token_class", "token class"), ("nmi_word", "word"))
+    ):
+        ax.bar([x + (i - 1) * width for x in range(len(names))], [layers[n][field] for n in names], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("NMI with the cluster")
+    ax.set_ylim(0, 1)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
 def render_choose_k(result, source, img_dir, doc_dir):
     """The body of the generated block of a committed clusterformer-choose-k result (its table,
     recommendation, plot and command)."""
@@ -482,6 +535,8 @@ def report(results, md, img_dir):
             result = json.loads(paths[0].read_text())
             if result.get("kind") == "attention_coverage":
                 rendered[block.start] = render_coverage(result)
+            elif result.get("kind") == "cluster_analysis":
+                rendered[block.start] = render_cluster_analysis(result, paths[0], img_dir, md.parent)
             else:
                 rendered[block.start] = render_choose_k(result, paths[0], img_dir, md.parent)
             continue
