@@ -43,8 +43,19 @@ ATTENTION_ORDER = [
     "lsh-4",
     "lsh-8",
     "routing",
+    "sparse k=sqrt",
+    "sparse k=3",
+    "sparse-causal k=sqrt",
+    "sparse-causal k=3",
+    "linformer-32",
+    "linformer-256",
 ]
-HEADINGS = {"cluster k=sqrt": "cluster k=√N", "cluster-causal k=sqrt": "cluster-causal k=√N"}
+HEADINGS = {
+    "cluster k=sqrt": "cluster k=√N",
+    "cluster-causal k=sqrt": "cluster-causal k=√N",
+    "sparse k=sqrt": "sparse l≈√N",
+    "sparse-causal k=sqrt": "sparse-causal l≈√N",
+}
 
 
 class TableError(Exception):
