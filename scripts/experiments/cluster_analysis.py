@@ -18,7 +18,7 @@ Per layer, over all tokens of the test set:
   test set's 50 most frequent words) / other; 1 means the clusters are those classes;
 - identity: NMI between the cluster and the token itself (whole words, BPE marks removed);
 - per cluster, its share of the tokens and the words most over-represented in it (count in the
-  cluster relative to the layer's, at least 5 occurrences).
+  cluster relative to the layer's, at least 5 occurrences; ties to the more frequent word).
 
 NMI is I(C; Y) / sqrt(H(C) H(Y)), 0 when either side is constant. The JSON (kind
 "cluster_analysis") is what docs/results.md's generated block and figure are rebuilt from
@@ -105,7 +105,8 @@ def analyse(sentences):
             lift = {
                 w: (k / size) / (total[w] / len(acc["c"])) for w, k in inside.items() if k >= MIN_COUNT and w != "</s>"
             }
-            top = sorted(lift, key=lambda w: (-lift[w], w))[:TOP_WORDS]
+            # ties (words always in this cluster) go to the more frequent word
+            top = sorted(lift, key=lambda w: (-round(lift[w], 9), -inside[w], w))[:TOP_WORDS]
             clusters.append({"cluster": c, "share": size / len(acc["c"]), "top_words": top})
         out[key] = {
             "tokens": len(acc["c"]),
