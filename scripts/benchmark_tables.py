@@ -384,7 +384,13 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
     scaling, check = _rows("attn_scaling_b1.csv", data), _rows("check2048.csv", data)
     translation = _rows("translation.csv", data)
     baselines = _rows("baselines_train.csv", data)
+    fixed = _rows("baselines_fixed_train.csv", data)
     return {
+        "baselines_fixed": attention_tables(fixed)
+        + "\n\n"
+        + exponents(fixed, 512, 2048)
+        + "\n\n"
+        + baselines_ratios(fixed),
         "baselines": attention_tables(baselines)
         + "\n\n"
         + exponents(baselines, 512, 2048)
