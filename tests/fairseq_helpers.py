@@ -313,3 +313,41 @@ def toy_batch(task, n=4, src_len=9, tgt_len=11, seed=0):
     prev = torch.randint(d.nspecial, len(d), (n, tgt_len), generator=g)
     prev[:, 0] = d.eos()
     return src, torch.full((n,), src_len), prev
+
+
+def assert_decoding_with_reordering_equals_full_forward(task, model, tgt_len=12, reorder_at=6):
+    """The decoder step by step, its incremental state reordered at REORDER_AT as beam search does
+    (beams of one sentence share its source, as fairseq's cross-attention cache assumes), equals
+    the full forward of the reordered prefixes."""
+    import torch
+
+    src, lengths, prev = toy_batch(task, n=3, tgt_len=tgt_len)
+    src = src[:1].expand_as(src).contiguous()
+    enc = model.encoder(src, lengths)
+    full, _ = model.decoder(prev, encoder_out=enc)
+    order = torch.tensor([2, 0, 0])
+    state, steps, history = {}, [], prev[:, :0]
+    for t in range(prev.size(1)):
+        if t == reorder_at:
+            model.decoder.reorder_incremental_state_scripting(state, order)
+            enc = model.encoder.reorder_encoder_out(enc, order)
+            history = history[order]
+            steps = [s[order] for s in steps]
+        history = torch.cat([history, (prev if t < reorder_at else prev[order])[:, t : t + 1]], 1)
+        y, _ = model.decoder(history, encoder_out=enc, incremental_state=state)
+        steps.append(y)
+    expected, _ = model.decoder(history, encoder_out=enc)
+    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected[:, :reorder_at], full[order][:, :reorder_at], atol=1e-5, rtol=1e-5)
+
+
+def assert_interactive_translates_every_line(data_bin, checkpoint, beam=3):
+    """fairseq-interactive with beam search translates three toy lines, one hypothesis each."""
+    lines = ["s1 s2 s3", "s5", "s7 s7 s8 s9 s10 s11 s12 s13 s14"]
+    cmd = [
+        cli("fairseq-interactive"), str(data_bin), "--user-dir", USER_DIR, "--path", str(checkpoint),
+        "--source-lang", "src", "--target-lang", "tgt", "--beam", str(beam), "--cpu",
+    ]  # fmt: skip
+    out = run(cmd, input="\n".join(lines) + "\n")
+    hyps = re.findall(r"^H-(\d+)\t", out.stdout, flags=re.M)
+    assert sorted(map(int, hyps)) == [0, 1, 2], out.stdout[-2000:]

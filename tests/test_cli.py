@@ -11,6 +11,7 @@ from fairseq_helpers import (
     REPO,
     TINY,
     USER_DIR,
+    assert_interactive_translates_every_line,
     cli,
     generate,
     parse_generate,
@@ -21,27 +22,7 @@ from fairseq_helpers import (
 
 
 def test_interactive_translates_stdin(toy_bin, smoke_checkpoint_dir):
-    lines = ["s1 s2 s3", "s5", "s7 s7 s8 s9 s10"]
-    out = run(
-        [
-            cli("fairseq-interactive"),
-            toy_bin,
-            "--user-dir",
-            USER_DIR,
-            "--path",
-            smoke_checkpoint_dir / "checkpoint_last.pt",
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            "--beam",
-            "2",
-            "--cpu",
-        ],
-        input="\n".join(lines) + "\n",
-    )
-    hyps = re.findall(r"^H-(\d+)\t", out.stdout, flags=re.M)
-    assert sorted(map(int, hyps)) == [0, 1, 2]
+    assert_interactive_translates_every_line(toy_bin, smoke_checkpoint_dir / "checkpoint_last.pt", beam=2)
 
 
 def test_average_checkpoints(toy_bin, tmp_path):

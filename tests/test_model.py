@@ -8,7 +8,7 @@ from fairseq import options, tasks
 
 import fairseq_clusterformer  # noqa: F401
 from fairseq_clusterformer.models.clusterformer import ClusterformerModel
-from fairseq_helpers import TINY, build_toy_model, toy_batch
+from fairseq_helpers import TINY, assert_decoding_with_reordering_equals_full_forward, build_toy_model, toy_batch
 
 
 def build(toy_bin, extra=()):
@@ -155,28 +155,7 @@ def test_decoder_is_causal_through_every_layer(toy_bin):
 @pytest.mark.parametrize("local_heads", ["0", "1"])
 def test_incremental_decoding_with_reordering_equals_full_forward(toy_bin, local_heads):
     task, model = build(toy_bin, ["--causal-local-heads", local_heads])
-    src, lengths, prev = batch(task, n=3, tgt_len=12)
-    # Beams of one sentence share its source (fairseq's cross-attention cache relies on that).
-    src = src[:1].expand_as(src).contiguous()
-    enc = model.encoder(src, lengths)
-    full, _ = model.decoder(prev, encoder_out=enc)
-    # Step by step, reordering the batch midway as beam search does.
-    order = torch.tensor([2, 0, 0])
-    state, steps = {}, []
-    history = prev[:, :0]
-    for t in range(prev.size(1)):
-        if t == 6:
-            model.decoder.reorder_incremental_state_scripting(state, order)
-            enc = model.encoder.reorder_encoder_out(enc, order)
-            history = history[order]
-            steps = [s[order] for s in steps]
-        tokens = torch.cat([history, prev[:, t : t + 1] if t < 6 else prev[order][:, t : t + 1]], 1)
-        history = tokens
-        y, _ = model.decoder(tokens, encoder_out=enc, incremental_state=state)
-        steps.append(y)
-    expected, _ = model.decoder(history, encoder_out=enc)
-    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(expected[:, :6], full[order][:, :6], atol=1e-5, rtol=1e-5)
+    assert_decoding_with_reordering_equals_full_forward(task, model)
 
 
 def test_translation_does_not_depend_on_batch_mates_or_padding(toy_bin):

@@ -14,7 +14,7 @@ from fairseq import options, tasks
 import fairseq_clusterformer  # noqa: F401
 from fairseq_clusterformer.baselines.linformer import LinformerAttention
 from fairseq_clusterformer.baselines.sparse import FairseqSelfAttention, SparseAttention
-from fairseq_helpers import TINY, build_toy_model, toy_batch
+from fairseq_helpers import TINY, assert_decoding_with_reordering_equals_full_forward, build_toy_model, toy_batch
 
 D, H = 16, 2
 
@@ -360,26 +360,7 @@ def test_bad_options_are_refused_saying_why(toy_bin, extra, match):
 
 def test_incremental_decoding_with_reordering_equals_full_forward(toy_bin):
     task, model, _ = build_model(toy_bin, "linformer", "sparse")
-    src, lengths, prev = batch(task, n=3, tgt_len=14)
-    src = src[:1].expand_as(src).contiguous()  # beams of one sentence share its source
-    enc_out = model.encoder(src, lengths)
-    full, _ = model.decoder(prev, encoder_out=enc_out)
-    order = torch.tensor([2, 0, 0])
-    state, steps = {}, []
-    history = prev[:, :0]
-    for t in range(prev.size(1)):
-        if t == 7:
-            model.decoder.reorder_incremental_state_scripting(state, order)
-            enc_out = model.encoder.reorder_encoder_out(enc_out, order)
-            history = history[order]
-            steps = [s[order] for s in steps]
-        tokens = torch.cat([history, prev[:, t : t + 1] if t < 7 else prev[order][:, t : t + 1]], 1)
-        history = tokens
-        y, _ = model.decoder(tokens, encoder_out=enc_out, incremental_state=state)
-        steps.append(y)
-    expected, _ = model.decoder(history, encoder_out=enc_out)
-    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(expected[:, :7], full[order][:, :7], atol=1e-5, rtol=1e-5)
+    assert_decoding_with_reordering_equals_full_forward(task, model, tgt_len=14, reorder_at=7)
 
 
 @pytest.mark.parametrize("enc", ["sparse", "linformer"])

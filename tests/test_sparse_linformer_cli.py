@@ -10,10 +10,8 @@ import pytest
 from fairseq_helpers import (
     CLUSTER_CRITERION,
     TINY,
-    USER_DIR,
     assert_incremental_scores_equal_score_reference,
-    cli,
-    run,
+    assert_interactive_translates_every_line,
     train,
     train_two_process_ddp,
 )
@@ -75,27 +73,7 @@ def test_generate_decodes_exactly_as_score_reference_scores(toy_bin, trained):
 
 def test_interactive_translates_with_beam_search(toy_bin, trained):
     _, _, checkpoint, _, _ = trained
-    lines = ["s1 s2 s3", "s5", "s7 s7 s8 s9 s10 s11 s12 s13 s14"]
-    out = run(
-        [
-            cli("fairseq-interactive"),
-            toy_bin,
-            "--user-dir",
-            USER_DIR,
-            "--path",
-            checkpoint,
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            "--beam",
-            "3",
-            "--cpu",
-        ],
-        input="\n".join(lines) + "\n",
-    )
-    hyps = re.findall(r"^H-(\d+)\t", out.stdout, flags=re.M)
-    assert sorted(map(int, hyps)) == [0, 1, 2]
+    assert_interactive_translates_every_line(toy_bin, checkpoint)
 
 
 def test_train_refuses_a_linformer_decoder_saying_why(toy_bin, tmp_path):

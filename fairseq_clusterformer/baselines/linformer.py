@@ -26,6 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def checked_padding(x: Tensor, key_padding_mask: Optional[Tensor], embed_dim: int) -> Optional[Tensor]:
+    """The padding mask of a batch-first self-attention call on x (B x N x d), checked: None when
+    there is none or no position is padding (one host sync), else B x N bool (True at padding)."""
+    B, N, d = x.shape
+    if d != embed_dim:
+        raise ValueError(f"expected inputs of width {embed_dim}, got {tuple(x.shape)}")
+    pad = key_padding_mask
+    if pad is None:
+        return None
+    if pad.shape != (B, N) or pad.dtype != torch.bool:
+        raise ValueError(
+            f"key_padding_mask must be a bool tensor of shape {(B, N)}, got {pad.dtype} {tuple(pad.shape)}"
+        )
+    return pad if bool(pad.any()) else None
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -102,16 +118,7 @@ class LinformerAttention(nn.Module):
         """x: B x N x d; key_padding_mask: B x N bool (True at padding) or None. Returns B x N x d,
         zero at padding."""
         B, N, d = x.shape
-        if d != self.embed_dim:
-            raise ValueError(f"expected inputs of width {self.embed_dim}, got {tuple(x.shape)}")
-        pad = key_padding_mask
-        if pad is not None:
-            if pad.shape != (B, N) or pad.dtype != torch.bool:
-                raise ValueError(
-                    f"key_padding_mask must be a bool tensor of shape {(B, N)}, got {pad.dtype} {tuple(pad.shape)}"
-                )
-            if not bool(pad.any()):
-                pad = None
+        pad = checked_padding(x, key_padding_mask, self.embed_dim)
         if N > self.max_positions:  # only then can a sentence be too long (one host sync)
             longest = N if pad is None else int((~pad).sum(1).max())
             if longest > self.max_positions:

@@ -32,7 +32,7 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 from ..modules.fairseq_cluster_attention import InputBufferMixin
-from .linformer import _check_positive_int
+from .linformer import _check_positive_int, checked_padding
 
 
 def sentence_block_lengths(lengths: Tensor, num_blocks: Union[int, str, None], block_len: Optional[int]) -> Tensor:
@@ -180,16 +180,7 @@ class SparseAttention(nn.Module):
         """x: B x N x d; key_padding_mask: B x N bool (True at padding) or None. Returns B x N x d,
         zero at padding."""
         B, N, d = x.shape
-        if d != self.embed_dim:
-            raise ValueError(f"expected inputs of width {self.embed_dim}, got {tuple(x.shape)}")
-        pad = key_padding_mask
-        if pad is not None:
-            if pad.shape != (B, N) or pad.dtype != torch.bool:
-                raise ValueError(
-                    f"key_padding_mask must be a bool tensor of shape {(B, N)}, got {pad.dtype} {tuple(pad.shape)}"
-                )
-            if not bool(pad.any()):
-                pad = None
+        pad = checked_padding(x, key_padding_mask, self.embed_dim)
         if N == 0:
             return self.out_proj(x)
         if pad is not None:
