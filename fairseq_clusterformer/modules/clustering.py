@@ -171,10 +171,7 @@ def sorted_block_visibility(lengths: Tensor, w_b: Tensor, N: int, previous_block
     own block and (with previous_block) the block before; the L_b real words come first and
     padding is never seen. B x N (queries) x N (keys)."""
     r = torch.arange(N, device=lengths.device)
-    block = torch.div(r[None, :], w_b[:, None], rounding_mode="floor")  # B x N
-    visible = block[:, None, :] == block[:, :, None]
-    if previous_block:
-        visible |= block[:, None, :] == block[:, :, None] - 1  # key in the block before
+    visible = block_visibility(r.expand(lengths.size(0), N), w_b, previous_block)  # sorted position = rank
     return visible & (r[None, None, :] < lengths[:, None, None])
 
 
