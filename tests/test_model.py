@@ -67,6 +67,7 @@ def test_every_cluster_flag_reaches_the_module(toy_bin):
             "dot",
             "--max-clusters",
             "16",
+            "--cluster-compile",
         ],
     )
     enc = model.encoder.layers[0].self_attn.attention
@@ -75,6 +76,10 @@ def test_every_cluster_flag_reaches_the_module(toy_bin):
     assert (dec.num_clusters, dec.window, dec.causal, dec.local_heads) == (5, 3, True, 1)
     assert enc.local_heads == 0
     assert enc.centroids.shape == (16, 32)
+    layers = list(model.encoder.layers) + list(model.decoder.layers)
+    assert all(layer.self_attn.attention.compile for layer in layers)
+    _, plain = build(toy_bin, [])
+    assert not any(layer.self_attn.attention.compile for layer in plain.encoder.layers)
 
 
 def test_decoder_local_heads_default_to_half_the_heads(toy_bin):

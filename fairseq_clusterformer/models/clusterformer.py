@@ -143,6 +143,14 @@ class ClusterformerConfig(FairseqDataclass):
             "decoder's split is --causal-local-heads"
         },
     )
+    cluster_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "run the clustering layers' fast path through torch.compile (dynamic shapes): the "
+            "same outputs in far fewer kernel launches, for GPUs, where sentence-length inputs are "
+            "launch-bound; the first batches compile (docs/benchmarks.md, GPU section)"
+        },
+    )
     linformer_k: int = field(
         default=32,
         metadata={
@@ -209,6 +217,7 @@ def build_cluster_attention(
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
         router=router_module,
+        compile=bool(safe_getattr(cfg, "cluster_compile", False)),
     )
     return FairseqClusterAttention(attention)
 
@@ -674,6 +683,7 @@ def _set_cluster_defaults(args):
         "lsh_n_hashes",
         "routing_local_heads",
         "linformer_k",
+        "cluster_compile",
     ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))

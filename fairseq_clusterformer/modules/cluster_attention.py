@@ -23,7 +23,7 @@ block layout (kernels.py), or one dense-mask call for sequences of at most ``den
 """
 
 import math
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ IMPLEMENTATIONS = ("fast", "reference")
 # ClusterAttention's dense_max_len): measured by python -m scripts.benchmark_attention
 # --impl cluster,cluster-blocks,... (docs/benchmarks.md, "Short sequences").
 DENSE_MAX_LEN = 64
+# ClusterAttention._fast_path's compiled functions, by name: one per process, shared by every
+# layer (torch.compile guards on what differs between layers and recompiles where it must).
+_COMPILED: Dict[str, Callable] = {}
+COMPILE_BACKEND = "inductor"  # torch.compile's backend (the CPU tests also use "aot_eager")
 
 
 class ClusterInfo(NamedTuple):
@@ -100,6 +104,11 @@ class ClusterAttention(nn.Module):
             decoder: also at most ``window``) with one dense N x N attention mask instead of the
             block layout: the same function, fewer and larger operations where N is small (the
             sort and the gathers cost more than they save there). 0 always uses the blocks.
+        compile: run the fast path's clustering and block attention through ``torch.compile``
+            (dynamic shapes; one compiled graph per padding case, shared by every layer): the
+            same function in far fewer kernel launches, for GPUs, where short sequences are
+            launch-bound (docs/benchmarks.md). The host-side steps (the padding check, the
+            decoder's near-tie screen) stay eager. The first calls compile (tens of seconds).
         router: causal only: the assignment rule, replacing the learned centroids (the LSH and
             routing baselines, fairseq_clusterformer/baselines/routers.py). A module with
             ``num_groups`` (= num_clusters), ``directions(dtype)`` (K x d: a word goes to the
@@ -126,6 +135,7 @@ class ClusterAttention(nn.Module):
         impl: str = "fast",
         router: Optional[nn.Module] = None,
         dense_max_len: int = DENSE_MAX_LEN,
+        compile: bool = False,
     ):
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
@@ -160,6 +170,10 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"dense_max_len must be a non-negative integer, got {dense_max_len!r}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if compile and impl == "reference":
+            raise ValueError("compile applies to the fast implementation; impl='reference' is the eager oracle")
         if router is not None:
             if not causal:
                 raise ValueError("a router replaces the causal variant's centroids; the encoder variant takes none")
@@ -179,6 +193,7 @@ class ClusterAttention(nn.Module):
         self.dropout = dropout
         self.impl = impl
         self.dense_max_len = dense_max_len
+        self.compile = compile
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -213,7 +228,7 @@ class ClusterAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, "
             f"causal={self.causal}, window={self.window if self.causal else None}, "
             f"local_heads={self.local_heads}, previous_block={self.previous_block if not self.causal else None}, "
-            f"similarity={self.similarity}, impl={self.impl}"
+            f"similarity={self.similarity}, impl={self.impl}" + (", compile=True" if self.compile else "")
         ) + ("" if self.router is None else f", router={type(self.router).__name__}")
 
     # ------------------------------------------------------------------------------------------
@@ -237,39 +252,66 @@ class ClusterAttention(nn.Module):
 
         B, N, d = x.shape
         k_b, K = clustering.cluster_counts(words.lengths, self.num_clusters, self.max_clusters)
-        assign, new_centroids, clustering_loss, sorting_loss = self._cluster(
-            x, words, self.layer_centroids(x, centroids, K), k_b
-        )
+        layer_centroids = self.layer_centroids(x, centroids, K)
+        if self.impl != "reference":
+            # Fast: the same clusters and blocks through the fused kernels (short sequences: one
+            # dense-mask call), compiled if asked.
+            out, assign, new_centroids, clustering_loss, sorting_loss = self._fast_path("_fast_encoder")(
+                self, x, words, layer_centroids, k_b, K
+            )
+            return out, ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
+        # The method as the paper states it: sort, attend within blocks, un-sort (O(N^2) memory).
+        assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, layer_centroids, k_b)
         info = ClusterInfo(new_centroids, clustering_loss, sorting_loss, assign)
         w_b = clustering.block_sizes(words.lengths, k_b)  # B: ceil(L_b / k_b)
         paired = self.previous_block and K > 1
         H, Hl = self.num_heads, self.local_heads
-        if self.impl == "reference":
-            # The method as the paper states it: sort, attend within blocks, un-sort (O(N^2) memory).
-            sorted_idx = clustering.sorted_word_idx(assign, K)  # B x N, padding last
-            x_sorted = x.gather(1, sorted_idx[:, :, None].expand(B, N, d))
-            visible = clustering.sorted_block_visibility(words.lengths, w_b, N, paired)[:, None]  # B x 1 x N x N
-            if Hl:  # local heads: the same blocks over the words in their own order
-                in_order = _rank_in_sentence(assign).gather(1, sorted_idx)  # B x N, in the sorted frame
-                local = clustering.block_visibility(in_order, w_b, paired)[:, None]
-                visible = torch.where(torch.arange(H, device=x.device)[:, None, None] < Hl, local, visible)
-            sorted_pad = torch.arange(N, device=x.device)[None, :] >= words.lengths[:, None]
-            out_sorted = self._attend_dense(x_sorted, sorted_pad if words.pad is not None else None, visible)
-            undo = clustering.undo_sorted_word_idx(sorted_idx)
-            return out_sorted.gather(1, undo[:, :, None].expand(B, N, d)), info
-        # Fast: the same blocks through the fused kernels (short sequences: one dense-mask call).
+        sorted_idx = clustering.sorted_word_idx(assign, K)  # B x N, padding last
+        x_sorted = x.gather(1, sorted_idx[:, :, None].expand(B, N, d))
+        visible = clustering.sorted_block_visibility(words.lengths, w_b, N, paired)[:, None]  # B x 1 x N x N
+        if Hl:  # local heads: the same blocks over the words in their own order
+            in_order = _rank_in_sentence(assign).gather(1, sorted_idx)  # B x N, in the sorted frame
+            local = clustering.block_visibility(in_order, w_b, paired)[:, None]
+            visible = torch.where(torch.arange(H, device=x.device)[:, None, None] < Hl, local, visible)
+        sorted_pad = torch.arange(N, device=x.device)[None, :] >= words.lengths[:, None]
+        out_sorted = self._attend_dense(x_sorted, sorted_pad if words.pad is not None else None, visible)
+        undo = clustering.undo_sorted_word_idx(sorted_idx)
+        return out_sorted.gather(1, undo[:, :, None].expand(B, N, d)), info
+
+    def _fast_path(self, name: str):
+        """ClusterAttention.<name>, compiled (shared by every layer) when ``compile`` is set."""
+        if not self.compile:
+            return getattr(ClusterAttention, name)
+        if name not in _COMPILED:
+            options = None
+            if COMPILE_BACKEND == "inductor":
+                # CUDA compiles to Triton. On the CPU, inductor's vectorised C++ for these graphs
+                # does not build (torch 2.13: mismatched mask vector types); scalar C++ does.
+                options = {"cpp.simdlen": 1}
+            fn = getattr(ClusterAttention, name)
+            _COMPILED[name] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND, options=options)
+        return _COMPILED[name]
+
+    def _fast_encoder(self, x: Tensor, words: clustering.Words, layer_centroids: Tensor, k_b: Tensor, K: int):
+        """The encoder's fast path: (output, assignments, C', clustering loss, sorting loss)."""
+        N = x.size(1)
+        assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, layer_centroids, k_b)
+        w_b = clustering.block_sizes(words.lengths, k_b)  # B: ceil(L_b / k_b)
+        paired = self.previous_block and K > 1
+        H, Hl = self.num_heads, self.local_heads
         if N <= self.dense_max_len:
             visible = block_visibility(sort_by_cluster(assign, K)[1], w_b, paired)[:, None]  # B x 1 x N x N
             if Hl:
                 local = block_visibility(_rank_in_sentence(assign), w_b, paired)[:, None]
                 visible = torch.where(torch.arange(H, device=x.device)[:, None, None] < Hl, local, visible)
-            return self._attend_dense(x, words.pad, visible), info
-        if Hl == 0:
-            return self._attend_sorted_blocks(x, words, assign, K, w_b, paired, None), info
-        out = self._attend_sorted_blocks(x, words, assign.clamp(max=0), K, w_b, paired, (0, Hl))
-        if Hl < H:
-            out = out + self._attend_sorted_blocks(x, words, assign, K, w_b, paired, (Hl, H))
-        return out, info
+            out = self._attend_dense(x, words.pad, visible)
+        elif Hl == 0:
+            out = self._attend_sorted_blocks(x, words, assign, K, w_b, paired, None)
+        else:
+            out = self._attend_sorted_blocks(x, words, assign.clamp(max=0), K, w_b, paired, (0, Hl))
+            if Hl < H:
+                out = out + self._attend_sorted_blocks(x, words, assign, K, w_b, paired, (Hl, H))
+        return out, assign, new_centroids, clustering_loss, sorting_loss
 
     # ------------------------------------------------------------------------------------------
     def layer_centroids(self, x: Tensor, centroids: Optional[Tensor], K: int) -> Tensor:
@@ -368,6 +410,12 @@ class ClusterAttention(nn.Module):
         if self.impl == "reference":
             visible = clustering.causal_visibility(assign, self.window, H, Hl)  # B x H x N x N
             return self._attend_dense(x, words.pad, visible), info
+        return self._fast_path("_fast_causal_attention")(self, x, words, assign), info
+
+    def _fast_causal_attention(self, x: Tensor, words: clustering.Words, assign: Tensor) -> Tensor:
+        """The causal variant's fast attention under the assignments (B x N, -1 at padding)."""
+        N = x.size(1)
+        H, Hl = self.num_heads, self.local_heads
         if N <= min(self.window, self.dense_max_len):
             # No word has more than `window` words before it: a clustered head sees every earlier
             # word of its own cluster, a local head every earlier word (padding keys are masked
@@ -380,7 +428,7 @@ class ClusterAttention(nn.Module):
                 visible = torch.where(is_local, not_future, visible[:, None])  # B x H x N x N
             else:
                 visible = visible[:, None]
-            return self._attend_dense(x, words.pad, visible), info
+            return self._attend_dense(x, words.pad, visible)
         out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
         if Hl < H:
             out = self._causal_band_attention(x, words, assign, self.num_clusters, (Hl, H))
@@ -388,7 +436,7 @@ class ClusterAttention(nn.Module):
             # Local heads: the same band with every real word in one cluster (padding -1).
             local = self._causal_band_attention(x, words, assign.clamp(max=0), 1, (0, Hl))
             out = local if out is None else local + out
-        return out, info
+        return out
 
     def route(self, x: Tensor, words: clustering.Words):
         """With a router: (assignments, -1 at padding; None; None; the router's loss or None)."""

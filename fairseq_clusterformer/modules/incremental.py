@@ -23,19 +23,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The near-tie rows of assign_per_word are scored in chunks of at most this many products
+# (x_j c_i, each K x d per word): the memory of the exact definition stays bounded whatever N is.
+_NEAR_TIE_CHUNK_ELEMENTS = 1 << 24
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the decoder's cluster scores are computed in: float32 for float16/bfloat16 input
+    (their products are exact in float32, and its sum rounds about 2**16 times less than a
+    half-precision one, so far fewer words are near a tie), else the input dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _elementwise_scores(words: Tensor, cw: Tensor) -> Tensor:
+    """The definition of the decoder's cluster scores: rows x d, K x d -> rows x K, an
+    elementwise product summed over d in score_dtype (not a matmul: see assign_per_word)."""
+    acc = score_dtype(words.dtype)
+    return (words.to(acc).unsqueeze(-2) * cw.to(acc)).sum(-1)
+
 
 @torch.no_grad()
 def assign_per_word(attn, x: Tensor) -> Tensor:
     """The decoder's assignment: argmax_i (c_i W_C) . x_t for each word, ... x d -> ... long.
 
-    Defined as the argmax of an elementwise product summed over d, in the input dtype: every
-    word gets the same floating-point result whether it comes in a full sequence or alone in
-    a decoding step (a batched matmul may block the reduction differently by shape and flip
-    a near-tie). Materialising that product for all words costs N x K x d, so the argmax is
-    taken from a float64 matmul instead wherever its top two scores are further apart than
-    the rounding error of either computation can bridge (then both argmaxes agree), and the
-    elementwise product is computed only for the remaining near-ties: the same result as
-    computing it everywhere.
+    Defined as the argmax of an elementwise product summed over d in score_dtype (float32 for
+    half-precision input): every word gets the same floating-point result whether it comes in a
+    full sequence or alone in a decoding step (a batched matmul may block the reduction
+    differently by shape and flip a near-tie). Materialising that product for all words costs
+    N x K x d, so the argmax is taken from a float64 matmul instead wherever its top two scores
+    are further apart than the rounding error of either computation can bridge (then both
+    argmaxes agree), and the elementwise product is computed only for the remaining near-ties,
+    in chunks of bounded size: the same result as computing it everywhere.
 
     With a router, its ``directions`` take the place of C W_C (the same exact argmax).
     """
@@ -46,12 +64,17 @@ def assign_per_word(attn, x: Tensor) -> Tensor:
     words = x.reshape(-1, d)
     top = torch.matmul(words.double(), cw.double().t()).topk(2, dim=-1)  # rows x 2
     # Both sums of d products are within gamma_d * sum_i |x_i c_i| <= (d + 2) eps |x| |c| of the
-    # exact dot product (any summation order; the float64 one far closer).
+    # exact dot product (any summation order; the float64 one far closer), eps that of the
+    # score dtype (products of half-precision numbers are exact in float32).
     norms = words.double().norm(dim=-1) * cw.double().norm(dim=-1).max()
-    bound = 2 * (d + 2) * torch.finfo(x.dtype).eps * norms
+    bound = 2 * (d + 2) * torch.finfo(score_dtype(x.dtype)).eps * norms
     assign = top.indices[:, 0]
     near = (top.values[:, 0] - top.values[:, 1] <= bound).nonzero()[:, 0]
-    assign[near] = (words[near].unsqueeze(-2) * cw).sum(-1).argmax(-1)
+    # A loop over memory-sized chunks of the near-tie rows (usually one), not over words.
+    step = max(1, _NEAR_TIE_CHUNK_ELEMENTS // (cw.size(0) * d))
+    for first in range(0, near.numel(), step):
+        rows = near[first : first + step]
+        assign[rows] = _elementwise_scores(words[rows], cw).argmax(-1)
     return assign.view(x.shape[:-1])
 
 
@@ -60,7 +83,7 @@ def assign_step(attn, x: Tensor) -> Tensor:
     """assign_per_word for the few words of one decoding step, B x d -> B: the elementwise
     product that defines the assignment, computed for every word (B x K x d is small here),
     without the float64 screen that spares a full sequence from materialising it."""
-    return (x.unsqueeze(-2) * assignment_directions(attn, x.dtype)).sum(-1).argmax(-1)
+    return _elementwise_scores(x, assignment_directions(attn, x.dtype)).argmax(-1)
 
 
 def assignment_directions(attn, dtype) -> Tensor:

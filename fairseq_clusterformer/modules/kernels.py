@@ -111,10 +111,11 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     q = qkv[filler:, :d].view(M, W, H, hd)
     if not paired:
         return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
-    pair = lambda offset: qkv.as_strided(  # noqa: E731
-        (M, 2 * W, H, hd), (W * width, width, hd, 1), qkv.storage_offset() + offset
-    )
-    return q, pair(d), pair(2 * d)
+    # (M + 1) x (W width) rows of layout blocks -> M x 2 x (W width) overlapping windows of two
+    # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic, which
+    # torch.compile cannot trace).
+    pairs = qkv.view(M + 1, W * width).unfold(0, 2, 1).transpose(1, 2).reshape(M, 2 * W, width)
+    return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
 
 
 def _additive_mask(allowed: Tensor, dtype) -> Tensor:

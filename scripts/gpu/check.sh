@@ -8,7 +8,10 @@
 #
 # Options: --dry-run; --out DIR (default $OUT, else a new folder under /tmp).
 # Environment: PYTHON (default python3); CHECK_SITE, the folder the wheels go to
-# (default /tmp/clusterformer-site).
+# (default /tmp/clusterformer-site); CHECK_STEPS, the steps to run (default all:
+# "tests precision attention translation"; install always runs), so that one lease can run the
+# check in two calls that each fit the device's 10-minute limit; CHECK_LENGTHS, the attention
+# step's lengths (default 512,1024,...,65536).
 #
 # Steps, each under its own time limit (under 9 minutes in all on one H200; about 4 in practice), each recorded in the
 # summary whatever happens to the others:
@@ -20,11 +23,13 @@
 #                each followed by fairseq-generate and --score-reference (scripts/gpu/cli_precision.py).
 #                The dry run runs bf16 and memory-efficient-fp16 on the CPU (fairseq's plain --fp16
 #                optimizer needs CUDA)
-#   attention    python -m scripts.benchmark_attention --device cuda: cluster, cluster-causal, full,
-#                sdpa, flash (torch's flash kernel alone), naive, and the baselines lsh-8 and
-#                routing, in bf16, N 512 .. 65536, batch 20 up to N = 8192, CSV and plot
+#   attention    python -m scripts.benchmark_attention --device cuda: cluster, cluster-causal and
+#                both with --cluster-compile (torch.compile), full, sdpa, flash (torch's flash
+#                kernel alone), naive, and the baselines lsh-8, routing, sparse, sparse-causal
+#                and linformer-256, in bf16, N 512 .. 65536, batch 20 up to N = 8192, CSV and plot
 #   translation  python -m scripts.benchmark_translation --device cuda: clusterformer_iwslt
-#                against transformer_iwslt_de_en, synthetic pairs of 512 and 2048 tokens, bf16
+#                against transformer_iwslt_de_en, synthetic pairs of 512 and 2048 tokens, bf16;
+#                then the same with --cluster-compile (rows tagged clusterformer_iwslt+compile)
 # The step limits add up to 520 s; a step that reaches its limit is recorded as "timeout" and
 # what it wrote so far (CSV rows are flushed one by one) stays.
 #
@@ -46,6 +51,8 @@ STATUS="$WORK/status.tsv"
 : >"$STATUS"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 T_START=$SECONDS
+STEPS=" ${CHECK_STEPS:-tests precision attention translation} "
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if [[ $DRY == 1 ]]; then
     export CLUSTERFORMER_CUDA_TESTS_DEVICE=cpu OMP_NUM_THREADS=1
@@ -79,7 +86,7 @@ else
 fi
 
 # (a) the cuda-marked tests
-step tests 90 "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider --junitxml="$OUTDIR/pytest_cuda.xml"
+wanted tests && step tests 150 "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider --junitxml="$OUTDIR/pytest_cuda.xml"
 
 # (b) reduced-precision training, each decoded exactly
 if [[ $DRY == 1 ]]; then
@@ -87,7 +94,7 @@ if [[ $DRY == 1 ]]; then
 else
     PREC=(--device cuda --precisions fp16,bf16,memory-efficient-fp16 --max-update 60 --warmup 20 --jobs 3)
 fi
-step precision 130 "$PY" -m scripts.gpu.cli_precision "${PREC[@]}" --work "$WORK/cli" \
+wanted precision && step precision 130 "$PY" -m scripts.gpu.cli_precision "${PREC[@]}" --work "$WORK/cli" \
     --json "$OUTDIR/cli_precision.json" --log "$OUTDIR/cli_commands.log"
 
 # (c) the attention layer against flash attention
@@ -95,12 +102,12 @@ if [[ $DRY == 1 ]]; then
     ATTN=(--device cpu --dtype bfloat16 --in-process --lengths 64,128 --batch 2 --d 32 --heads 4 --repeats 1
         --warmup 0 --threads 1 --fit 64,128)
 else
-    ATTN=(--device cuda --dtype bfloat16 --lengths 512,1024,2048,4096,8192,16384,32768,65536
+    ATTN=(--device cuda --dtype bfloat16 --lengths "${CHECK_LENGTHS:-512,1024,2048,4096,8192,16384,32768,65536}"
         --repeats 3 --warmup 1 --budget 10 --time-cap 20 --fit 4096,65536)
 fi
-step attention 120 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
-    --impl cluster,cluster-causal,full,sdpa,flash,naive,lsh-8,routing --k sqrt --csv "$OUTDIR/attention.csv" \
-    --plot "$OUTDIR"
+wanted attention && step attention 240 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
+    --impl cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,full,sdpa,flash,naive,lsh-8,routing,sparse,sparse-causal,linformer-256 \
+    --k sqrt --csv "$OUTDIR/attention.csv" --plot "$OUTDIR"
 
 # (d) whole translation models
 if [[ $DRY == 1 ]]; then
@@ -110,8 +117,14 @@ else
     MT=(--device cuda --dtype bfloat16 --settings 512,2048 --train-steps 10 --warmup 2 --gen-batches 2
         --gen-warmup 1 --gen-batch-size 16 --gen-len-long 64)
 fi
-step translation 120 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
-    --csv "$OUTDIR/translation.csv"
+if wanted translation; then
+    step translation 120 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
+        --csv "$OUTDIR/translation.csv"
+    step translation-compile 200 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
+        --cluster-args="--cluster-compile" --tag compile --csv "$WORK/translation_compile.csv"
+    # one CSV for both runs (the device returns at most 8 files)
+    [[ -f "$WORK/translation_compile.csv" ]] && tail -n +2 "$WORK/translation_compile.csv" >>"$OUTDIR/translation.csv"
+fi
 
 "$PY" -m scripts.gpu.summary --status "$STATUS" --out "$OUTDIR" --log "$LOG" --dry-run "$DRY" \
     --seconds "$((SECONDS - T_START))" | tee "$OUTDIR/summary.txt"

@@ -125,7 +125,9 @@ def translation_lines(csv_path):
     return [
         "translation (clusterformer_iwslt / transformer_iwslt_de_en): "
         + ", ".join(
-            f"{r['setting']} {r['phase']} {float(r['ratio']):.2f} ({float(r['rate']):.4g} {r['unit']})" for r in rows
+            f"{r['arch'].replace('clusterformer_iwslt', 'cf')} {r['setting']} {r['phase']} {float(r['ratio']):.2f} "
+            f"({float(r['rate']):.4g} {r['unit']})"
+            for r in rows
         )
     ]
 

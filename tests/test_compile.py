@@ -1,0 +1,116 @@
+"""ClusterAttention(compile=True): the fast path through torch.compile gives the eager fast path's
+outputs, losses, assignments and gradients, and traces without a graph break (a break would
+split the compiled graph and bring the kernel launches back).
+
+The compiled path is meant for GPUs (docs/benchmarks.md); on the CPU inductor compiles the same
+graphs to C++, which is what these tests run. Both attention backends of kernels.block_attention
+are covered: torch's CPU flash kernel (the CPU default) and F.scaled_dot_product_attention with
+the block mask (the CUDA path).
+"""
+
+import pytest
+import torch
+import torch._dynamo
+
+from fairseq_clusterformer.modules import cluster_attention, clustering, incremental, kernels
+from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+
+VARIANTS = {
+    "encoder": {"local_heads": 2},
+    "causal": {"causal": True, "window": 9, "local_heads": 2},
+}
+
+
+@pytest.fixture(params=["cpu-flash", "sdpa"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", request.param == "cpu-flash")
+    return request.param
+
+
+def _batch(seed=0, B=3, N=70, d=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, d, generator=g)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, :9] = True  # left padding
+    pad[2, 50:] = True  # right padding
+    return x, pad
+
+
+def _step(m, x, pad):
+    x = x.clone().requires_grad_(True)
+    m.zero_grad()
+    out, info = m(x, pad)
+    (out.pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
+    grads = [x.grad] + [p.grad for p in m.parameters()]
+    return out, info, grads
+
+
+@pytest.fixture
+def compiler(request, monkeypatch):
+    """torch.compile's backend for one test, with a fresh cache of compiled functions."""
+    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", request.param)
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()
+
+
+# aot_eager: dynamo's graph and the traced forward/backward, run by eager kernels (seconds);
+# inductor: the whole pipeline with generated code (about a minute on the CPU: one case).
+@pytest.mark.parametrize(
+    "variant, backend, compiler",
+    [
+        ("encoder", "cpu-flash", "aot_eager"),
+        ("encoder", "sdpa", "aot_eager"),
+        ("causal", "cpu-flash", "aot_eager"),
+        ("causal", "sdpa", "aot_eager"),
+        ("encoder", "sdpa", "inductor"),
+    ],
+    indirect=["backend", "compiler"],
+)
+def test_compiled_fast_path_equals_eager(variant, backend, compiler):
+    torch.manual_seed(1)
+    eager = ClusterAttention(32, 4, 4, dense_max_len=0, **VARIANTS[variant])
+    compiled = ClusterAttention(32, 4, 4, dense_max_len=0, compile=True, **VARIANTS[variant])
+    compiled.load_state_dict(eager.state_dict())
+    for seed, with_pad in ((0, True), (1, False)):
+        x, pad = _batch(seed)
+        pad = pad if with_pad else None
+        out_e, info_e, grads_e = _step(eager, x, pad)
+        out_c, info_c, grads_c = _step(compiled, x, pad)
+        assert torch.equal(info_c.assignments, info_e.assignments)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(info_c.clustering_loss, info_e.clustering_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(info_c.sorting_loss, info_e.sorting_loss, rtol=1e-5, atol=1e-6)
+        if info_e.centroids is not None:
+            torch.testing.assert_close(info_c.centroids, info_e.centroids, rtol=1e-5, atol=1e-5)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_path_compiles_into_one_graph(variant, monkeypatch):
+    """The functions compile=True compiles trace whole on the sdpa path (the one CUDA runs)."""
+    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", False)
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    m = ClusterAttention(32, 4, 4, dense_max_len=0, **VARIANTS[variant])
+    x, pad = _batch(3)
+    words = clustering.words_of(x, pad)
+    if m.causal:
+        fn, args = ClusterAttention._fast_causal_attention, (m, x, words, incremental.assign_per_word(m, x))
+    else:
+        k_b, K = clustering.cluster_counts(words.lengths, m.num_clusters, m.max_clusters)
+        fn, args = ClusterAttention._fast_encoder, (m, x, words, m.layer_centroids(x, None, K), k_b, K)
+    explanation = torch._dynamo.explain(fn)(*args)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        ClusterAttention(32, 4, 3, compile="yes")
+    with pytest.raises(ValueError, match="compile applies to the fast implementation"):
+        ClusterAttention(32, 4, 3, compile=True, impl="reference")
+    assert "compile=True" in repr(ClusterAttention(32, 4, 3, compile=True))
