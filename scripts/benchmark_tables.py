@@ -7,7 +7,8 @@ Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention -
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
 attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv, translation.csv,
 profile_*.txt), and docs/data/gpu/ for the GPU section
-(bench_attention.csv, translation.csv, cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
+(bench_attention.csv, translation.csv, compile_attention.csv, translation_512.csv,
+cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
 the blocks is left alone (scripts/harness_common.py rewrites them). A missing or empty CSV is an
 error: a table is never replaced by nothing.
@@ -30,8 +31,10 @@ DATA_GPU = REPO / "docs" / "data" / "gpu"
 ATTENTION_ORDER = [
     "cluster k=sqrt",
     "cluster k=3",
+    "cluster-compiled k=sqrt",
     "cluster-causal k=sqrt",
     "cluster-causal k=3",
+    "cluster-causal-compiled k=sqrt",
     "cluster-blocks k=3",
     "cluster-causal-blocks k=3",
     "full",
@@ -53,6 +56,8 @@ ATTENTION_ORDER = [
 HEADINGS = {
     "cluster k=sqrt": "cluster k=√N",
     "cluster-causal k=sqrt": "cluster-causal k=√N",
+    "cluster-compiled k=sqrt": "cluster compiled",
+    "cluster-causal-compiled k=sqrt": "cluster-causal compiled",
     "sparse k=sqrt": "sparse l≈√N",
     "sparse-causal k=sqrt": "sparse-causal l≈√N",
 }
@@ -286,6 +291,33 @@ def ratio_line(rows, ours="cluster k=sqrt", others=("flash", "sdpa")):
     return "\n".join([head, "|" + "---|" * (len(others) + 1), *parts])
 
 
+def compile_ratios(rows):
+    """Per N, side by side in one run: the compiled layer against the eager one, and both
+    against torch's flash kernel (time and extra peak memory, each a ratio)."""
+    table, _ = _by_series(rows)
+    pairs = (
+        ("cluster-compiled k=sqrt", "cluster k=sqrt"),
+        ("cluster k=sqrt", "flash"),
+        ("cluster-compiled k=sqrt", "flash"),
+        ("cluster-causal-compiled k=sqrt", "cluster-causal k=sqrt"),
+        ("cluster-causal k=sqrt", "flash"),
+        ("cluster-causal-compiled k=sqrt", "flash"),
+    )
+    head = "| N | " + " | ".join(f"{HEADINGS.get(a, a)} / {HEADINGS.get(b, b)}" for a, b in pairs) + " |"
+    out = [head, "|" + "---|" * (len(pairs) + 1)]
+    for n in sorted({n for n, _ in table}):
+        cells = []
+        for a, b in pairs:
+            ra, rb = table.get((n, a)), table.get((n, b))
+            cells.append(
+                "—"
+                if ra is None or rb is None
+                else f"{ra['time_ms'] / rb['time_ms']:.2f} / {ra['peak_mb'] / rb['peak_mb']:.2f}"
+            )
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def softmax_table(text):
     """The CUDA clustering softmax both ways, from scripts/gpu/profile_softmax.sh's output."""
     runs, variant, shape = {}, None, None
@@ -364,6 +396,10 @@ def gpu_blocks(data=DATA_GPU):
         + "\n\n"
         + ratio_line(attention),
         "gpu_translation": translation_tables(translation),
+        "gpu_compile": attention_tables(_rows("compile_attention.csv", data))
+        + "\n\n**Ratios (time / extra peak memory)**\n\n"
+        + compile_ratios(_rows("compile_attention.csv", data)),
+        "gpu_translation_now": translation_tables(_rows("translation_512.csv", data)),
         "gpu_precision": precision_table(json.loads(_text("cli_precision.json", data))),
         "gpu_softmax": softmax_table(_text("profile_softmax.txt", data)),
     }

@@ -85,14 +85,17 @@ def test_dry_run_benchmarks_wrote_every_row(dry_run):
     with open(out / "attention.csv") as f:
         rows = list(csv.DictReader(f))
     got = {(r["impl"], int(r["n"])) for r in rows}
-    impls = ("cluster", "cluster-causal", "full", "naive", "sdpa", "flash", "lsh-8")
+    impls = ("cluster", "cluster-causal", "full", "naive", "sdpa", "flash", "lsh-8", "sparse", "sparse-causal")
+    impls += ("linformer-256",)
     assert {(impl, n) for impl in impls for n in (64, 128)} <= got
     assert {impl for impl, _ in got} <= {*impls, "routing"}  # routing: reported, whether it runs or stops
     assert all(float(r["time_ms"]) > 0 and r["device"] == "cpu" for r in rows)
     with open(out / "translation.csv") as f:
         rows = list(csv.DictReader(f))
+    # the eager run, then the --cluster-compile run's rows (its Transformer measured again beside it)
+    archs = ("clusterformer_iwslt", "transformer_iwslt_de_en", "clusterformer_iwslt+compile", "transformer_iwslt_de_en")
     assert sorted((r["phase"], r["arch"]) for r in rows) == sorted(
-        (phase, arch) for phase in ("train", "generate") for arch in ("clusterformer_iwslt", "transformer_iwslt_de_en")
+        (phase, arch) for phase in ("train", "generate") for arch in archs
     )
     assert all(float(r["rate"]) > 0 for r in rows)
     summary = (out / "summary.txt").read_text()
