@@ -114,3 +114,36 @@ def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="compile applies to the fast implementation"):
         ClusterAttention(32, 4, 3, compile=True, impl="reference")
     assert "compile=True" in repr(ClusterAttention(32, 4, 3, compile=True))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_other_batch_sizes_and_lengths_do_not_recompile(variant, monkeypatch):
+    """fairseq hands the layer a transposed time-first tensor, whose strides change with the
+    batch size, and the first encoder layer expanded learned centroids where later layers get
+    carried ones: none of that may recompile (each compile costs seconds to minutes)."""
+    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    first = ClusterAttention(32, 4, 4, dense_max_len=0, compile=True, **VARIANTS[variant])
+    later = None
+    if variant == "encoder":
+        later = ClusterAttention(32, 4, 4, dense_max_len=0, compile=True, learned_centroids=False, **VARIANTS[variant])
+
+    def run(B, N):
+        x = torch.randn(N, B, 32).transpose(0, 1)  # B x N x d view of a time-first tensor
+        out, info = first(x, None)
+        if later is not None:
+            out, _ = later(out, None, centroids=info.centroids)
+        out.sum().backward()
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run(2, 70)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    for B, N in ((3, 70), (5, 81), (2, 96)):
+        run(B, N)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

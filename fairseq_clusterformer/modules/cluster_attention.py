@@ -247,12 +247,18 @@ class ClusterAttention(nn.Module):
         if x.size(0) == 0 or x.size(1) == 0:
             raise ValueError(f"x must hold at least one sequence of at least one word, got shape {tuple(x.shape)}")
         words = clustering.words_of(x, key_padding_mask)
+        if self.compile:
+            # fairseq hands in a transposed time-first tensor, whose strides change with the batch
+            # size: compiled graphs are guarded on strides, so each batch size would recompile.
+            x = x.contiguous()
         if self.causal:
             return self._forward_causal(x, words)
 
         B, N, d = x.shape
         k_b, K = clustering.cluster_counts(words.lengths, self.num_clusters, self.max_clusters)
         layer_centroids = self.layer_centroids(x, centroids, K)
+        if self.compile:  # the learned centroids come expanded (stride 0), carried ones not: one layout
+            layer_centroids = layer_centroids.contiguous()
         if self.impl != "reference":
             # Fast: the same clusters and blocks through the fused kernels (short sequences: one
             # dense-mask call), compiled if asked.
@@ -279,7 +285,8 @@ class ClusterAttention(nn.Module):
         return out_sorted.gather(1, undo[:, :, None].expand(B, N, d)), info
 
     def _fast_path(self, name: str):
-        """ClusterAttention.<name>, compiled (shared by every layer) when ``compile`` is set."""
+        """ClusterAttention.<name>, compiled (shared by every layer) when ``compile`` is set.
+        The compiled function must be given a contiguous x (see forward)."""
         if not self.compile:
             return getattr(ClusterAttention, name)
         if name not in _COMPILED:
@@ -410,6 +417,8 @@ class ClusterAttention(nn.Module):
         if self.impl == "reference":
             visible = clustering.causal_visibility(assign, self.window, H, Hl)  # B x H x N x N
             return self._attend_dense(x, words.pad, visible), info
+        if self.compile:  # a strided view of the screen's top-2 indices: one layout for the graph
+            assign = assign.contiguous()
         return self._fast_path("_fast_causal_attention")(self, x, words, assign), info
 
     def _fast_causal_attention(self, x: Tensor, words: clustering.Words, assign: Tensor) -> Tensor:

@@ -232,7 +232,10 @@ class FlashBlockAttention(torch.autograd.Function):
 
 def block_attention(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool, dropout_p: float) -> Tensor:
     """Block attention on the rows x 3d projection -> (M W) x (H hd), rows in block-slot order."""
-    if USE_FLASH_CPU_KERNEL and FLASH_CPU_OPS is not None and qkv.device.type == "cpu" and dropout_p == 0.0:
+    # Under torch.compile the CPU too takes the sdpa path: the flash backward's loop over
+    # memory-sized chunks depends on the shape, which would recompile at every new length.
+    flash_cpu = USE_FLASH_CPU_KERNEL and FLASH_CPU_OPS is not None and not torch.compiler.is_compiling()
+    if flash_cpu and qkv.device.type == "cpu" and dropout_p == 0.0:
         return FlashBlockAttention.apply(qkv, allowed, W, H, hd, paired)
     q, k, v = PairedViews.apply(qkv, W, H, hd, paired)
     out = F.scaled_dot_product_attention(
