@@ -117,19 +117,20 @@ def attention_tables(rows, memory=True):
     return "\n".join(out).rstrip()
 
 
-def baselines_ratios(rows, n=2048):
+def baselines_ratios(rows, n=2048, ours="cluster k=3"):
     """ClusterFormer's time and memory against each baseline at N = n (side by side)."""
     table, series = _by_series(rows)
-    base = table.get((n, "cluster k=3"))
+    base = table.get((n, ours))
     parts = []
     for s in series:
         r = table.get((n, s))
-        if base is None or r is None or s == "cluster k=3":
+        if base is None or r is None or s == ours:
             continue
         parts.append(
-            f"{s}: time **{base['time_ms'] / r['time_ms']:.2f}**, memory **{base['peak_mb'] / r['peak_mb']:.2f}**"
+            f"{HEADINGS.get(s, s)}: time **{base['time_ms'] / r['time_ms']:.2f}**, "
+            f"memory **{base['peak_mb'] / r['peak_mb']:.2f}**"
         )
-    return f"At N = {n}, cluster k=3 / " + "; ".join(parts) + "."
+    return f"At N = {n}, {HEADINGS.get(ours, ours)} / " + "; ".join(parts) + "."
 
 
 def exponents(rows, lo=1024, hi=8192):
@@ -427,6 +428,11 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         + exponents(fixed, 512, 2048)
         + "\n\n"
         + baselines_ratios(fixed),
+        "baselines_fixed_long": attention_tables(_rows("baselines_fixed_long.csv", data))
+        + "\n\n"
+        + exponents(_rows("baselines_fixed_long.csv", data), 4096, 16384)
+        + "\n\n"
+        + baselines_ratios(_rows("baselines_fixed_long.csv", data), 16384, "cluster k=sqrt"),
         "baselines": attention_tables(baselines)
         + "\n\n"
         + exponents(baselines, 512, 2048)
