@@ -711,7 +711,7 @@ def answer_markdown(
     repo=None,
 ) -> List[str]:
     """The systems table (sacreBLEU on the first test set, mean and 95 % CI over seeds, Δ against
-    AGAINST with both tests and a verdict, Δ on the other test sets) and the claims table, as
+    AGAINST with both tests and a verdict, Δ and verdict on the other test sets) and the claims table, as
     Markdown lines. Systems without records are left out; claims without them say so."""
     systems = [s for s in SYSTEM_NOTES if any(f"{r['model']}/{r['variant']}" == s for r in records)]
     runs = {s: system_runs(records, s) for s in systems}
@@ -730,9 +730,9 @@ def answer_markdown(
     out = [
         f"| system | what it is | seeds | {main} BLEU, mean ± 95 % CI over seeds | Δ vs {ref_name} "
         f"[bootstrap 95 % CI] | bootstrap p | t-test p | verdict | "
-        + " | ".join(f"Δ on {t} [bootstrap 95 % CI]" for t in others)
+        + " | ".join(f"Δ on {t} [bootstrap 95 % CI] | verdict on {t}" for t in others)
         + (" |" if others else ""),
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(others),
+        "|---|---|---|---|---|---|---|---|" + "---|---|" * len(others),
     ]
     for s in systems:
         if s in SETTINGS_ONLY:  # ClusterFormer's k and loss ablations: the claims table and the appendix
@@ -740,7 +740,7 @@ def answer_markdown(
         scores = {k: float(bleu_from_stats(st.sum(axis=0))) for k, st in stats[main][s].items()}
         cells = [_system_name(s), SYSTEM_NOTES[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
         if s == against:
-            cells += ["–", "–", "–", "(reference)"] + ["–"] * len(others)
+            cells += ["–", "–", "–", "(reference)"] + ["–", "–"] * len(others)
         else:
             c = cmp(s, against, main)
             b, t = c.bootstrap, c.ttest
@@ -751,8 +751,9 @@ def answer_markdown(
                 verdict(c, alpha, _system_name(s)),
             ]
             for other in others:
-                o = cmp(s, against, other).bootstrap
-                cells.append(f"{o.delta:+.2f} [{o.ci_low:+.2f}, {o.ci_high:+.2f}]")
+                c = cmp(s, against, other)
+                o = c.bootstrap
+                cells += [f"{o.delta:+.2f} [{o.ci_low:+.2f}, {o.ci_high:+.2f}]", verdict(c, alpha, _system_name(s))]
         out.append("| " + " | ".join(cells) + " |")
     out += [
         "",

@@ -417,6 +417,15 @@ def test_answer_tables_agree_with_direct_comparisons():
     assert "k=4" not in rows and "no-sorting-loss" not in rows  # settings of ClusterFormer: claims table only
     claim = rows["ClusterFormer is better than the Transformer"]
     assert claim[2] == cells[4] and claim[5] == cells[7]
+    # the second test set: its own comparison and verdict, the same as the claims table's
+    refs17, hyps17 = sig.load_translations(records, ids, "test_2017")
+    by17 = {
+        m: {r["seed"]: hyps17[r["run_id"]] for r in records if r["variant"] == "base" and r["model"] == m}
+        for m in ("clusterformer", "transformer")
+    }
+    c17 = sig.compare_systems(by17["clusterformer"], by17["transformer"], refs17, n_resamples=200)
+    assert cells[8] == f"{c17.delta:+.2f} [{c17.bootstrap.ci_low:+.2f}, {c17.bootstrap.ci_high:+.2f}]"
+    assert cells[9].rstrip(" |") == sig.verdict(c17, name="clusterformer") == claim[6].rstrip(" |")
     absent = [r for r in lines if "Sparse Transformer" in r]
     if not any(r["variant"] == "sparse" for r in records):
         assert absent and "not run yet (sparse)" in absent[0]
