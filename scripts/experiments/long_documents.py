@@ -28,7 +28,8 @@ A document's source line is its sentences' BPE'd source lines joined by a space,
 matching target sentences joined the same way. Output folder:
 
     raw/{train,valid,test}.{de,en}   one document a line, BPE'd
-    raw/test.ref.detok.en            the test reference for sacreBLEU (BPE removed, Moses-detokenised)
+    raw/test.ref.detok.en            the test reference for sacreBLEU (BPE removed, Moses-detokenised),
+                                     also gzipped to docs/results/refs/ (the runs' records name that copy)
     raw/documents.tsv                per document: split, set, talk, first and last sentence, lengths
     counts.json                      documents, sentences and token lengths per split, the rule
     data-bin/                        fairseq-preprocess --joined-dictionary
@@ -38,6 +39,7 @@ Every step is reused when its output is complete (a second call redoes nothing).
 """
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -53,6 +55,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "iwslt14"
 DEFAULT_OUT = REPO / "work" / "experiments" / "data" / "iwslt14-docs"
 NAME = "iwslt14-docs"
+# The test reference the study's records name: committed beside the results (docs/results/refs/README.md
+# has its source and license), so that docs/results.md's document scores recompute without the source.
+COMMITTED_REF = REPO / "docs" / "results" / "refs" / f"{NAME}.test.ref.detok.en.gz"
 SRC, TGT = "de", "en"
 
 # The document rule (on the source side, in BPE tokens, sentences joined by a space).
@@ -470,8 +475,29 @@ def generate_args():
     return f"--max-len-a {LEN_A} --max-len-b {LEN_B}"
 
 
-def write_dataset_json(out, counts, data_bin):
+def commit_reference(raw_ref, committed=COMMITTED_REF):
+    """Copy RAW_REF gzipped (reproducibly: no name or time in the header) to COMMITTED, unless its
+    lines are there already; a committed reference with other lines is refused, not replaced."""
+    lines = mt_prep.read_lines(raw_ref)
+    committed = Path(committed)
+    if committed.exists():
+        if mt_prep.read_lines(committed) != lines:
+            sys.exit(
+                f"long_documents: {committed} holds another test reference than {raw_ref}: the committed "
+                "results were scored against it. Move it away only if you mean to replace the study's reference."
+            )
+        return committed
+    committed.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    with open(committed, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
+        gz.write(data)
+    say(f"test: the reference committed beside the results: {committed}")
+    return committed
+
+
+def write_dataset_json(out, counts, data_bin, committed_ref=COMMITTED_REF):
     c = counts["splits"]
+    ref = commit_reference(out / "raw" / f"test.ref.detok.{TGT}", committed_ref)
     meta = {
         "name": NAME,
         "description": "IWSLT14 de-en documents (scripts/experiments/long_documents.py): "
@@ -484,7 +510,7 @@ def write_dataset_json(out, counts, data_bin):
         "data_bin": str(data_bin),
         "remove_bpe": "subword_nmt",
         "detok_lang": TGT,
-        "tests": [{"subset": "test", "label": "test", "ref": str(out / "raw" / f"test.ref.detok.{TGT}")}],
+        "tests": [{"subset": "test", "label": "test", "ref": str(ref)}],
         # fairseq-generate stops at --max-len-b 200 tokens by default, shorter than most documents: the
         # runner needs these --generate-args (documents_queue.sh passes them)
         "generate_args": generate_args(),

@@ -208,6 +208,28 @@ def test_build_raw_on_a_synthetic_source(tmp_path):
     assert ld.build_raw(source, out) == counts and (raw / ".done").stat().st_mtime_ns == stamp
 
 
+def test_the_reference_is_committed_reproducibly_and_never_silently_replaced(tmp_path):
+    """dataset.json names a gzipped copy of the reference (the records keep that path), whose bytes
+    do not depend on when it was written; a different reference already there is refused."""
+    source = ld.check_source(fake_source(tmp_path / "src"))
+    out = tmp_path / "out"
+    counts = ld.build_raw(source, out)
+    committed = tmp_path / "refs" / "docs.test.ref.detok.en.gz"
+    meta = ld.write_dataset_json(out, counts, out / "data-bin", committed_ref=committed)
+    assert meta["tests"][0]["ref"] == str(committed)
+    assert mt_prep.read_lines(committed) == mt_prep.read_lines(out / "raw" / "test.ref.detok.en")
+    first = committed.read_bytes()
+    committed.unlink()
+    ld.commit_reference(out / "raw" / "test.ref.detok.en", committed)
+    assert committed.read_bytes() == first  # no time or name in the gzip header
+    ld.commit_reference(out / "raw" / "test.ref.detok.en", committed)  # the same lines: kept as they are
+    other = tmp_path / "other.en"
+    other.write_text("another reference\n")
+    with pytest.raises(SystemExit, match="holds another test reference"):
+        ld.commit_reference(other, committed)
+    assert committed.read_bytes() == first
+
+
 def test_build_raw_refuses_inconsistent_sources(tmp_path):
     source = fake_source(tmp_path / "src")
     # the reference test set differs from our BPE of tok/
