@@ -696,6 +696,30 @@ CLAIMS = (
 )
 
 
+# The document-level study (scripts/experiments/documents_queue.sh, the `documents` recipe): its
+# systems and the claims it tests, on IWSLT14 de-en documents of 200-500 tokens.
+DOCUMENT_NOTES = {
+    "transformer/base": "fairseq's Transformer, full attention",
+    "clusterformer/base": "ClusterFormer, k = 3 (the paper's MT setting), losses weighted 0.01",
+    "clusterformer/k=auto": "ClusterFormer, k = ⌈√L⌉ per document in the encoder, 3 in the decoder",
+    "clusterformer/decoder-full": "ClusterFormer's encoder, full-attention decoder",
+    "clusterformer/routing": "Routing Transformer, k = 3: half of the encoder heads local, with rotary positions",
+    "clusterformer/lsh-n-hashes=2": "Reformer: LSH attention, 2 hash rounds",
+    "clusterformer/sparse": "Sparse Transformer: fixed pattern, blocks of ⌈L/3⌉ words",
+    "clusterformer/linformer": "Linformer encoder (k = 32), ClusterFormer's decoder",
+}
+DOCUMENT_CLAIMS = (
+    ("ClusterFormer is better than the Transformer", "clusterformer/base", "transformer/base"),
+    ("ClusterFormer with k = ⌈√L⌉ is better than the Transformer", "clusterformer/k=auto", "transformer/base"),
+    ("k = ⌈√L⌉ is better than k = 3", "clusterformer/k=auto", "clusterformer/base"),
+    ("ClusterFormer's clustered decoder is better than a full one", "clusterformer/base", "clusterformer/decoder-full"),
+    ("ClusterFormer is better than the Routing Transformer", "clusterformer/base", "clusterformer/routing"),
+    ("ClusterFormer is better than Reformer (2 hash rounds)", "clusterformer/base", "clusterformer/lsh-n-hashes=2"),
+    ("ClusterFormer is better than the Sparse Transformer", "clusterformer/base", "clusterformer/sparse"),
+    ("ClusterFormer is better than the Linformer encoder", "clusterformer/base", "clusterformer/linformer"),
+)
+
+
 def _system_name(system: str) -> str:
     model, _, variant = system.partition("/")
     return model if variant == "base" else variant
@@ -709,11 +733,18 @@ def answer_markdown(
     seed: int = DEFAULT_SEED,
     alpha: float = 0.05,
     repo=None,
+    notes: Mapping[str, str] = SYSTEM_NOTES,
+    claims: Sequence[Tuple[str, str, str]] = CLAIMS,
+    settings_only=SETTINGS_ONLY,
+    unit: str = "sentences",
 ) -> List[str]:
     """The systems table (sacreBLEU on the first test set, mean and 95 % CI over seeds, Δ against
     AGAINST with both tests and a verdict, Δ and verdict on the other test sets) and the claims table, as
-    Markdown lines. Systems without records are left out; claims without them say so."""
-    systems = [s for s in SYSTEM_NOTES if any(f"{r['model']}/{r['variant']}" == s for r in records)]
+    Markdown lines. NOTES: the systems in order, with what each is (default: the Multi30k study's);
+    CLAIMS: (claim, A, B); SETTINGS_ONLY: systems left out of the systems table (claims only); UNIT:
+    what a line of a test set is (the bootstrap resamples them). Systems without records are left
+    out; claims without them say so."""
+    systems = [s for s in notes if any(f"{r['model']}/{r['variant']}" == s for r in records)]
     runs = {s: system_runs(records, s) for s in systems}
     stats = {}
     for test_set in test_sets:
@@ -735,10 +766,10 @@ def answer_markdown(
         "|---|---|---|---|---|---|---|---|" + "---|---|" * len(others),
     ]
     for s in systems:
-        if s in SETTINGS_ONLY:  # ClusterFormer's k and loss ablations: the claims table and the appendix
+        if s in settings_only:  # ClusterFormer's k and loss ablations: the claims table and the appendix
             continue
         scores = {k: float(bleu_from_stats(st.sum(axis=0))) for k, st in stats[main][s].items()}
-        cells = [_system_name(s), SYSTEM_NOTES[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
+        cells = [_system_name(s), notes[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
         if s == against:
             cells += ["–", "–", "–", "(reference)"] + ["–", "–"] * len(others)
         else:
@@ -761,7 +792,7 @@ def answer_markdown(
         f"| verdict on {main} | " + " | ".join(f"verdict on {t}" for t in others) + (" |" if others else ""),
         "|---|---|---|---|---|---|" + "---|" * len(others),
     ]
-    for claim, a, b in CLAIMS:
+    for claim, a, b in claims:
         pair = f"{_system_name(a)} vs {_system_name(b)}"
         if a not in runs or b not in runs:
             missing = " and ".join(_system_name(x) for x in (a, b) if x not in runs)
@@ -777,7 +808,7 @@ def answer_markdown(
     out += [
         "",
         f"BLEU: sacreBLEU on detokenised output. Δ: mean over each system's seeds of its corpus BLEU, A − B. "
-        f"Bootstrap: {n_resamples:,} paired resamples of the test sentences (seed {seed}), the same indices for "
+        f"Bootstrap: {n_resamples:,} paired resamples of the test {unit} (seed {seed}), the same indices for "
         "every seed of both systems; percentile CI; two-sided p of the centred resamples. t-test: paired over "
         f"the seeds both systems have. A verdict names a better or worse system only where both tests reject at "
         f"{alpha}; otherwise it says so (scripts/experiments/significance.py).",

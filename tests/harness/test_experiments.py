@@ -468,6 +468,52 @@ def test_render_converged_block_and_its_answer_tables(tmp_path):
     assert (tmp_path / "curves_m_converged.png").exists() is False  # no curves in these records
 
 
+def test_render_documents_block_tests_each_claim_and_states_the_costs(tmp_path):
+    """The document study's block: the systems and claims tables over the test documents (here the
+    committed Transformer translations of test_2016 as the 'documents', against a copy with every
+    other line cut to three words: both tests reject), a claim without runs says so, and the cost
+    table gives each system's means with its ratio to the Transformer's."""
+    import gzip
+
+    from scripts.experiments import report
+
+    hyp = REPO / "docs" / "results" / "hyps" / "multi30k.transformer.base.s1.conv.test_2016.detok.gz"
+    with gzip.open(hyp, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    worse = tmp_path / "worse.gz"
+    with gzip.open(worse, "wt", encoding="utf-8") as f:
+        f.write("".join((h if i % 2 else " ".join(h.split()[:3])) + "\n" for i, h in enumerate(lines)))
+
+    def record(model, variant, seed, hyp_file, train_s, rss):
+        test = {"label": "test", "chrf": 50.0 + seed, "hyp_file": str(hyp_file), "generate_wall_s": 100.0}
+        test["ref"] = "data/multi30k/test_2016_flickr.en.gz"
+        return {
+            "run_id": f"d.{model}.{variant}.s{seed}.doc2060", "dataset": "d", "model": model, "variant": variant,
+            "seed": seed, "recipe": "documents", "train_wall_s": train_s, "tokens_per_s": 1000.0,
+            "peak_rss_mb": rss, "tests": [test], "machine": {"loadavg_start": 2.0},
+        }  # fmt: skip
+
+    recs = [
+        record("transformer", "base", 1, hyp, 7200.0, 1000.0),
+        record("transformer", "base", 2, hyp, 7200.0, 1000.0),
+        record("clusterformer", "base", 1, worse, 3600.0, 500.0),
+        record("clusterformer", "base", 2, worse, 3600.0, 700.0),
+    ]
+    text = report.render_documents(recs, n_resamples=200)
+    rows = {}  # each row's first occurrence: the systems and claims tables come before the costs
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
+    assert rows["transformer"][1] == "fairseq's Transformer, full attention" and rows["transformer"][2] == "1,2"
+    assert rows["clusterformer"][7].rstrip(" |") == "clusterformer worse"
+    assert rows["ClusterFormer is better than the Transformer"][5].rstrip(" |") == "clusterformer worse"
+    assert "not run yet (k=auto)" in rows["ClusterFormer with k = ⌈√L⌉ is better than the Transformer"][2]
+    assert "paired resamples of the test documents" in text
+    cost = [line for line in text.splitlines() if line.startswith("| clusterformer | 1,2 |")]
+    assert cost == ["| clusterformer | 1,2 | 51.50 | 1.00 (0.50 ×) | 1000 (1.00 ×) | 600 (0.60 ×) | 100 (1.00 ×) |"]
+    assert "(load average at the start 2.0-2.0)" in text
+
+
 def test_annealed_recipe_decays_the_learning_rate_to_zero_over_its_budget():
     """The annealed recipe's settings, as fairseq parses them: the shared peak lr and warm-up,
     then a linear decay that reaches 0 exactly at the recipe's last update."""
