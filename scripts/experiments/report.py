@@ -105,9 +105,9 @@ def _config_key(r):
 def plot_curves(records, path, by_epoch=False):
     import logging
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq may have set the root to DEBUG
     import matplotlib
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq may have set the root to DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -435,6 +435,9 @@ def render_cluster_analysis(result, source, img_dir, doc_dir):
 
 
 def _plot_cluster_analysis(layers, path):
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq may have set the root to DEBUG
     import matplotlib
 
     matplotlib.use("Agg")
