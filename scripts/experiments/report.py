@@ -199,6 +199,29 @@ def _where(records):
     return f" (on {', '.join(gpus)})" if gpus else ""
 
 
+def _machines(recs):
+    """The machine line of a block: one CPU model, or which runs ran on which when they differ
+    (floating-point kernels differ between CPU models, so the same command and seed trains a
+    slightly different model on each; time and speed compare only within one model)."""
+    by_cpu = OrderedDict()
+    for r in recs:
+        m = r.get("machine", {})
+        by_cpu.setdefault((m.get("cpu"), m.get("nproc"), m.get("torch")), []).append(r)
+    if len(by_cpu) == 1:
+        (cpu, nproc, torch_version), _ = by_cpu.popitem()
+        return f"Machine: {cpu}, {nproc} cores (shared), torch {torch_version}, OMP_NUM_THREADS=1."
+    parts = []
+    for (cpu, nproc, torch_version), rs in by_cpu.items():
+        configs = list(OrderedDict.fromkeys(f"{r['model']} {_display(r)}" for r in rs))
+        parts.append(f"{cpu}, {nproc} cores (shared), torch {torch_version}: {len(rs)} runs ({', '.join(configs)})")
+    return (
+        "Machines (OMP_NUM_THREADS=1): "
+        + "; ".join(parts)
+        + ". Training time and speed compare only between runs on the same CPU model, and the same command and "
+        "seed trains a slightly different model on another one (its floating-point kernels differ)."
+    )
+
+
 def render(records, img_dir, doc_dir):
     """The body of one generated block of docs/results.md (markdown, the lines between its
     markers), writing the plots into IMG_DIR."""
@@ -374,13 +397,10 @@ def render(records, img_dir, doc_dir):
                     out.append(portable_command(t["command"]))
                 out += ["```", ""]
         sig = next((t.get("sacrebleu_signature") for r in recs for t in r.get("tests", [])), None)
-        machine = recs[0].get("machine", {})
         out += [
             "</details>",
             "",
-            f"sacrebleu signature: `{sig}`. Machine: {machine.get('cpu')}, {machine.get('nproc')} cores "
-            f"(shared), torch {machine.get('torch')}, OMP_NUM_THREADS=1. Peak memory method: "
-            f"{recs[0].get('rss_method')}.",
+            f"sacrebleu signature: `{sig}`. {_machines(recs)} Peak memory method: {recs[0].get('rss_method')}.",
             "",
         ]
     return "\n".join(out)
