@@ -575,7 +575,8 @@ def render_documents(records, n_resamples=10000):
         "CPU with another run beside it"
         + (f" (load average at the start {min(loads):.1f}-{max(loads):.1f})" if loads else "")
         + ", so time and speed carry that machine's noise; peak memory is the training process's resident set "
-        "(/usr/bin/time). Translating: fairseq-generate, beam 5, the whole test set, one thread.",
+        "(/usr/bin/time). Translating: fairseq-generate, beam 5, the whole test set, one thread. "
+        + _machines([r for rs in runs.values() for r in rs.values()]),
         "",
     ]
     return "\n".join(["", *lines])
