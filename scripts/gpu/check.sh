@@ -11,7 +11,14 @@
 # (default /tmp/clusterformer-site); CHECK_STEPS, the steps to run (default all:
 # "tests precision attention translation"; install always runs), so that one lease can run the
 # check in two calls that each fit the device's 10-minute limit; CHECK_LENGTHS, the attention
-# step's lengths (default 512,1024,...,65536).
+# step's lengths (default 512,1024,...,65536); CHECK_IMPLS, its implementations (default: the list
+# under "attention" below); CHECK_SETTINGS, the translation step's lengths (default 512,2048);
+# CHECK_ATTENTION_S, CHECK_TRANSLATION_S, CHECK_COMPILE_S: the limits of the attention, translation
+# and translation-compile steps (default 240, 120, 200 s). The remaining H200 targets, each in one
+# call (docs/benchmarks.md, "Running it again"):
+#   CHECK_STEPS=attention CHECK_LENGTHS=2048,8192 CHECK_ATTENTION_S=540 \
+#     CHECK_IMPLS=cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,sdpa,flash bash scripts/gpu/check.sh
+#   CHECK_STEPS=translation CHECK_TRANSLATION_S=180 CHECK_COMPILE_S=360 bash scripts/gpu/check.sh
 #
 # Steps, each under its own time limit (over the device's 10-minute limit together: run them in two
 # calls with CHECK_STEPS, e.g. "tests precision" and "attention translation"), each recorded in the
@@ -107,11 +114,11 @@ else
     ATTN=(--device cuda --dtype bfloat16 --lengths "${CHECK_LENGTHS:-512,1024,2048,4096,8192,16384,32768,65536}"
         --repeats 3 --warmup 1 --budget 10 --time-cap 20 --fit 4096,65536)
 fi
-IMPLS=cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,full,sdpa,flash,naive,lsh-8,routing,sparse,sparse-causal,linformer-256
+IMPLS=${CHECK_IMPLS:-cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,full,sdpa,flash,naive,lsh-8,routing,sparse,sparse-causal,linformer-256}
 # the dry run leaves out the compiled layers: inductor's CPU compile takes minutes there
 # (tests/test_compile.py and the cuda tests compare the compiled path with the eager one)
 [[ $DRY == 1 ]] && IMPLS=${IMPLS//,cluster-compiled/} && IMPLS=${IMPLS//,cluster-causal-compiled/}
-wanted attention && step attention 240 "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
+wanted attention && step attention "${CHECK_ATTENTION_S:-240}" "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
     --impl "$IMPLS" --k sqrt --csv "$OUTDIR/attention.csv" --plot "$OUTDIR"
 
 # (d) whole translation models
@@ -119,13 +126,13 @@ if [[ $DRY == 1 ]]; then
     MT=(--device cpu --dtype bfloat16 --settings 48 --layers 1 --embed-dim 32 --ffn-dim 64 --heads 4 --train-steps 1 --warmup 1
         --gen-batches 1 --gen-warmup 0 --gen-batch-size 2 --gen-len-long 4 --max-tokens 400 --threads 1)
 else
-    MT=(--device cuda --dtype bfloat16 --settings 512,2048 --train-steps 10 --warmup 2 --gen-batches 2
+    MT=(--device cuda --dtype bfloat16 --settings "${CHECK_SETTINGS:-512,2048}" --train-steps 10 --warmup 2 --gen-batches 2
         --gen-warmup 1 --gen-batch-size 16 --gen-len-long 64)
 fi
 if wanted translation; then
-    step translation 120 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
+    step translation "${CHECK_TRANSLATION_S:-120}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
         --csv "$OUTDIR/translation.csv"
-    step translation-compile 200 "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
+    step translation-compile "${CHECK_COMPILE_S:-200}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
         --cluster-args="--cluster-compile" --tag compile --csv "$WORK/translation_compile.csv"
     # one CSV for both runs (the device returns at most 8 files)
     [[ -f "$WORK/translation_compile.csv" ]] && tail -n +2 "$WORK/translation_compile.csv" >>"$OUTDIR/translation.csv"

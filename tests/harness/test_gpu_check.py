@@ -104,6 +104,29 @@ def test_dry_run_benchmarks_wrote_every_row(dry_run):
     assert "time exponents:" in summary
 
 
+def test_steps_implementations_and_limits_can_be_chosen(tmp_path):
+    """CHECK_STEPS runs only the steps named; CHECK_IMPLS and CHECK_LENGTHS choose the attention
+    rows; CHECK_ATTENTION_S is the attention step's limit (a step over it is recorded as a timeout)."""
+    env = {**os.environ, "PYTHON": sys.executable, "CHECK_STEPS": "attention", "CHECK_IMPLS": "cluster,sdpa"}
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        ["bash", str(CHECK), "--dry-run", "--out", str(tmp_path / "a")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    with open(tmp_path / "a" / "attention.csv") as f:
+        assert {(r["impl"], r["n"]) for r in csv.DictReader(f)} == {
+            (impl, n) for impl in ("cluster", "sdpa") for n in ("64", "128")
+        }
+    assert not (tmp_path / "a" / "translation.csv").exists() and not (tmp_path / "a" / "pytest_cuda.xml").exists()
+    assert "== attention (limit 240 s)" in (tmp_path / "a" / "check.log").read_text()
+    proc = subprocess.run(
+        ["bash", str(CHECK), "--dry-run", "--out", str(tmp_path / "b")],
+        cwd=REPO, env={**env, "CHECK_ATTENTION_S": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "attention timeout" in (tmp_path / "b" / "summary.txt").read_text()
+
+
 def test_summary_reports_a_failed_step(tmp_path):
     """A step that failed or ran out of time is named, and the result says so."""
     status = tmp_path / "status.tsv"
