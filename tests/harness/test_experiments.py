@@ -418,10 +418,9 @@ def test_converged_recipe_resumes_after_a_kill(toy_bin, tmp_path):
     assert "--patience 100" in r["train_command"] and "--max-update 0" in r["train_command"]
 
 
-def test_render_converged_block_and_its_answer_tables(tmp_path):
-    """The converged block: mean ± std over seeds, chrF; and the answer tables of the same records
-    (here the committed Transformer translations against a copy with every other sentence cut to
-    its first three words): both tests reject, so the verdict names the worse system."""
+def _committed_translations_and_a_worse_copy(tmp_path):
+    """The committed Transformer translations of test_2016, and a copy of them in TMP_PATH with
+    every other sentence cut to its first three words (a system both tests call worse)."""
     import gzip
 
     hyp = REPO / "docs" / "results" / "hyps" / "multi30k.transformer.base.s1.conv.test_2016.detok.gz"
@@ -430,6 +429,14 @@ def test_render_converged_block_and_its_answer_tables(tmp_path):
     worse = tmp_path / "worse.gz"
     with gzip.open(worse, "wt", encoding="utf-8") as f:
         f.write("".join((h if i % 2 else " ".join(h.split()[:3])) + "\n" for i, h in enumerate(lines)))
+    return hyp, worse
+
+
+def test_render_converged_block_and_its_answer_tables(tmp_path):
+    """The converged block: mean ± std over seeds, chrF; and the answer tables of the same records
+    (here the committed Transformer translations against a copy with every other sentence cut to
+    its first three words): both tests reject, so the verdict names the worse system."""
+    hyp, worse = _committed_translations_and_a_worse_copy(tmp_path)
 
     def record(model, seed, hyp_file, bleu):
         test = {"label": "test_2016", "sacrebleu": bleu, "bleu_tok": bleu, "chrf": 50.0, "hyp_file": str(hyp_file)}
@@ -473,16 +480,9 @@ def test_render_documents_block_tests_each_claim_and_states_the_costs(tmp_path):
     committed Transformer translations of test_2016 as the 'documents', against a copy with every
     other line cut to three words: both tests reject), a claim without runs says so, and the cost
     table gives each system's means with its ratio to the Transformer's."""
-    import gzip
-
     from scripts.experiments import report
 
-    hyp = REPO / "docs" / "results" / "hyps" / "multi30k.transformer.base.s1.conv.test_2016.detok.gz"
-    with gzip.open(hyp, "rt", encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    worse = tmp_path / "worse.gz"
-    with gzip.open(worse, "wt", encoding="utf-8") as f:
-        f.write("".join((h if i % 2 else " ".join(h.split()[:3])) + "\n" for i, h in enumerate(lines)))
+    hyp, worse = _committed_translations_and_a_worse_copy(tmp_path)
 
     def record(model, variant, seed, hyp_file, train_s, rss):
         test = {"label": "test", "chrf": 50.0 + seed, "hyp_file": str(hyp_file), "generate_wall_s": 100.0}
