@@ -199,6 +199,15 @@ def _where(records):
     return f" (on {', '.join(gpus)})" if gpus else ""
 
 
+def _prepare_command(dataset):
+    """The command that builds DATASET's data where its runs' commands read it."""
+    from .long_documents import NAME as DOCUMENTS
+
+    if dataset == DOCUMENTS:  # document-level IWSLT14: its own builder, from ../shared/data/iwslt14
+        return "python -m scripts.experiments.long_documents prepare"
+    return f"python -m scripts.experiments.run_side_by_side prepare {dataset}"
+
+
 def _machines(recs):
     """The machine line of a block: one CPU model, or which runs ran on which when they differ
     (floating-point kernels differ between CPU models, so the same command and seed trains a
@@ -378,8 +387,7 @@ def render(records, img_dir, doc_dir):
             revisions.setdefault(_revision(rs[0]), []).append(key)
         for rev, keys in revisions.items():
             out += [
-                f"At commit `{rev}` (`git checkout {rev}` in a clone, then `python -m "
-                f"scripts.experiments.run_side_by_side prepare {ds}`):"
+                f"At commit `{rev}` (`git checkout {rev}` in a clone, then `{_prepare_command(ds)}`):"
                 if rev
                 else "At the revision the run record names:",
                 "",

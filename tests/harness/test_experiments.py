@@ -512,6 +512,9 @@ def test_render_documents_block_tests_each_claim_and_states_the_costs(tmp_path):
     cost = [line for line in text.splitlines() if line.startswith("| clusterformer | 1,2 |")]
     assert cost == ["| clusterformer | 1,2 | 51.50 | 1.00 (0.50 ×) | 1000 (1.00 ×) | 600 (0.60 ×) | 100 (1.00 ×) |"]
     assert "(load average at the start 2.0-2.0)" in text
+    # the appendix's per-run block tells how to build the documents its commands read
+    assert report._prepare_command("iwslt14-docs") == "python -m scripts.experiments.long_documents prepare"
+    assert report._prepare_command("multi30k") == "python -m scripts.experiments.run_side_by_side prepare multi30k"
 
 
 def test_annealed_recipe_decays_the_learning_rate_to_zero_over_its_budget():
