@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The document-level study (issue 28): every system at the same settings (the `documents` recipe,
-# scripts/experiments/recipes.py) on IWSLT14 de-en documents of 200-500 BPE tokens
-# (scripts/experiments/long_documents.py, prepared here if missing), on LANES parallel lanes (default
-# 2: one single-threaded, niced run per core). One seed of every system first, then seeds 2 and 3.
-# Run it again after an interruption: finished runs (recorded in docs/results/iwslt14-docs_documents.jsonl)
-# are skipped and an interrupted one resumes from its checkpoint_last.pt.
+# The document-level study: every system at the same settings (the `documents` recipe,
+# scripts/experiments/recipes.py) on de-en documents of 200-500 BPE tokens (DATASET below, prepared
+# here if missing), on LANES parallel lanes (default 2: one single-threaded, niced run per core). One
+# seed of every system first, then seeds 2 and 3. Run it again after an interruption: finished runs
+# (recorded in docs/results/<DATASET>_documents.jsonl) are skipped and an interrupted one resumes
+# from its checkpoint_last.pt.
 #
 #   nohup bash scripts/experiments/documents_queue.sh > work/experiments/documents_queue.log 2>&1 &
+#   DATASET=multi30k-docs nohup bash scripts/experiments/documents_queue.sh > work/experiments/m30k_docs.log 2>&1 &
 #
-# Environment: LANES (default 2); SEEDS (default "1 2 3"); CODE (the plugin commit every run uses;
-# default: HEAD when the queue first starts, kept in work/experiments/documents_queue.code so that a
-# restarted queue runs the same code; a resumed run keeps the commit it started with); ONLY (a bash
-# pattern: run only the entries whose label matches it, e.g. ONLY='@(lsh|routing) s1'); SOURCE (the
-# IWSLT14 material, default ../shared/data/iwslt14); DATA (default work/experiments/data/iwslt14-docs).
+# Environment: DATASET, the documents (iwslt14-docs, the default: real TED talks, built by
+# scripts/experiments/long_documents.py from SOURCE; multi30k-docs: Multi30k pseudo-documents, built
+# by scripts/experiments/multi30k_documents.py from the shipped corpus); LANES (default 2); SEEDS
+# (default "1 2 3"); CODE (the plugin commit every run uses; default: HEAD when the queue first
+# starts, kept in work/experiments/documents_queue.<DATASET>.code so that a restarted queue runs the
+# same code; a resumed run keeps the commit it started with); ONLY (a bash pattern: run only the
+# entries whose label matches it, e.g. ONLY='@(lsh|routing) s1'); SOURCE (the IWSLT14 material,
+# default ../shared/data/iwslt14); DATA (default work/experiments/data/<DATASET>).
 #
 # To free the machine without losing work: `touch work/experiments/queue.pause` (the same file
 # converged_queue.sh obeys). The lanes finish the runs they are in and start no new one until the
@@ -25,19 +29,28 @@ PY=${PY:-.venv/bin/python}
 LANES=${LANES:-2}
 ONLY=${ONLY:-}
 SOURCE=${SOURCE:-../shared/data/iwslt14}
-DATA=${DATA:-work/experiments/data/iwslt14-docs}
-PIN=work/experiments/documents_queue.code
+DATASET=${DATASET:-iwslt14-docs}
+case "$DATASET" in
+    iwslt14-docs) BUILD=(-m scripts.experiments.long_documents prepare --source "$SOURCE") ;;
+    multi30k-docs) BUILD=(-m scripts.experiments.multi30k_documents prepare) ;;
+    *)
+        echo "documents_queue: DATASET must be iwslt14-docs or multi30k-docs, not '$DATASET'" >&2
+        exit 2
+        ;;
+esac
+DATA=${DATA:-work/experiments/data/$DATASET}
+PIN=work/experiments/documents_queue.$DATASET.code
 mkdir -p work/experiments
 if [[ -z "${CODE:-}" ]]; then
     [[ -f "$PIN" ]] || git rev-parse --short=12 HEAD > "$PIN"
     CODE=$(cat "$PIN")
 fi
-[[ -f "$DATA/dataset.json" ]] || "$PY" -m scripts.experiments.long_documents prepare --out "$DATA" --source "$SOURCE"
+[[ -f "$DATA/dataset.json" ]] || "$PY" "${BUILD[@]}" --out "$DATA"
 
 # The runner takes the data set's generation settings (a length bound for documents) from its
 # dataset.json, and names the runs after the recipe's budget (doc<updates>).
 R=(nice -n 10 "$PY" -m scripts.experiments.run_side_by_side run --recipe documents --dataset "$DATA" --code "$CODE")
-echo "[queue $(date +%H:%M:%S)] documents study: code $CODE"
+echo "[queue $(date +%H:%M:%S)] documents study on $DATASET: code $CODE"
 
 # One entry per run: "label|runner arguments". Within a seed: the Transformer and ClusterFormer (k = 3,
 # the paper's) first, then k = auto (ceil(sqrt(L)) clusters per document in the encoder, the paper's
@@ -59,4 +72,4 @@ done
 
 # shellcheck source=scripts/experiments/_queue_lib.sh
 source scripts/experiments/_queue_lib.sh # (the working directory is the repository root)
-run_queue work/experiments/documents_queue_claims
+run_queue "work/experiments/documents_queue_claims.$DATASET"

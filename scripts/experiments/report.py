@@ -526,9 +526,10 @@ def render_documents(records, n_resamples=10000):
     documents, then what each system cost (training time, speed and peak memory, translation time)."""
     from .significance import DOCUMENT_CLAIMS, DOCUMENT_NOTES, answer_markdown, system_runs
 
+    labels = _test_labels(records)  # iwslt14-docs: test; multi30k-docs: test_2016, test_2017
     lines = answer_markdown(
         records,
-        test_sets=("test",),
+        test_sets=tuple(labels),
         notes=DOCUMENT_NOTES,
         claims=DOCUMENT_CLAIMS,
         settings_only=(),
@@ -549,8 +550,8 @@ def render_documents(records, n_resamples=10000):
             "train": mean(s, lambda r: r.get("train_wall_s")),
             "tps": mean(s, lambda r: r.get("tokens_per_s")),
             "rss": mean(s, lambda r: r.get("peak_rss_mb")),
-            "gen": mean(s, lambda r: _test(r, "test", "generate_wall_s")),
-            "chrf": mean(s, lambda r: _test(r, "test", "chrf")),
+            "gen": mean(s, lambda r: sum(_test(r, label, "generate_wall_s") or 0 for label in labels) or None),
+            "chrf": mean(s, lambda r: _test(r, labels[0], "chrf")),
         }
 
     ref = cost("transformer/base") if "transformer/base" in runs else None
@@ -562,7 +563,8 @@ def render_documents(records, n_resamples=10000):
 
     lines += [
         "",
-        "| system | seeds | chrF | training time, h | tokens/s | peak memory, MB | translating the test set, s |",
+        f"| system | seeds | {labels[0]} chrF | training time, h | tokens/s | peak memory, MB "
+        f"| translating {' and '.join(labels)}, s |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in runs:
@@ -583,7 +585,7 @@ def render_documents(records, n_resamples=10000):
         "CPU with another run beside it"
         + (f" (load average at the start {min(loads):.1f}-{max(loads):.1f})" if loads else "")
         + ", so time and speed carry that machine's noise; peak memory is the training process's resident set "
-        "(/usr/bin/time). Translating: fairseq-generate, beam 5, the whole test set, one thread. "
+        "(/usr/bin/time). Translating: fairseq-generate, beam 5, every test document, one thread. "
         + _machines([r for rs in runs.values() for r in rs.values()]),
         "",
     ]

@@ -126,3 +126,39 @@ def test_gpu_script_gives_each_system_the_queues_arguments(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2 and "unknown system in SYSTEMS: reformer" in proc.stderr
+
+
+def test_documents_queue_builds_the_chosen_documents_and_runs_each_system_once(tmp_path):
+    """documents_queue.sh: DATASET picks the builder of the documents (called when the data set is
+    missing) and every entry is one run of the runner on that data set, with the documents recipe;
+    an unknown DATASET is refused by name."""
+    root = _copy_scripts(tmp_path)
+    for dataset, builder in (
+        ("iwslt14-docs", "scripts.experiments.long_documents"),
+        ("multi30k-docs", "scripts.experiments.multi30k_documents"),
+    ):
+        record = tmp_path / f"{dataset}.jsonl"
+        env = {**os.environ, "PY": str(_stub_python(tmp_path, record)), "LANES": "1", "SEEDS": "1"}
+        env.update(DATASET=dataset, CODE="abc1234")
+        proc = subprocess.run(
+            ["bash", str(root / "scripts" / "experiments" / "documents_queue.sh")],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        calls = _calls(record)
+        assert calls[0][:3] == ["-m", builder, "prepare"] and calls[0][-2:] == [
+            "--out",
+            f"work/experiments/data/{dataset}",
+        ]
+        runs = calls[1:]
+        assert len(runs) == 8 and all(c[: len(RUNNER) + 1] == [*RUNNER, "run"] for c in runs)
+        for c in runs:
+            assert c[c.index("--dataset") + 1] == f"work/experiments/data/{dataset}"
+            assert c[c.index("--recipe") + 1] == "documents" and c[c.index("--code") + 1] == "abc1234"
+        labels = [c[c.index("--label") + 1] if "--label" in c else c[c.index("--models") + 1] for c in runs]
+        assert len(set(labels)) == 8
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "experiments" / "documents_queue.sh")],
+        env={**os.environ, "DATASET": "wmt-docs"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "DATASET must be iwslt14-docs or multi30k-docs, not 'wmt-docs'" in proc.stderr
