@@ -12,7 +12,9 @@ documents made of them test what the document study asks, whether an attention t
 whole input keeps the translation quality of one that can, on models that translate well. The
 captions of a document are unrelated to each other (no discourse to carry across sentences); what
 grows with the document is the input each attention layer has to search: 200-500 tokens, about
-20 times Multi30k's sentences.
+20 times Multi30k's sentences. Trained on these documents alone, the study's models do not yet
+translate within the `documents` recipe's 2,060 updates (docs/results.md, "Where attention length
+matters"): a recipe that also trains on shorter groups of captions is the next step.
 
 Made from the Multi30k of ``python -m scripts.experiments.prepare_data multi30k`` (built here if
 missing: Moses-tokenised, BPE'd with the study's 8,000-merge codes, from data/multi30k of this
