@@ -11,7 +11,8 @@
 #
 # Environment: DATASET, the documents (iwslt14-docs, the default: real TED talks, built by
 # scripts/experiments/long_documents.py from SOURCE; multi30k-docs: Multi30k pseudo-documents, built
-# by scripts/experiments/multi30k_documents.py from the shipped corpus); LANES (default 2); SEEDS
+# by scripts/experiments/multi30k_documents.py from the shipped corpus; multi30k-docs-mr: the same
+# documents, trained on together with shorter groups of captions); LANES (default 2); SEEDS
 # (default "1 2 3"); CODE (the plugin commit every run uses; default: HEAD when the queue first
 # starts, kept in work/experiments/documents_queue.<DATASET>.code so that a restarted queue runs the
 # same code; a resumed run keeps the commit it started with); ONLY (a bash pattern: run only the
@@ -33,8 +34,9 @@ DATASET=${DATASET:-iwslt14-docs}
 case "$DATASET" in
     iwslt14-docs) BUILD=(-m scripts.experiments.long_documents prepare --source "$SOURCE") ;;
     multi30k-docs) BUILD=(-m scripts.experiments.multi30k_documents prepare) ;;
+    multi30k-docs-mr) BUILD=(-m scripts.experiments.multi30k_documents prepare --multi-resolution) ;;
     *)
-        echo "documents_queue: DATASET must be iwslt14-docs or multi30k-docs, not '$DATASET'" >&2
+        echo "documents_queue: DATASET must be iwslt14-docs, multi30k-docs or multi30k-docs-mr, not '$DATASET'" >&2
         exit 2
         ;;
 esac

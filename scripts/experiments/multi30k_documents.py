@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Multi30k pseudo-documents: inputs of 200-500 BPE tokens from the shipped corpus alone.
 
-    python -m scripts.experiments.multi30k_documents prepare [--out work/experiments/data/multi30k-docs]
+    python -m scripts.experiments.multi30k_documents prepare [--multi-resolution] [--out DIR]
     DATASET=multi30k-docs bash scripts/experiments/documents_queue.sh      # the study's runs
+    DATASET=multi30k-docs-mr bash scripts/experiments/documents_queue.sh   # multi-resolution training
 
 Why a second document set: the IWSLT14 material offline (scripts/experiments/long_documents.py) has
 real talks to test on but only about 16,000 training sentences, too few for the study's small
@@ -14,7 +15,10 @@ captions of a document are unrelated to each other (no discourse to carry across
 grows with the document is the input each attention layer has to search: 200-500 tokens, about
 20 times Multi30k's sentences. Trained on these documents alone, the study's models do not yet
 translate within the `documents` recipe's 2,060 updates (docs/results.md, "Where attention length
-matters"): a recipe that also trains on shorter groups of captions is the next step.
+matters"). `--multi-resolution` (data set multi30k-docs-mr) also trains on the captions alone and in
+groups of 2, 4 and 8, with the same valid and test documents: the multi-resolutional training that
+Sun et al. (2022) found to let document models learn to translate; whether it does at this budget
+is what its first runs will show.
 
 Made from the Multi30k of ``python -m scripts.experiments.prepare_data multi30k`` (built here if
 missing: Moses-tokenised, BPE'd with the study's 8,000-merge codes, from data/multi30k of this
@@ -48,7 +52,12 @@ from . import long_documents, prepare_data
 from .expkit import REPO
 
 NAME = "multi30k-docs"
-DEFAULT_OUT = REPO / "work" / "experiments" / "data" / NAME
+# --multi-resolution: the training captions also in consecutive groups of these sizes, besides the
+# documents (multi-resolutional training, Sun et al. 2022, "Rethinking Document-level Neural
+# Machine Translation": models trained on long documents alone can fail to learn to translate;
+# shorter groups of the same text teach the alignment). Valid and test stay the documents.
+RESOLUTIONS = (1, 2, 4, 8)
+NAME_MR = "multi30k-docs-mr"
 SENTENCES = REPO / "work" / "experiments" / "data" / "multi30k"
 REFS = REPO / "docs" / "results" / "refs"
 SRC, TGT = "de", "en"
@@ -73,12 +82,19 @@ def _stats(values):
     return long_documents._stats(values)
 
 
-def build_raw(sentences, out, raw_corpus=prepare_data.MULTI30K):
-    """raw/ (documents of SENTENCES's BPE'd captions), the references, counts.json."""
+def groups_of(lines, size):
+    """LINES in consecutive groups of SIZE joined by a space (the last group may be shorter)."""
+    return [" ".join(lines[i : i + size]) for i in range(0, len(lines), size)]
+
+
+def build_raw(sentences, out, raw_corpus=prepare_data.MULTI30K, resolutions=()):
+    """raw/ (documents of SENTENCES's BPE'd captions; with RESOLUTIONS, the training captions also
+    in groups of each of those sizes), the references, counts.json."""
     raw = Path(out) / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rule = {"sentences": [MIN_SENTS, MAX_SENTS], "source_tokens": [MIN_TOKENS, MAX_TOKENS]}
-    counts = {"name": NAME, "rule": rule, "splits": {}}
+    rule["train_resolutions"] = list(resolutions)
+    counts = {"name": NAME_MR if resolutions else NAME, "rule": rule, "splits": {}}
     for split, (stem, label) in SPLITS.items():
         src = mt_prep.read_lines(Path(sentences) / "bpe" / f"{stem}.{SRC}")
         tgt = mt_prep.read_lines(Path(sentences) / "bpe" / f"{stem}.{TGT}")
@@ -89,6 +105,9 @@ def build_raw(sentences, out, raw_corpus=prepare_data.MULTI30K):
         )
         src_docs = [" ".join(src[a:b]) for a, b in spans]
         tgt_docs = [" ".join(tgt[a:b]) for a, b in spans]
+        if split == "train":  # the shorter groups first; fairseq shuffles the training pairs anyway
+            src_docs = [g for size in resolutions for g in groups_of(src, size)] + src_docs
+            tgt_docs = [g for size in resolutions for g in groups_of(tgt, size)] + tgt_docs
         longest = max(len(d.split()) for d in src_docs + tgt_docs)
         if longest + 1 > long_documents.MAX_POSITIONS:
             raise SystemExit(f"multi30k_documents: {split}: a document of {longest} tokens does not fit the positions")
@@ -98,6 +117,7 @@ def build_raw(sentences, out, raw_corpus=prepare_data.MULTI30K):
         counts["splits"][split] = {
             "file": stem,
             "documents": len(spans),
+            "training_pairs": len(src_docs),
             "sentences": sum(b - a for a, b in spans),
             "sentences_available": len(src),
             "sentences_dropped": len(dropped),
@@ -131,11 +151,18 @@ def write_dataset_json(out, counts, data_bin, refs_dir=REFS):
             )
             tests.append({"subset": split, "label": label, "ref": str(ref)})
     c = counts["splits"]
+    resolutions = counts["rule"].get("train_resolutions") or []
+    also = (
+        f" (and the training captions in groups of {', '.join(map(str, resolutions))}: "
+        f"{c['train']['training_pairs']} training pairs)"
+        if resolutions
+        else ""
+    )
     meta = {
-        "name": NAME,
+        "name": counts["name"],
         "description": "Multi30k de-en pseudo-documents (scripts/experiments/multi30k_documents.py): "
         f"{MIN_SENTS}-{MAX_SENTS} consecutive captions of {MIN_TOKENS}-{MAX_TOKENS} BPE tokens (source); train "
-        f"{c['train']['documents']}, valid {c['valid']['documents']}, test_2016 {c['test']['documents']}, "
+        f"{c['train']['documents']}{also}, valid {c['valid']['documents']}, test_2016 {c['test']['documents']}, "
         f"test_2017 {c['test1']['documents']} documents",
         "src": SRC,
         "tgt": TGT,
@@ -150,13 +177,15 @@ def write_dataset_json(out, counts, data_bin, refs_dir=REFS):
     return meta
 
 
-def prepare(out=DEFAULT_OUT, sentences=SENTENCES, refs_dir=REFS):
+def prepare(out=None, sentences=SENTENCES, refs_dir=REFS, multi_resolution=False):
+    name = NAME_MR if multi_resolution else NAME
+    out = REPO / "work" / "experiments" / "data" / name if out is None else out
     out, sentences = Path(out).resolve(), Path(sentences).resolve()
     if not (sentences / "dataset.json").exists():
         say(f"building the sentence-level Multi30k first: {sentences}")
         prepare_data.prepare_multi30k(sentences)
     out.mkdir(parents=True, exist_ok=True)
-    counts = build_raw(sentences, out)
+    counts = build_raw(sentences, out, resolutions=RESOLUTIONS if multi_resolution else ())
     # prepare_data.binarise reuses a finished data-bin/: drop it when the documents changed
     digest = hashlib.sha256(
         b"".join((out / "raw" / f"{split}.{lang}").read_bytes() for split in SPLITS for lang in (SRC, TGT))
@@ -175,12 +204,19 @@ def main(argv=None):
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("prepare", help="build the pseudo-document data set (reuses the sentence-level data)")
-    s.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    s.add_argument(
+        "--out", type=Path, default=None, help=f"output folder (default: work/experiments/data/{NAME} or {NAME_MR})"
+    )
     s.add_argument(
         "--sentences", type=Path, default=SENTENCES, help="the prepared sentence-level Multi30k (default: %(default)s)"
     )
+    s.add_argument(
+        "--multi-resolution",
+        action="store_true",
+        help=f"data set {NAME_MR}: also train on the captions in groups of {', '.join(map(str, RESOLUTIONS))}",
+    )
     a = p.parse_args(argv)
-    prepare(a.out, a.sentences)
+    prepare(a.out, a.sentences, multi_resolution=a.multi_resolution)
     return 0
 
 

@@ -3,6 +3,7 @@ captions within the bounds, aligned across the languages and with their raw refe
 data set names the committed references of both test sets."""
 
 import gzip
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,31 @@ def test_a_caption_count_mismatch_is_refused(tmp_path):
     mt_prep.write_lines(sentences / "bpe" / "val.en", ["x y z"] * 3)
     with pytest.raises(SystemExit, match="val: 30 source and 3 target captions"):
         md.build_raw(sentences, tmp_path / "out", raw_corpus=corpus)
+
+
+def test_multi_resolution_adds_the_training_captions_in_shorter_groups_only(tmp_path):
+    """--multi-resolution: train holds every caption once per resolution (alone, in twos, fours and
+    eights, in corpus order) and then the documents; valid and test are the documents unchanged,
+    and the data set keeps the plain study's committed references."""
+    sentences, corpus = fake_multi30k(tmp_path)
+    plain = md.build_raw(sentences, tmp_path / "plain", raw_corpus=corpus)
+    mr = md.build_raw(sentences, tmp_path / "mr", raw_corpus=corpus, resolutions=md.RESOLUTIONS)
+    assert mr["name"] == "multi30k-docs-mr" and mr["rule"]["train_resolutions"] == [1, 2, 4, 8]
+    for split in ("valid", "test", "test1"):
+        for lang in ("de", "en"):
+            assert (tmp_path / "mr" / "raw" / f"{split}.{lang}").read_text() == (
+                tmp_path / "plain" / "raw" / f"{split}.{lang}"
+            ).read_text()
+    captions = mt_prep.read_lines(sentences / "bpe" / "train.de")  # 120
+    train = mt_prep.read_lines(tmp_path / "mr" / "raw" / "train.de")
+    expected = [" ".join(captions[i : i + r]) for r in (1, 2, 4, 8) for i in range(0, 120, r)]
+    assert train[: len(expected)] == expected
+    assert train[len(expected) :] == mt_prep.read_lines(tmp_path / "plain" / "raw" / "train.de")
+    n_docs = plain["splits"]["train"]["documents"]
+    assert mr["splits"]["train"]["training_pairs"] == len(train) == 120 + 60 + 30 + 15 + n_docs
+    meta = md.write_dataset_json(tmp_path / "mr", mr, tmp_path / "bin", refs_dir=tmp_path / "refs")
+    assert meta["name"] == "multi30k-docs-mr" and "groups of 1, 2, 4, 8" in meta["description"]
+    assert {Path(t["ref"]).name for t in meta["tests"]} == {
+        "multi30k-docs.test_2016.ref.en.gz",
+        "multi30k-docs.test_2017.ref.en.gz",
+    }

@@ -136,6 +136,7 @@ def test_documents_queue_builds_the_chosen_documents_and_runs_each_system_once(t
     for dataset, builder in (
         ("iwslt14-docs", "scripts.experiments.long_documents"),
         ("multi30k-docs", "scripts.experiments.multi30k_documents"),
+        ("multi30k-docs-mr", "scripts.experiments.multi30k_documents"),
     ):
         record = tmp_path / f"{dataset}.jsonl"
         env = {**os.environ, "PY": str(_stub_python(tmp_path, record)), "LANES": "1", "SEEDS": "1"}
@@ -150,6 +151,7 @@ def test_documents_queue_builds_the_chosen_documents_and_runs_each_system_once(t
             "--out",
             f"work/experiments/data/{dataset}",
         ]
+        assert ("--multi-resolution" in calls[0]) == dataset.endswith("-mr")
         runs = calls[1:]
         assert len(runs) == 8 and all(c[: len(RUNNER) + 1] == [*RUNNER, "run"] for c in runs)
         for c in runs:
@@ -161,4 +163,4 @@ def test_documents_queue_builds_the_chosen_documents_and_runs_each_system_once(t
         ["bash", str(root / "scripts" / "experiments" / "documents_queue.sh")],
         env={**os.environ, "DATASET": "wmt-docs"}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 2 and "DATASET must be iwslt14-docs or multi30k-docs, not 'wmt-docs'" in proc.stderr
+    assert proc.returncode == 2 and "not 'wmt-docs'" in proc.stderr
