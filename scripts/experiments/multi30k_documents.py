@@ -17,8 +17,8 @@ grows with the document is the input each attention layer has to search: 200-500
 translate within the `documents` recipe's 2,060 updates (docs/results.md, "Where attention length
 matters"). `--multi-resolution` (data set multi30k-docs-mr) also trains on the captions alone and in
 groups of 2, 4 and 8, with the same valid and test documents: the multi-resolutional training that
-Sun et al. (2022) found to let document models learn to translate; whether it does at this budget
-is what its first runs will show.
+Sun et al. (2022) found to let document models learn to translate, and under which the study's
+models do (docs/results.md).
 
 Made from the Multi30k of ``python -m scripts.experiments.prepare_data multi30k`` (built here if
 missing: Moses-tokenised, BPE'd with the study's 8,000-merge codes, from data/multi30k of this
