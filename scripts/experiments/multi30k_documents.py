@@ -36,7 +36,8 @@ rebuilding anything. Output folder:
     counts.json                            documents, captions and token lengths per split, the rule
     data-bin/, data-bin.source             fairseq-preprocess --joined-dictionary; the digest of raw/ it
                                            was made from (a changed raw/ rebuilds it)
-    dataset.json                           what run_side_by_side.load_dataset reads (name "multi30k-docs")
+    dataset.json                           what run_side_by_side.load_dataset reads (name "multi30k-docs",
+                                           or "multi30k-docs-mr" with --multi-resolution)
 """
 
 import argparse
@@ -78,10 +79,6 @@ def say(msg):
     print(f"[multi30k_documents] {msg}", flush=True)
 
 
-def _stats(values):
-    return long_documents._stats(values)
-
-
 def groups_of(lines, size):
     """LINES in consecutive groups of SIZE joined by a space (the last group may be shorter)."""
     return [" ".join(lines[i : i + size]) for i in range(0, len(lines), size)]
@@ -121,8 +118,8 @@ def build_raw(sentences, out, raw_corpus=prepare_data.MULTI30K, resolutions=()):
             "sentences": sum(b - a for a, b in spans),
             "sentences_available": len(src),
             "sentences_dropped": len(dropped),
-            "src_tokens": _stats(src_len),
-            "tgt_tokens": _stats(tgt_len),
+            "src_tokens": long_documents._stats(src_len),
+            "tgt_tokens": long_documents._stats(tgt_len),
             "targets_over_generate_bound": sum(
                 b > long_documents.LEN_A * a + long_documents.LEN_B for a, b in zip(src_len, tgt_len)
             ),

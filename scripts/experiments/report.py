@@ -199,13 +199,17 @@ def _where(records):
     return f" (on {', '.join(gpus)})" if gpus else ""
 
 
+# The document sets have builders of their own (scripts/experiments/documents_queue.sh's BUILD).
+_DOCUMENT_BUILDERS = {
+    "iwslt14-docs": "python -m scripts.experiments.long_documents prepare",
+    "multi30k-docs": "python -m scripts.experiments.multi30k_documents prepare",
+    "multi30k-docs-mr": "python -m scripts.experiments.multi30k_documents prepare --multi-resolution",
+}
+
+
 def _prepare_command(dataset):
     """The command that builds DATASET's data where its runs' commands read it."""
-    from .long_documents import NAME as DOCUMENTS
-
-    if dataset == DOCUMENTS:  # document-level IWSLT14: its own builder, from ../shared/data/iwslt14
-        return "python -m scripts.experiments.long_documents prepare"
-    return f"python -m scripts.experiments.run_side_by_side prepare {dataset}"
+    return _DOCUMENT_BUILDERS.get(dataset, f"python -m scripts.experiments.run_side_by_side prepare {dataset}")
 
 
 def _machines(recs):
@@ -524,7 +528,7 @@ Regenerate the tables below with `python -m scripts.experiments.run_side_by_side
 def render_documents(records, n_resamples=10000):
     """The document-level study's block: significance.py's systems and claims tables over the test
     documents, then what each system cost (training time, speed and peak memory, translation time)."""
-    from .significance import DOCUMENT_CLAIMS, DOCUMENT_NOTES, answer_markdown, system_runs
+    from .significance import DOCUMENT_CLAIMS, DOCUMENT_NOTES, _system_name, answer_markdown, system_runs
 
     labels = _test_labels(records)  # iwslt14-docs: test; multi30k-docs: test_2016, test_2017
     lines = answer_markdown(
@@ -569,7 +573,7 @@ def render_documents(records, n_resamples=10000):
     ]
     for s in runs:
         c = cost(s)
-        name = s.split("/")[1] if not s.endswith("/base") else s.split("/")[0]
+        name = _system_name(s)
         seeds = ",".join(map(str, sorted(runs[s])))
         hours = None if c["train"] is None else c["train"] / 3600
         lines.append(
@@ -622,20 +626,16 @@ def report(results, md, img_dir):
     rendered, problems, n = {}, [], 0
     for block, kind, src in blocks:
         paths = _source_paths(src) if src else default
-        if kind == "answer":
+        if kind in ("answer", "documents"):
             from .significance import answer_markdown
 
             records = [r for path in paths for r in read_jsonl(path)]
             if not records:
                 problems.append(", ".join(_rel(p) for p in paths))
-            rendered[block.start] = "\n".join(["", *answer_markdown(records, repo=REPO), ""]) if records else None
-            n += len(records)
-            continue
-        if kind == "documents":
-            records = [r for path in paths for r in read_jsonl(path)]
-            if not records:
-                problems.append(", ".join(_rel(p) for p in paths))
-            rendered[block.start] = render_documents(records) if records else None
+            elif kind == "answer":
+                rendered[block.start] = "\n".join(["", *answer_markdown(records, repo=REPO), ""])
+            else:
+                rendered[block.start] = render_documents(records)
             n += len(records)
             continue
         if len(paths) == 1 and paths[0].suffix == ".json":  # a choose_k or attention-coverage result

@@ -697,7 +697,7 @@ CLAIMS = (
 
 
 # The document-level study (scripts/experiments/documents_queue.sh, the `documents` recipe): its
-# systems and the claims it tests, on IWSLT14 de-en documents of 200-500 tokens.
+# systems and the claims it tests, on documents of 200-500 tokens (any of the queue's DATASETs).
 DOCUMENT_NOTES = {
     "transformer/base": "fairseq's Transformer, full attention",
     "clusterformer/base": "ClusterFormer, k = 3 (the paper's MT setting), losses weighted 0.01",

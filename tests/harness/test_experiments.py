@@ -514,6 +514,7 @@ def test_render_documents_block_tests_each_claim_and_states_the_costs(tmp_path):
     assert "(load average at the start 2.0-2.0)" in text
     # the appendix's per-run block tells how to build the documents its commands read
     assert report._prepare_command("iwslt14-docs") == "python -m scripts.experiments.long_documents prepare"
+    assert report._prepare_command("multi30k-docs-mr").endswith("multi30k_documents prepare --multi-resolution")
     assert report._prepare_command("multi30k") == "python -m scripts.experiments.run_side_by_side prepare multi30k"
 
 
