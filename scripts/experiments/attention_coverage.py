@@ -2,6 +2,8 @@
 
     python -m scripts.experiments.attention_coverage [--results docs/results/multi30k_annealed.jsonl]
         [--seed 1] [--subset test] [--sentences 1000] [--out docs/results/multi30k_annealed_coverage.json]
+    python -m scripts.experiments.attention_coverage --results docs/results/multi30k-docs-mr_documents.jsonl \
+        --sentences 10 --out docs/results/multi30k-docs-mr_coverage.json     # the document study
 
 Every system of the study cuts a sentence into about k groups (docs/baselines.md), but what a word
 then sees differs: ClusterFormer's encoder word sees its sorted block and the one before (2w of
@@ -38,13 +40,21 @@ from scripts.experiments.expkit import REPO, say
 KIND = "attention_coverage"
 DEFAULT_RESULTS = REPO / "docs" / "results" / "multi30k_annealed.jsonl"
 DEFAULT_OUT = REPO / "docs" / "results" / "multi30k_annealed_coverage.json"
-# the study's systems, by (model, variant) of their records, in the order the tables show them
+# the systems of the studies (sentences and documents), by (model, variant) of their records, in the
+# order the tables show them; a system without a record of the seed is left out
 SYSTEMS = [
     ("transformer", "base", "Transformer"),
     ("clusterformer", "base", "ClusterFormer"),
     ("clusterformer", "decoder-full", "ClusterFormer, full-attention decoder"),
     ("clusterformer", "routing", "Routing (`routing`)"),
     ("clusterformer", "lsh", "Reformer (`lsh`)"),
+    ("clusterformer", "k=auto", "ClusterFormer, k = ⌈√L⌉ in the encoder (`k=auto`)"),
+    ("clusterformer", "local-heads=half", "ClusterFormer, half of the encoder heads local"),
+    ("clusterformer", "routing-local-heads=0", "Routing without local heads"),
+    ("clusterformer", "lsh-n-hashes=1", "Reformer, 1 hash round"),
+    ("clusterformer", "lsh-n-hashes=2", "Reformer, 2 hash rounds"),
+    ("clusterformer", "sparse", "Sparse Transformer (`sparse`)"),
+    ("clusterformer", "linformer", "Linformer encoder (`linformer`)"),
 ]
 
 

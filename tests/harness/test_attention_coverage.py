@@ -114,3 +114,26 @@ def test_measure_on_a_trained_toy_model_and_render(smoke_checkpoint_dir, toy_bin
     report.report([], md, tmp_path / "docs" / "img")
     text = md.read_text()
     assert "old" not in text and "| toy |" in text and text.endswith("hand-written\n")
+
+
+def test_sparse_reach_is_the_fixed_pattern_and_linformer_reaches_everything():
+    from fairseq_clusterformer.baselines.linformer import LinformerAttention
+    from fairseq_clusterformer.baselines.sparse import FairseqSelfAttention, SparseAttention
+
+    torch.manual_seed(3)
+    x = torch.randn(N, 1, D)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    for causal, attention, block in (
+        (False, SparseAttention(D, H, num_blocks=3), -(-N // 3)),
+        (True, SparseAttention(D, H, causal=True, block_len=4), 4),
+    ):
+        # the fixed pattern: the own block, and the last word of every block (up to i when causal)
+        expected = (i // block == j // block) | (j % block == block - 1)
+        if causal:
+            expected &= j <= i
+        future = torch.triu(torch.full((N, N), float("-inf")), 1) if causal else None
+        for reach in cov.replay(FairseqSelfAttention(attention).eval(), "forward", _forward_call(x, future)):
+            assert torch.equal(reach, expected), f"causal={causal}"
+        assert not expected.all()
+    linformer = FairseqSelfAttention(LinformerAttention(D, H, proj_len=4, max_positions=32)).eval()
+    assert all(r.all() for r in cov.replay(linformer, "forward", _forward_call(x)))
