@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from ..modules.fairseq_cluster_attention import InputBufferMixin
+from ..modules.fairseq_cluster_attention import InputBufferMixin, check_self_attention_call
 from .linformer import _check_positive_int, checked_padding
 
 
@@ -322,10 +322,7 @@ class FairseqSelfAttention(InputBufferMixin, nn.Module):
         it) and is ignored; the encoder variant takes none.
         """
         what = type(self.attention).__name__
-        if static_kv or (key is not None and key is not query) or (value is not None and value is not query):
-            raise ValueError(f"{what} is self-attention only: key and value must be the query")
-        if before_softmax:
-            raise ValueError(f"{what} does not expose pre-softmax scores")
+        check_self_attention_call(query, key, value, static_kv, before_softmax, what)
         if attn_mask is not None and not self.causal:
             raise ValueError(f"{what} (encoder) takes no attn_mask: its pattern is its own")
         if incremental_state is not None:
