@@ -296,6 +296,14 @@ def test_linformer_refuses_a_sentence_longer_than_its_projections():
         (lambda: SparseAttention(D, H).step(torch.randn(2, 1, D)), "needs the causal"),
         (lambda: SparseAttention(D, H, causal=True, block_len=2).step(torch.randn(2, 3, D)), "one position"),
         (lambda: FairseqSelfAttention(make("linformer"))(torch.randn(3, 1, D), incremental_state={}), "encoder"),
+        # fairseq's cross-attention and score-exposing calls are refused by name
+        (lambda: FairseqSelfAttention(make("linformer"))(*torch.randn(2, 3, 1, D)), "self-attention only"),
+        (lambda: FairseqSelfAttention(make("encoder-k3"))(torch.randn(3, 1, D), static_kv=True), "self-attention only"),
+        (lambda: FairseqSelfAttention(make("encoder-k3"))(torch.randn(3, 1, D), before_softmax=True), "pre-softmax"),
+        (
+            lambda: FairseqSelfAttention(make("encoder-k3"))(torch.randn(3, 1, D), attn_mask=torch.zeros(3, 3)),
+            "attn_mask",
+        ),
     ],
 )
 def test_bad_input_is_named(build, match):
