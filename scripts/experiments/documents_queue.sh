@@ -59,7 +59,9 @@ echo "[queue $(date +%H:%M:%S)] documents study on $DATASET: code $CODE"
 # setting for long texts; the decoder needs an integer, 3 as for the others), then the baselines at
 # ClusterFormer's k (routing; LSH with 2 hash rounds), ClusterFormer's encoder with a full decoder, the
 # Sparse Transformer (blocks of ceil(L/3) in the encoder, of --causal-window in the decoder) and the
-# Linformer encoder (32 projected rows) with ClusterFormer's decoder.
+# Linformer encoder (32 projected rows) with ClusterFormer's decoder; last, the like-for-like pair of
+# the sentence-level study: routing without its rotary local heads, and ClusterFormer with half of its
+# encoder heads local (routing's budget).
 QUEUE=()
 for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("transformer s$s|--models transformer --seeds $s")
@@ -70,6 +72,8 @@ for s in ${SEEDS:-1 2 3}; do
     QUEUE+=("decoder-full s$s|--models clusterformer --seeds $s --label decoder-full -- --self-attention-decoder full")
     QUEUE+=("sparse s$s|--models clusterformer --seeds $s --label sparse -- --self-attention-encoder sparse --self-attention-decoder sparse")
     QUEUE+=("linformer s$s|--models clusterformer --seeds $s --label linformer -- --self-attention-encoder linformer")
+    QUEUE+=("routing-local-heads=0 s$s|--models clusterformer --seeds $s --label routing-local-heads=0 -- --self-attention-encoder routing --self-attention-decoder routing --routing-local-heads 0")
+    QUEUE+=("local-heads=half s$s|--models clusterformer --seeds $s --label local-heads=half -- --local-heads half")
 done
 
 # shellcheck source=scripts/experiments/_queue_lib.sh

@@ -707,6 +707,8 @@ DOCUMENT_NOTES = {
     "clusterformer/lsh-n-hashes=2": "Reformer: LSH attention, 2 hash rounds",
     "clusterformer/sparse": "Sparse Transformer: fixed pattern, blocks of ⌈L/3⌉ words",
     "clusterformer/linformer": "Linformer encoder (k = 32), ClusterFormer's decoder",
+    "clusterformer/routing-local-heads=0": "Routing Transformer, k = 3, without encoder local heads",
+    "clusterformer/local-heads=half": "ClusterFormer with half of its encoder heads local (routing's budget)",
 }
 DOCUMENT_CLAIMS = (
     ("ClusterFormer is better than the Transformer", "clusterformer/base", "transformer/base"),
@@ -717,6 +719,16 @@ DOCUMENT_CLAIMS = (
     ("ClusterFormer is better than Reformer (2 hash rounds)", "clusterformer/base", "clusterformer/lsh-n-hashes=2"),
     ("ClusterFormer is better than the Sparse Transformer", "clusterformer/base", "clusterformer/sparse"),
     ("ClusterFormer is better than the Linformer encoder", "clusterformer/base", "clusterformer/linformer"),
+    (
+        "ClusterFormer is better than routing without its local heads",
+        "clusterformer/base",
+        "clusterformer/routing-local-heads=0",
+    ),
+    (
+        "at routing's local-head budget, ClusterFormer is better than routing",
+        "clusterformer/local-heads=half",
+        "clusterformer/routing",
+    ),
 )
 
 
