@@ -28,8 +28,10 @@ docs/results.md (the block that names it).
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -305,6 +307,29 @@ def render_markdown(result):
     return lines
 
 
+def _checkpoint(record) -> Path:
+    run_dir = Path(record["run_dir"]) if Path(record["run_dir"]).is_absolute() else REPO / record["run_dir"]
+    return run_dir / "checkpoints" / "checkpoint_best.pt"
+
+
+def measure_run(label, record, subset, sentences, data=None):
+    """One system: (its result entry, the test set's label, the mean source and target lengths)."""
+    from fairseq_clusterformer.tools.show_clusters import load
+
+    torch.manual_seed(0)  # the probes; per system, so that a result does not depend on --jobs
+    torch.set_num_threads(1)
+    started = time.time()
+    model, task = load(
+        _checkpoint(record), data or REPO / "work" / "experiments" / "data" / record["dataset"] / "data-bin"
+    )
+    lengths = mean_length(task, subset, sentences)
+    subset_label = next((t["label"] for t in record.get("tests", []) if t.get("subset") == subset), subset)
+    say(f"{record['run_id']}: measuring on {sentences} {subset_label} sentences")
+    measured = measure(model, test_samples(task, subset, sentences))
+    say(f"{record['run_id']}: done in {time.time() - started:.0f} s")
+    return {"label": label, "run_id": record["run_id"], **measured}, subset_label, lengths
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -315,33 +340,27 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=1000, help="the first N sentences (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--data", type=Path, default=None, help="data-bin (default: the runner's, from the records)")
+    p.add_argument("--jobs", type=int, default=1, help="systems measured at once, one process each (default: 1)")
     a = p.parse_args(argv)
     if a.sentences < 1:
         p.error("--sentences must be at least 1")
+    if a.jobs < 1:
+        p.error("--jobs must be at least 1")
     records = expkit.read_jsonl(a.results)
     runs = pick_runs(records, a.seed)
     if not runs:
         sys.exit(f"no runs of seed {a.seed} in {a.results}")
-    from fairseq_clusterformer.tools.show_clusters import load
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    systems, subset_label, lengths = [], a.subset, None
-    for label, r in runs:
-        run_dir = Path(r["run_dir"]) if Path(r["run_dir"]).is_absolute() else REPO / r["run_dir"]
-        ckpt = run_dir / "checkpoints" / "checkpoint_best.pt"
-        data = a.data or REPO / "work" / "experiments" / "data" / r["dataset"] / "data-bin"
-        if not ckpt.is_file():
-            sys.exit(f"{r['run_id']}: no checkpoint at {ckpt} (train the run first)")
-        started = time.time()
-        model, task = load(ckpt, data)
-        if lengths is None:
-            lengths = mean_length(task, a.subset, a.sentences)
-        subset_label = next((t["label"] for t in r.get("tests", []) if t.get("subset") == a.subset), a.subset)
-        say(f"{r['run_id']}: measuring on {a.sentences} {subset_label} sentences")
-        measured = measure(model, test_samples(task, a.subset, a.sentences))
-        say(f"{r['run_id']}: done in {time.time() - started:.0f} s")
-        systems.append({"label": label, "run_id": r["run_id"], **measured})
+    for _, r in runs:
+        if not _checkpoint(r).is_file():
+            sys.exit(f"{r['run_id']}: no checkpoint at {_checkpoint(r)} (train the run first)")
+    jobs = [(label, r, a.subset, a.sentences, a.data) for label, r in runs]
+    if a.jobs == 1:
+        measured = [measure_run(*job) for job in jobs]
+    else:  # one system a process; spawned, so that no worker inherits the parent's torch state
+        with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            measured = list(pool.map(measure_run, *zip(*jobs)))
+    systems = [system for system, _, _ in measured]
+    _, subset_label, lengths = measured[0]
     result = {
         "kind": KIND,
         "results": str(a.results),

@@ -137,3 +137,29 @@ def test_sparse_reach_is_the_fixed_pattern_and_linformer_reaches_everything():
         assert not expected.all()
     linformer = FairseqSelfAttention(LinformerAttention(D, H, proj_len=4, max_positions=32)).eval()
     assert all(r.all() for r in cov.replay(linformer, "forward", _forward_call(x)))
+
+
+def test_main_measures_each_recorded_system_and_jobs_do_not_change_the_result(
+    smoke_checkpoint_dir, toy_bin, tmp_path, capsys
+):
+    """The command line: one row per system with a record of the seed (in the tables' order,
+    whatever the records' order), the same result in one process as in two."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint_best.pt").symlink_to(smoke_checkpoint_dir / "checkpoint_last.pt")
+    records = tmp_path / "runs.jsonl"
+    base = {"model": "clusterformer", "seed": 1, "run_dir": str(run_dir), "dataset": "toy", "tests": []}
+    rows = [{**base, "variant": v, "run_id": f"toy.{v}"} for v in ("k=auto", "base", "no-such-system")]
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = []
+    for jobs in (1, 2):
+        out = tmp_path / f"coverage{jobs}.json"
+        argv = ["--results", str(records), "--subset", "valid", "--sentences", "3", "--data", str(toy_bin)]
+        assert cov.main([*argv, "--out", str(out), "--jobs", str(jobs)]) == 0
+        results.append(json.loads(out.read_text()))
+    one, two = results
+    assert [s["run_id"] for s in one["systems"]] == ["toy.base", "toy.k=auto"]
+    assert one["systems"] == two["systems"] and one["sentences"] == 3
+    with pytest.raises(SystemExit):
+        cov.main(["--results", str(records), "--jobs", "0"])
+    assert "--jobs must be at least 1" in capsys.readouterr().err
