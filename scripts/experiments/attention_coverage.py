@@ -271,9 +271,10 @@ def _side_summary(layers):
 
 def render_markdown(result):
     """The generated block's lines: one row per system, each side averaged over its layers."""
+    unit = result.get("unit", "sentences")
     lines = [
         f"Share of the words available to a word that its self-attention reaches, mean over the words of "
-        f"{result['sentences']} {result['subset_label']} sentences (mean length {result['mean_source_words']:.1f} "
+        f"{result['sentences']} {result['subset_label']} {unit} (mean length {result['mean_source_words']:.1f} "
         f"source and {result['mean_target_words']:.1f} target tokens, end-of-sentence included) and over the "
         "layers; a decoder word's available words are those up to and including itself. *Any head*: reached "
         "by at least one head (in brackets: how many words, on average); *per head*: the mean over heads, "
@@ -368,6 +369,8 @@ def main(argv=None):
         "subset": a.subset,
         "subset_label": subset_label,
         "sentences": systems[0]["sentences"],
+        # what a line of the test set is: a document in the document study's data sets
+        "unit": "documents" if all(r.get("recipe") == "documents" for _, r in runs) else "sentences",
         "mean_source_words": lengths[0],
         "mean_target_words": lengths[1],
         "systems": systems,

@@ -104,6 +104,8 @@ def test_measure_on_a_trained_toy_model_and_render(smoke_checkpoint_dir, toy_bin
     }
     text = "\n".join(cov.render_markdown(result))
     assert "| toy |" in text and "causality violation): 0." in text
+    assert "of 5 valid sentences (mean length 7.0" in text
+    assert "of 5 valid documents (" in "\n".join(cov.render_markdown({**result, "unit": "documents"}))
     # the committed form: report renders the block that names the result file
     published = tmp_path / "docs" / "results" / "coverage_toy.json"
     published.parent.mkdir(parents=True)
@@ -159,7 +161,7 @@ def test_main_measures_each_recorded_system_and_jobs_do_not_change_the_result(
         results.append(json.loads(out.read_text()))
     one, two = results
     assert [s["run_id"] for s in one["systems"]] == ["toy.base", "toy.k=auto"]
-    assert one["systems"] == two["systems"] and one["sentences"] == 3
+    assert one["systems"] == two["systems"] and one["sentences"] == 3 and one["unit"] == "sentences"
     with pytest.raises(SystemExit):
         cov.main(["--results", str(records), "--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
