@@ -325,7 +325,8 @@ def measure_run(label, record, subset, sentences, data=None):
     )
     lengths = mean_length(task, subset, sentences)
     subset_label = next((t["label"] for t in record.get("tests", []) if t.get("subset") == subset), subset)
-    say(f"{record['run_id']}: measuring on {sentences} {subset_label} sentences")
+    unit = "documents" if record.get("recipe") == "documents" else "sentences"
+    say(f"{record['run_id']}: measuring on {sentences} {subset_label} {unit}")
     measured = measure(model, test_samples(task, subset, sentences))
     say(f"{record['run_id']}: done in {time.time() - started:.0f} s")
     return {"label": label, "run_id": record["run_id"], **measured}, subset_label, lengths
