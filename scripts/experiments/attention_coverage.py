@@ -3,7 +3,7 @@
     python -m scripts.experiments.attention_coverage [--results docs/results/multi30k_annealed.jsonl]
         [--seed 1] [--subset test] [--sentences 1000] [--out docs/results/multi30k_annealed_coverage.json]
     python -m scripts.experiments.attention_coverage --results docs/results/multi30k-docs-mr_documents.jsonl \
-        --sentences 10 --out docs/results/multi30k-docs-mr_coverage.json     # the document study
+        --sentences 5 --jobs 2 --out docs/results/multi30k-docs-mr_coverage.json   # the document study
 
 Every system of the study cuts a sentence into about k groups (docs/baselines.md), but what a word
 then sees differs: ClusterFormer's encoder word sees its sorted block and the one before (2w of
@@ -308,6 +308,11 @@ def render_markdown(result):
     return lines
 
 
+def _unit(record) -> str:
+    """What a line of the record's test sets is: a document in the document study's data sets."""
+    return "documents" if record.get("recipe") == "documents" else "sentences"
+
+
 def _checkpoint(record) -> Path:
     run_dir = Path(record["run_dir"]) if Path(record["run_dir"]).is_absolute() else REPO / record["run_dir"]
     return run_dir / "checkpoints" / "checkpoint_best.pt"
@@ -325,8 +330,7 @@ def measure_run(label, record, subset, sentences, data=None):
     )
     lengths = mean_length(task, subset, sentences)
     subset_label = next((t["label"] for t in record.get("tests", []) if t.get("subset") == subset), subset)
-    unit = "documents" if record.get("recipe") == "documents" else "sentences"
-    say(f"{record['run_id']}: measuring on {sentences} {subset_label} {unit}")
+    say(f"{record['run_id']}: measuring on {sentences} {subset_label} {_unit(record)}")
     measured = measure(model, test_samples(task, subset, sentences))
     say(f"{record['run_id']}: done in {time.time() - started:.0f} s")
     return {"label": label, "run_id": record["run_id"], **measured}, subset_label, lengths
@@ -370,8 +374,7 @@ def main(argv=None):
         "subset": a.subset,
         "subset_label": subset_label,
         "sentences": systems[0]["sentences"],
-        # what a line of the test set is: a document in the document study's data sets
-        "unit": "documents" if all(r.get("recipe") == "documents" for _, r in runs) else "sentences",
+        "unit": _unit(runs[0][1]),
         "mean_source_words": lengths[0],
         "mean_target_words": lengths[1],
         "systems": systems,
