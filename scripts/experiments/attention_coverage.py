@@ -4,6 +4,8 @@
         [--seed 1] [--subset test] [--sentences 1000] [--out docs/results/multi30k_annealed_coverage.json]
     python -m scripts.experiments.attention_coverage --results docs/results/multi30k-docs-mr_documents.jsonl \
         --sentences 5 --jobs 2 --out docs/results/multi30k-docs-mr_coverage.json   # the document study
+    python -m scripts.experiments.attention_coverage --seed 2 --systems routing-local-heads=0 --update
+        # one system, from another seed's checkpoint, into the existing result (its other rows kept)
 
 Every system of the study cuts a sentence into about k groups (docs/baselines.md), but what a word
 then sees differs: ClusterFormer's encoder word sees its sorted block and the one before (2w of
@@ -246,10 +248,18 @@ def mean_length(task, subset, limit):
     return sum(s for s, _ in lengths) / len(lengths), sum(t for _, t in lengths) / len(lengths)
 
 
-def pick_runs(records, seed):
-    """The seed's record of each study system (model, variant), in SYSTEMS order."""
+def system_key(model: str, variant: str) -> str:
+    """A system's name in the study's tables: the model for its base variant, else the variant."""
+    return model if variant == "base" else variant
+
+
+def pick_runs(records, seed, only=None):
+    """The seed's record of each study system (model, variant), in SYSTEMS order; with ``only``
+    (system names, as system_key gives them), of those systems alone."""
     picked = []
     for model, variant, label in SYSTEMS:
+        if only is not None and system_key(model, variant) not in only:
+            continue
         for r in records:
             if r.get("model") == model and r.get("variant") == variant and r.get("seed") == seed:
                 picked.append((label, r))
@@ -279,8 +289,9 @@ def render_markdown(result):
         "layers; a decoder word's available words are those up to and including itself. *Any head*: reached "
         "by at least one head (in brackets: how many words, on average); *per head*: the mean over heads, "
         "and the lowest and highest head of any layer. Seed-"
-        f"{result['seed']} checkpoints of the study (`checkpoint_best.pt`); measured from gradients "
-        "(scripts/experiments/attention_coverage.py).",
+        f"{result['seed']} checkpoints of the study (`checkpoint_best.pt`)"
+        + (", or the seed a row names" if any(_seed(s, result) != result["seed"] for s in result["systems"]) else "")
+        + "; measured from gradients (scripts/experiments/attention_coverage.py).",
         "",
         "| system | encoder: any head | encoder: per head (lowest–highest) "
         "| decoder: any head | decoder: per head (lowest–highest) |",
@@ -288,7 +299,7 @@ def render_markdown(result):
     ]
     future = 0
     for s in result["systems"]:
-        cells = [s["label"]]
+        cells = [s["label"] + (f" (seed {_seed(s, result)})" if _seed(s, result) != result["seed"] else "")]
         for side in ("encoder", "decoder"):
             any_head, per_head, low, high, reached = _side_summary(s[side])
             cells += [
@@ -302,10 +313,39 @@ def render_markdown(result):
         f"Decoder words whose output depends on a later word (a causality violation): {future}.",
         "",
         "```bash",
-        result["command"],
+        *result.get("commands", [result.get("command")]),
         "```",
     ]
     return lines
+
+
+def _seed(system, result) -> int:
+    """The seed of a system's checkpoint (results written before rows could differ: the result's)."""
+    return system.get("seed", result["seed"])
+
+
+# what must agree between a result and the rows --update adds to it: the same words measured
+_SAME_MEASURE = ("results", "subset", "sentences", "unit")
+
+
+def merge(old, new):
+    """``old`` with ``new``'s systems in place of its rows of the same systems (new ones added, in
+    SYSTEMS order), and ``new``'s command after ``old``'s. Refuses results that measure different
+    words (another study, test set or number of sentences)."""
+    old = {"unit": "sentences", **old}  # results written before the unit was recorded: sentences
+    differ = [
+        f"{key} {old.get(key)!r} there, {new.get(key)!r} here" for key in _SAME_MEASURE if old.get(key) != new.get(key)
+    ]
+    if differ:
+        raise ValueError("--update: the result to update measured other words: " + "; ".join(differ))
+    order = [label for _, _, label in SYSTEMS]
+    replaced = {s["label"] for s in new["systems"]}
+    kept = [{"seed": old["seed"], **s} for s in old["systems"] if s["label"] not in replaced]
+    systems = sorted(
+        kept + new["systems"], key=lambda s: order.index(s["label"]) if s["label"] in order else len(order)
+    )
+    commands = [*old.get("commands", [old.get("command")]), *new["commands"]]
+    return {**{k: v for k, v in old.items() if k != "command"}, "systems": systems, "commands": commands}
 
 
 def _unit(record) -> str:
@@ -347,15 +387,36 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--data", type=Path, default=None, help="data-bin (default: the runner's, from the records)")
     p.add_argument("--jobs", type=int, default=1, help="systems measured at once, one process each (default: 1)")
+    p.add_argument(
+        "--systems",
+        help="measure only these systems, comma-separated, named as in the study's tables "
+        "(transformer, clusterformer, routing, lsh-n-hashes=2, ...; default: every system with a record)",
+    )
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="add the rows measured now to the result already in --out, in place of its rows of the same "
+        "systems, keeping the others (each row names its seed)",
+    )
     a = p.parse_args(argv)
     if a.sentences < 1:
         p.error("--sentences must be at least 1")
     if a.jobs < 1:
         p.error("--jobs must be at least 1")
+    only = None
+    if a.systems is not None:
+        only = {name.strip() for name in a.systems.split(",") if name.strip()}
+        known = {system_key(model, variant) for model, variant, _ in SYSTEMS}
+        if not only or only - known:
+            p.error(
+                f"--systems: unknown system(s) {sorted(only - known) or a.systems!r}; known: {', '.join(sorted(known))}"
+            )
+    if a.update and not a.out.is_file():
+        p.error(f"--update: no result at {a.out} to update")
     records = expkit.read_jsonl(a.results)
-    runs = pick_runs(records, a.seed)
+    runs = pick_runs(records, a.seed, only)
     if not runs:
-        sys.exit(f"no runs of seed {a.seed} in {a.results}")
+        sys.exit(f"no runs of seed {a.seed} in {a.results}" + (f" for {a.systems}" if only else ""))
     for _, r in runs:
         if not _checkpoint(r).is_file():
             sys.exit(f"{r['run_id']}: no checkpoint at {_checkpoint(r)} (train the run first)")
@@ -365,7 +426,11 @@ def main(argv=None):
     else:  # one system a process; spawned, so that no worker inherits the parent's torch state
         with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             measured = list(pool.map(measure_run, *zip(*jobs)))
-    systems = [system for system, _, _ in measured]
+    machine = expkit.machine_info()
+    # each row names its seed, and the machine that measured it (rows of one result may come from
+    # several runs, --update)
+    where = {key: machine.get(key) for key in ("cpu", "torch")}
+    systems = [{**system, "seed": a.seed, "machine": where} for system, _, _ in measured]
     _, subset_label, lengths = measured[0]
     result = {
         "kind": KIND,
@@ -378,13 +443,19 @@ def main(argv=None):
         "mean_source_words": lengths[0],
         "mean_target_words": lengths[1],
         "systems": systems,
-        "command": expkit.shell_join(
-            ["python", "-m", "scripts.experiments.attention_coverage", *(argv or sys.argv[1:])]
-        ),
-        "machine": expkit.machine_info(),
+        "commands": [
+            expkit.shell_join(["python", "-m", "scripts.experiments.attention_coverage", *(argv or sys.argv[1:])])
+        ],
+        "machine": machine,
     }
+    result = expkit.portable(result)
+    if a.update:
+        try:
+            result = merge(json.loads(a.out.read_text()), result)
+        except ValueError as e:
+            sys.exit(str(e))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(expkit.portable(result), indent=2) + "\n")
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(render_markdown(result)))
     say(f"wrote {a.out}")
     return 0

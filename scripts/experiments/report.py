@@ -423,13 +423,15 @@ def render_coverage(result):
     (scripts/experiments/attention_coverage.py)."""
     from scripts.experiments import attention_coverage
 
-    machine = result.get("machine", {})
+    # the result's machine, and those of rows measured later (--update), each named once
+    machines = [result.get("machine", {})] + [s["machine"] for s in result["systems"] if "machine" in s]
+    names = list(dict.fromkeys(f"{m.get('cpu')}, torch {m.get('torch')}" for m in machines))
     return "\n".join(
         [
             "",
             *attention_coverage.render_markdown(result),
             "",
-            f"Machine: {machine.get('cpu')}, torch {machine.get('torch')}.",
+            f"Machine{'s' if len(names) > 1 else ''}: {'; '.join(names)}.",
             "",
         ]
     )

@@ -165,3 +165,58 @@ def test_main_measures_each_recorded_system_and_jobs_do_not_change_the_result(
     with pytest.raises(SystemExit):
         cov.main(["--results", str(records), "--jobs", "0"])
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_update_replaces_the_named_systems_rows_and_keeps_the_others(smoke_checkpoint_dir, toy_bin, tmp_path, capsys):
+    """--systems measures only the named systems; --update puts their rows (from another seed's
+    checkpoint, say) into the existing result in place of the same systems' rows, keeps the rest,
+    names each row's seed where it is not the result's, and refuses a result of other words."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint_best.pt").symlink_to(smoke_checkpoint_dir / "checkpoint_last.pt")
+    records = tmp_path / "runs.jsonl"
+    base = {"model": "clusterformer", "run_dir": str(run_dir), "dataset": "toy", "tests": []}
+    rows = [
+        {**base, "variant": v, "seed": seed, "run_id": f"toy.{v}.s{seed}"}
+        for v, seed in (("base", 1), ("k=auto", 1), ("base", 2))
+    ]
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "coverage.json"
+    argv = [
+        "--results",
+        str(records),
+        "--subset",
+        "valid",
+        "--sentences",
+        "3",
+        "--data",
+        str(toy_bin),
+        "--out",
+        str(out),
+    ]
+    assert cov.main(argv) == 0
+    first = json.loads(out.read_text())
+    assert [(s["run_id"], s["seed"]) for s in first["systems"]] == [("toy.base.s1", 1), ("toy.k=auto.s1", 1)]
+    assert "or the seed a row names" not in "\n".join(cov.render_markdown(first))
+
+    assert cov.main([*argv, "--seed", "2", "--systems", "clusterformer", "--update"]) == 0
+    merged = json.loads(out.read_text())
+    assert [(s["run_id"], s["seed"]) for s in merged["systems"]] == [("toy.base.s2", 2), ("toy.k=auto.s1", 1)]
+    assert merged["systems"][1] == first["systems"][1] and merged["seed"] == 1
+    assert len(merged["commands"]) == 2 and "--update" in merged["commands"][1]
+    text = "\n".join(cov.render_markdown(merged))
+    assert "| ClusterFormer (seed 2) |" in text and "| ClusterFormer, k = ⌈√L⌉" in text
+    assert "or the seed a row names" in text and merged["commands"][1] in text
+    assert "Machine: " in report.render_coverage(merged)  # one machine measured both: named once
+
+    # a result of other words is refused, and left as it was
+    with pytest.raises(SystemExit, match="measured other words: sentences 3 there, 2 here"):
+        cov.main([*argv, "--sentences", "2", "--systems", "clusterformer", "--update"])
+    assert json.loads(out.read_text()) == merged
+    for bad, message in (
+        (["--systems", "clusterformer,no-such"], "unknown system(s) ['no-such']"),
+        (["--update", "--out", str(tmp_path / "none.json")], "no result at"),
+    ):
+        with pytest.raises(SystemExit):
+            cov.main([*argv, *bad])
+        assert message in capsys.readouterr().err
