@@ -684,6 +684,9 @@ LIKE_FOR_LIKE_ROUTING = (
         "clusterformer/local-heads=half",
         "clusterformer/routing",
     ),
+    # what the local heads do within each system: the explanation of the first two claims
+    ("routing's rotary local heads help routing", "clusterformer/routing", "clusterformer/routing-local-heads=0"),
+    ("local heads help ClusterFormer's encoder", "clusterformer/local-heads=half", "clusterformer/base"),
 )
 
 # The paper's claims (and the like-for-like checks of its baselines): (claim, system A, system B).
