@@ -249,8 +249,10 @@ def mean_length(task, subset, limit):
 
 
 def system_key(model: str, variant: str) -> str:
-    """A system's name in the study's tables: the model for its base variant, else the variant."""
-    return model if variant == "base" else variant
+    """A system's name in the study's tables (significance.py's naming)."""
+    from scripts.experiments.significance import _system_name
+
+    return _system_name(f"{model}/{variant}")
 
 
 def pick_runs(records, seed, only=None):
