@@ -40,6 +40,7 @@ import torch
 
 from scripts.experiments import expkit
 from scripts.experiments.expkit import REPO, say
+from scripts.experiments.significance import system_name
 
 KIND = "attention_coverage"
 DEFAULT_RESULTS = REPO / "docs" / "results" / "multi30k_annealed.jsonl"
@@ -250,9 +251,7 @@ def mean_length(task, subset, limit):
 
 def system_key(model: str, variant: str) -> str:
     """A system's name in the study's tables (significance.py's naming)."""
-    from scripts.experiments.significance import _system_name
-
-    return _system_name(f"{model}/{variant}")
+    return system_name(f"{model}/{variant}")
 
 
 def pick_runs(records, seed, only=None):

@@ -530,7 +530,7 @@ Regenerate the tables below with `python -m scripts.experiments.run_side_by_side
 def render_documents(records, n_resamples=10000):
     """The document-level study's block: significance.py's systems and claims tables over the test
     documents, then what each system cost (training time, speed and peak memory, translation time)."""
-    from .significance import DOCUMENT_CLAIMS, DOCUMENT_NOTES, _system_name, answer_markdown, system_runs
+    from .significance import DOCUMENT_CLAIMS, DOCUMENT_NOTES, answer_markdown, system_name, system_runs
 
     labels = _test_labels(records)  # iwslt14-docs: test; multi30k-docs: test_2016, test_2017
     lines = answer_markdown(
@@ -575,7 +575,7 @@ def render_documents(records, n_resamples=10000):
     ]
     for s in runs:
         c = cost(s)
-        name = _system_name(s)
+        name = system_name(s)
         seeds = ",".join(map(str, sorted(runs[s])))
         hours = None if c["train"] is None else c["train"] / 3600
         lines.append(

@@ -732,7 +732,9 @@ DOCUMENT_CLAIMS = (
 )
 
 
-def _system_name(system: str) -> str:
+def system_name(system: str) -> str:
+    """A system's name in the study's tables: "model/variant" -> the model for its base variant,
+    else the variant (shared by the report, the coverage tables and the queues' labels)."""
     model, _, variant = system.partition("/")
     return model if variant == "base" else variant
 
@@ -769,7 +771,7 @@ def answer_markdown(
         return compare_stats(stats[test_set][a], stats[test_set][b], "BLEU", n_resamples, seed)
 
     main, others = test_sets[0], test_sets[1:]
-    ref_name = _system_name(against)
+    ref_name = system_name(against)
     out = [
         f"| system | what it is | seeds | {main} BLEU, mean ± 95 % CI over seeds | Δ vs {ref_name} "
         f"[bootstrap 95 % CI] | bootstrap p | t-test p | verdict | "
@@ -781,7 +783,7 @@ def answer_markdown(
         if s in settings_only:  # ClusterFormer's k and loss ablations: the claims table and the appendix
             continue
         scores = {k: float(bleu_from_stats(st.sum(axis=0))) for k, st in stats[main][s].items()}
-        cells = [_system_name(s), notes[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
+        cells = [system_name(s), notes[s], ",".join(map(str, sorted(scores))), _fmt_mean(list(scores.values()))]
         if s == against:
             cells += ["–", "–", "–", "(reference)"] + ["–", "–"] * len(others)
         else:
@@ -791,12 +793,12 @@ def answer_markdown(
                 f"{b.delta:+.2f} [{b.ci_low:+.2f}, {b.ci_high:+.2f}]",
                 _fmt_p(b.p),
                 "–" if t is None else _fmt_p(t.p),
-                verdict(c, alpha, _system_name(s)),
+                verdict(c, alpha, system_name(s)),
             ]
             for other in others:
                 c = cmp(s, against, other)
                 o = c.bootstrap
-                cells += [f"{o.delta:+.2f} [{o.ci_low:+.2f}, {o.ci_high:+.2f}]", verdict(c, alpha, _system_name(s))]
+                cells += [f"{o.delta:+.2f} [{o.ci_low:+.2f}, {o.ci_high:+.2f}]", verdict(c, alpha, system_name(s))]
         out.append("| " + " | ".join(cells) + " |")
     out += [
         "",
@@ -805,17 +807,17 @@ def answer_markdown(
         "|---|---|---|---|---|---|" + "---|" * len(others),
     ]
     for claim, a, b in claims:
-        pair = f"{_system_name(a)} vs {_system_name(b)}"
+        pair = f"{system_name(a)} vs {system_name(b)}"
         if a not in runs or b not in runs:
-            missing = " and ".join(_system_name(x) for x in (a, b) if x not in runs)
+            missing = " and ".join(system_name(x) for x in (a, b) if x not in runs)
             out.append("| " + " | ".join([claim, pair, f"not run yet ({missing})"] + [""] * (3 + len(others))) + " |")
             continue
         c = cmp(a, b, main)
         bt, t = c.bootstrap, c.ttest
         tt = "–" if t is None else f"{_fmt_p(t.p)} ({','.join(map(str, c.common_seeds))})"
         cells = [claim, pair, f"{bt.delta:+.2f} [{bt.ci_low:+.2f}, {bt.ci_high:+.2f}]", _fmt_p(bt.p), tt]
-        cells.append(verdict(c, alpha, _system_name(a)))
-        cells += [verdict(cmp(a, b, other), alpha, _system_name(a)) for other in others]
+        cells.append(verdict(c, alpha, system_name(a)))
+        cells += [verdict(cmp(a, b, other), alpha, system_name(a)) for other in others]
         out.append("| " + " | ".join(cells) + " |")
     out += [
         "",

@@ -13,7 +13,7 @@ import sys
 
 from fairseq_helpers import REPO
 from scripts.experiments import run_side_by_side
-from scripts.experiments.significance import DOCUMENT_NOTES, _system_name
+from scripts.experiments.significance import DOCUMENT_NOTES, system_name
 
 RUNNER = ["-m", "scripts.experiments.run_side_by_side"]
 
@@ -160,7 +160,7 @@ def test_documents_queue_builds_the_chosen_documents_and_runs_each_system_once(t
             assert c[c.index("--recipe") + 1] == "documents" and c[c.index("--code") + 1] == "abc1234"
         labels = [c[c.index("--label") + 1] if "--label" in c else c[c.index("--models") + 1] for c in runs]
         # one run of each system that the report's documents block describes
-        assert sorted(labels) == sorted(_system_name(s) for s in DOCUMENT_NOTES)
+        assert sorted(labels) == sorted(system_name(s) for s in DOCUMENT_NOTES)
     proc = subprocess.run(
         ["bash", str(root / "scripts" / "experiments" / "documents_queue.sh")],
         env={**os.environ, "DATASET": "wmt-docs"}, capture_output=True, text=True, timeout=60,
