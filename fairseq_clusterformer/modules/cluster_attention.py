@@ -237,16 +237,19 @@ class ClusterAttention(nn.Module):
         x: Tensor,
         key_padding_mask: Optional[Tensor] = None,
         centroids: Optional[Tensor] = None,
+        *,
+        assume_padding: bool = False,
     ) -> Tuple[Tensor, ClusterInfo]:
         """Full-sequence forward: x B x N x d; key_padding_mask B x N bool, True at padding (left
         or right), or None; centroids: B x K x d, the previous encoder layer's C' (None: the
-        learned parameter). Returns (B x N x d output, ClusterInfo); padding rows are zero
-        before ``out_proj``."""
+        learned parameter); assume_padding: the caller knows that the mask holds padding, so the
+        layer does not check (a host sync; see clustering.words_of). Returns (B x N x d output,
+        ClusterInfo); padding rows are zero before ``out_proj``."""
         if x.dim() != 3 or x.size(-1) != self.embed_dim:
             raise ValueError(f"expected x of shape B x N x {self.embed_dim}, got {tuple(x.shape)}")
         if x.size(0) == 0 or x.size(1) == 0:
             raise ValueError(f"x must hold at least one sequence of at least one word, got shape {tuple(x.shape)}")
-        words = clustering.words_of(x, key_padding_mask)
+        words = clustering.words_of(x, key_padding_mask, assume_padding)
         if self.compile:
             # fairseq hands in a transposed time-first tensor, whose strides change with the batch
             # size: compiled graphs are guarded on strides, so each batch size would recompile.
@@ -303,9 +306,12 @@ class ClusterAttention(nn.Module):
         """The encoder's fast path: (output, assignments, C', clustering loss, sorting loss)."""
         N = x.size(1)
         assign, new_centroids, clustering_loss, sorting_loss = self._cluster(x, words, layer_centroids, k_b)
-        w_b = clustering.block_sizes(words.lengths, k_b)  # B: ceil(L_b / k_b)
         paired = self.previous_block and K > 1
         H, Hl = self.num_heads, self.local_heads
+        if N > self.dense_max_len and words.pad is None and self.num_clusters != "auto":
+            w_b = -(-N // K)  # every sequence has N words and K clusters: one block size, known on the host
+        else:
+            w_b = clustering.block_sizes(words.lengths, k_b)  # B: ceil(L_b / k_b)
         if N <= self.dense_max_len:
             visible = block_visibility(sort_by_cluster(assign, K)[1], w_b, paired)[:, None]  # B x 1 x N x N
             if Hl:
@@ -315,7 +321,7 @@ class ClusterAttention(nn.Module):
         elif Hl == 0:
             out = self._attend_sorted_blocks(x, words, assign, K, w_b, paired, None)
         else:
-            out = self._attend_sorted_blocks(x, words, assign.clamp(max=0), K, w_b, paired, (0, Hl))
+            out = self._attend_sorted_blocks(x, words, assign.clamp(max=0), K, w_b, paired, (0, Hl), in_order=True)
             if Hl < H:
                 out = out + self._attend_sorted_blocks(x, words, assign, K, w_b, paired, (Hl, H))
         return out, assign, new_centroids, clustering_loss, sorting_loss
@@ -350,31 +356,39 @@ class ClusterAttention(nn.Module):
             validf=words.validf,
             n_words=words.n_words,
             cluster_pad=cluster_pad,
-            pair_weight=clustering.sorting_pair_weights(k_b, K, x.dtype),
+            pair_weight=clustering.sorting_pair_weights(k_b, K, x.dtype, fixed_k=self.num_clusters != "auto"),
             assign=assign,
             cosine=self.similarity == "cosine",
         )
 
-    def _attend_sorted_blocks(self, x, words, assign, K, w_b, paired, heads):
+    def _attend_sorted_blocks(self, x, words, assign, K, w_b, paired, heads, in_order=False):
         """Fast encoder attention of heads [heads[0], heads[1]) (None: all) over the blocks of
         the words sorted by ``assign``; their share of out_proj's output, B x N x d.
 
         Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b; blocks
         are W = max w_b wide (slots beyond w_b stay empty). Without padding every sequence has
-        the same layout: the index tensors are computed once (leading dimension 1).
+        the same layout: the index tensors are computed once (leading dimension 1). ``w_b``: B
+        block sizes, or one int when every sequence has N words and a fixed k (then the layout
+        is the sorted positions in order, a few operations on host-known sizes). ``in_order``:
+        ``assign`` puts every real word in one cluster (the local heads).
         """
         B, N, _ = x.shape
         lengths = words.lengths
-        sorted_idx, undo_sort = clustering.sort_by_cluster(assign, K)
-        # W = max w_b; with a fixed k, ceil(N / k) is that (or more, if every sequence is padded
-        # at the end: then the extra slots stay empty) without a host sync.
-        W = -(-N // self.num_clusters) if self.num_clusters != "auto" else int(w_b.max())
-        per_seq = w_b if words.pad is not None else w_b[:1]
-        seq_len = lengths if words.pad is not None else lengths[:1]
-        block = torch.arange(K, device=x.device)[None, :, None]
-        slot = torch.arange(W, device=x.device)[None, None, :]
-        sorted_pos = block * per_seq[:, None, None] + slot  # B|1 x K x W: sorted position held by each slot
-        slot_real = (slot < per_seq[:, None, None]) & (sorted_pos < seq_len[:, None, None])  # B|1 x K x W
+        sorted_idx, undo_sort = _sorted_order(assign, K, words.pad, in_order)
+        if not isinstance(w_b, Tensor):  # an int (a SymInt under torch.compile)
+            W = w_b
+            sorted_pos = torch.arange(K * W, device=x.device).view(1, K, W)  # sorted position held by each slot
+            slot_real = sorted_pos < N  # 1 x K x W
+        else:
+            # W = max w_b; with a fixed k, ceil(N / k) is that (or more, if every sequence is
+            # padded at the end: then the extra slots stay empty) without a host sync.
+            W = -(-N // self.num_clusters) if self.num_clusters != "auto" else int(w_b.max())
+            per_seq = w_b if words.pad is not None else w_b[:1]
+            seq_len = lengths if words.pad is not None else lengths[:1]
+            block = torch.arange(K, device=x.device)[None, :, None]
+            slot = torch.arange(W, device=x.device)[None, None, :]
+            sorted_pos = block * per_seq[:, None, None] + slot  # B|1 x K x W: sorted position held by each slot
+            slot_real = (slot < per_seq[:, None, None]) & (sorted_pos < seq_len[:, None, None])  # B|1 x K x W
         block_word = sorted_idx.gather(1, sorted_pos.clamp(max=N - 1).view(-1, K * W).expand(B, K * W))
         block_word = block_word.view(B, K, W)  # original position held by each slot
 
@@ -443,7 +457,7 @@ class ClusterAttention(nn.Module):
             out = self._causal_band_attention(x, words, assign, self.num_clusters, (Hl, H))
         if Hl > 0:
             # Local heads: the same band with every real word in one cluster (padding -1).
-            local = self._causal_band_attention(x, words, assign.clamp(max=0), 1, (0, Hl))
+            local = self._causal_band_attention(x, words, assign.clamp(max=0), 1, (0, Hl), in_order=True)
             out = local if out is None else local + out
         return out
 
@@ -455,14 +469,15 @@ class ClusterAttention(nn.Module):
         return assign, None, None, self.router.losses(x, words.pad, assign)
 
     def _causal_band_attention(
-        self, x: Tensor, words: clustering.Words, assign: Tensor, K: int, heads: Tuple[int, int]
+        self, x: Tensor, words: clustering.Words, assign: Tensor, K: int, heads: Tuple[int, int], in_order=False
     ):
         """Heads [heads[0], heads[1]) of the causal variant: each word attends to the most recent
         ``window`` words of its cluster under ``assign`` (B x N, -1 at padding), itself included.
+        ``in_order``: ``assign`` puts every real word in one cluster (the local heads).
         Returns their share of out_proj's output, B x N x d."""
         B, N, _ = x.shape
         w = self.window
-        sorted_idx, undo_sort = clustering.sort_by_cluster(assign, K)
+        sorted_idx, undo_sort = _sorted_order(assign, K, words.pad, in_order)
 
         # Sorted order puts each cluster's words together, in position order. A word at sorted
         # position r sees sorted positions (r - w, r] of its own cluster: its w most recent
@@ -539,6 +554,16 @@ class ClusterAttention(nn.Module):
     def reorder_state(state: Dict[str, Tensor], new_order: Tensor) -> Dict[str, Tensor]:
         """Beam search: select/reorder the batch entries of a decoding state."""
         return incremental.reorder_state(state, new_order)
+
+
+def _sorted_order(assign: Tensor, K: int, pad: Optional[Tensor], in_order: bool) -> Tuple[Tensor, Tensor]:
+    """clustering.sort_by_cluster(assign, K). ``in_order`` (every real word in one cluster)
+    without padding: the words keep their own order, so both permutations are the identity
+    (no sort)."""
+    if in_order and pad is None:
+        identity = torch.arange(assign.size(1), device=assign.device).expand_as(assign)
+        return identity, identity
+    return clustering.sort_by_cluster(assign, K)
 
 
 def _rank_in_sentence(assign: Tensor) -> Tensor:

@@ -41,21 +41,27 @@ class Words(NamedTuple):
     n_words: Tensor  # scalar (input dtype): real words in the batch, at least 1
 
 
-def words_of(x: Tensor, key_padding_mask: Optional[Tensor]) -> Words:
-    """The padding information of x (B x N x d) under key_padding_mask (B x N, True at padding)."""
+def words_of(x: Tensor, key_padding_mask: Optional[Tensor], assume_padding: bool = False) -> Words:
+    """The padding information of x (B x N x d) under key_padding_mask (B x N, True at padding).
+
+    A mask without any padding is dropped (the batch then skips all masking), at the cost of one
+    host sync. ``assume_padding``: the caller has checked that the mask holds padding (fairseq's
+    encoder and decoder pass a mask only then), so the check and its sync are skipped; were it
+    wrong, the masking would change nothing but the time."""
     B, N, _ = x.shape
     pad = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (B, N):
             raise ValueError(f"key_padding_mask must be B x N = {(B, N)}, got {tuple(key_padding_mask.shape)}")
         pad = key_padding_mask.to(torch.bool)
-        # A batch without padding skips all masking (one host sync per layer, cheaper than
-        # masking every step of a padding-free batch).
-        pad = pad if bool(pad.any()) else None
-    valid = None if pad is None else ~pad
-    lengths = torch.full((B,), N, device=x.device) if pad is None else valid.sum(1)
-    n_words = lengths.sum().clamp(min=1).to(x.dtype)
-    return Words(pad, None if pad is None else valid.to(x.dtype), lengths, n_words)
+        if not assume_padding and not bool(pad.any()):
+            pad = None
+    if pad is None:  # sizes known on the host: no reductions
+        lengths = torch.full((B,), N, device=x.device)
+        return Words(None, None, lengths, torch.full((), B * N, dtype=x.dtype, device=x.device))
+    valid = ~pad
+    lengths = valid.sum(1)
+    return Words(pad, valid.to(x.dtype), lengths, lengths.sum().clamp(min=1).to(x.dtype))
 
 
 def cluster_counts(lengths: Tensor, num_clusters: Union[int, str], max_clusters: int) -> Tuple[Tensor, int]:
@@ -110,9 +116,13 @@ def clustering_loss(x: Tensor, new_centroids: Tensor, assign: Tensor, words: Wor
     return -sim.sum() / words.n_words
 
 
-def sorting_pair_weights(k_b: Tensor, K: int, dtype) -> Tensor:
+def sorting_pair_weights(k_b: Tensor, K: int, dtype, fixed_k: bool = False) -> Tensor:
     """B x K-1 weights that turn the pair similarities into the sorting loss: the mean over
-    pairs (i, i+1) with i + 1 < k_b, averaged over the sequences that have pairs."""
+    pairs (i, i+1) with i + 1 < k_b, averaged over the sequences that have pairs.
+    ``fixed_k`` (every k_b is K): the same weights, 1 / ((K-1) B) everywhere, as one 1 x K-1
+    tensor (it broadcasts over the batch) made without reductions."""
+    if fixed_k:
+        return torch.full((1, K - 1), 1.0 / max(1, (K - 1) * k_b.size(0)), dtype=dtype, device=k_b.device)
     clusters = torch.arange(K, device=k_b.device)[None, :] < k_b[:, None]  # B x K
     pair_ok = clusters[:, 1:].to(dtype)  # B x K-1
     n_pairs = pair_ok.sum(1, keepdim=True)

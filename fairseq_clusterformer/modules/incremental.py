@@ -62,12 +62,15 @@ def assign_per_word(attn, x: Tensor) -> Tensor:
         return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
     d = x.size(-1)
     words = x.reshape(-1, d)
-    top = torch.matmul(words.double(), cw.double().t()).topk(2, dim=-1)  # rows x 2
+    words64, cw64 = words.double(), cw.double()
+    top = torch.matmul(words64, cw64.t()).topk(2, dim=-1)  # rows x 2
     # Both sums of d products are within gamma_d * sum_i |x_i c_i| <= (d + 2) eps |x| |c| of the
     # exact dot product (any summation order; the float64 one far closer), eps that of the
     # score dtype (products of half-precision numbers are exact in float32).
-    norms = words.double().norm(dim=-1) * cw.double().norm(dim=-1).max()
-    bound = 2 * (d + 2) * torch.finfo(score_dtype(x.dtype)).eps * norms
+    eps = torch.finfo(score_dtype(x.dtype)).eps
+    bound = torch.linalg.vector_norm(words64, dim=-1).mul_(
+        torch.linalg.vector_norm(cw64, dim=-1).max() * (2 * (d + 2) * eps)
+    )
     assign = top.indices[:, 0]
     near = (top.values[:, 0] - top.values[:, 1] <= bound).nonzero()[:, 0]
     # A loop over memory-sized chunks of the near-tie rows (usually one), not over words.

@@ -307,7 +307,8 @@ class ClusteringFunction(torch.autograd.Function):
         B, N, d = x.shape
         K = cw.size(1)
         scale = 1.0 / math.sqrt(d)
-        scores = torch.baddbmm(x.new_zeros(()).expand(B, N, K), x, cw.transpose(1, 2), beta=0, alpha=scale)  # U
+        # U; beta=0 ignores the (uninitialised) input
+        scores = torch.baddbmm(x.new_empty(()).expand(B, N, K), x, cw.transpose(1, 2), beta=0, alpha=scale)
         # Finite fill values: safe in fp16/bf16, and an all-padding row softmaxes to uniform, not NaN.
         fill = torch.finfo(scores.dtype).min
         if assign is None:
@@ -357,8 +358,8 @@ class ClusteringFunction(torch.autograd.Function):
             grad_pair_dots = grad_pair_sim / pair_denom_c
             grad_pair_denom = (-grad_pair_sim * pair_sim / pair_denom_c) * (pair_denom >= COSINE_EPS)
             grad_c_norm = torch.zeros_like(c_norm).scatter_add_(1, own, grad_denom * x_norm)  # B x K
-            grad_c_norm[:, :-1] += grad_pair_denom * c_norm[:, 1:]
-            grad_c_norm[:, 1:] += grad_pair_denom * c_norm[:, :-1]
+            grad_c_norm[:, :-1].addcmul_(grad_pair_denom, c_norm[:, 1:])  # not +=: its setitem is one more copy
+            grad_c_norm[:, 1:].addcmul_(grad_pair_denom, c_norm[:, :-1])
             # d|v|/dv = v / |v| (0 at v = 0, as autograd's norm: there v = 0 and the term vanishes)
             grad_c.addcmul_(cents, (grad_c_norm / c_norm.clamp(min=torch.finfo(c_norm.dtype).tiny))[:, :, None])
             coef = grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
@@ -450,14 +451,16 @@ def attend_in_blocks(
     torch.add(block_word.view(B, M * W), seq_start, alpha=N, out=layout_word[filler:].view(B, M * W))
     layout_row = torch.add(word_row, seq_start, alpha=M * W).view(-1)  # layout row of each word
     layout_row = layout_row if word_pad is None else layout_row.masked_fill_(word_pad, 0)
-    biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    # Every head: the whole weights (a slice would add a zero-filled gradient copy per tensor).
+    part = (lambda t: t) if heads is None else (lambda t: t[cols])
     qkv = GatherProject.apply(
         x.reshape(B * N, d),
         layout_word,
         layout_row + filler,
         word_pad,
-        torch.cat([p.weight[cols] for p in (attn.q_proj, attn.k_proj, attn.v_proj)]),
-        None if biases[0] is None else torch.cat([b[cols] for b in biases]),
+        torch.cat([part(p.weight) for p in projs]),
+        None if projs[0].bias is None else torch.cat([part(p.bias) for p in projs]),
     )  # layout rows x 3 H hd
     n_keys = 2 * W if paired else W
     allowed = (key_ok | layout_empty[..., None]).expand(B, M, W, n_keys).reshape(B * M, 1, W, n_keys)

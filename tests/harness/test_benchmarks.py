@@ -433,3 +433,58 @@ def test_translation_benchmark_needs_an_explicit_data_dir_for_mt():
         [sys.executable, *TRANSLATION, "--settings", "mt"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "the 'mt' setting needs --data-dir DIR" in proc.stderr
+
+
+def test_count_launches_counts_what_it_claims(tmp_path):
+    """The launch counter counts every launching operation once and none of the views, and finds a
+    host sync where there is one (an .item() planted into the step)."""
+    import torch
+
+    from scripts.count_launches import HOST_SYNCS, NO_LAUNCH, count_step
+
+    full = count_step("full", 128, padded=False)
+    assert full["host_syncs"] == 0 and full["launches"] == full["forward_launches"] + full["backward_launches"]
+    assert not set(full["ops"]) & NO_LAUNCH and full["ops"]["mm"] + full["ops"]["addmm"] >= 4  # four projections
+    assert "_local_scalar_dense" in HOST_SYNCS
+
+    real_sum = torch.Tensor.sum
+
+    def sum_and_read(self, *args, **kwargs):
+        out = real_sum(self, *args, **kwargs)
+        out.detach().item()  # a host sync inside the step
+        return out
+
+    torch.Tensor.sum = sum_and_read
+    try:
+        planted = count_step("full", 128, padded=False)
+    finally:
+        torch.Tensor.sum = real_sum
+    assert planted["host_syncs"] >= 1
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cluster_layers_synchronise_only_where_they_must(padded):
+    """As the fairseq model calls it, the encoder layer's training step has no host sync at all (a
+    precondition for CUDA graphs, and on a GPU the CPU never waits); the causal layer has at most
+    one, its exact assignment's near-tie screen."""
+    from scripts.count_launches import count_step
+
+    assert count_step("cluster", 128, padded)["host_syncs"] == 0
+    causal = count_step("cluster-causal", 128, padded)
+    assert causal["host_syncs"] <= 1 and causal["ops"]["nonzero"] == causal["host_syncs"]
+
+
+def test_count_launches_cli_writes_its_rows(tmp_path):
+    out = tmp_path / "launches.csv"
+    table = _run([*("-m", "scripts.count_launches"), "--n", "96", "--impls", "cluster,sdpa", "--csv", out], 120)
+    assert "| cluster | 96 | no |" in table and "| sdpa | 96 | yes |" in table
+    fields, rows = _rows(out)
+    assert fields == ["impl", "n", "padded", "launches", "host_syncs", "forward_launches", "backward_launches"]
+    assert [(r["impl"], r["padded"]) for r in rows] == [
+        ("cluster", "0"),
+        ("cluster", "1"),
+        ("sdpa", "0"),
+        ("sdpa", "1"),
+    ]
+    for r in rows:
+        assert int(r["launches"]) == int(r["forward_launches"]) + int(r["backward_launches"]) > 0

@@ -1,0 +1,177 @@
+"""Kernel launches and host synchronisations per training step of one attention layer, counted.
+
+On a GPU, a ClusterAttention layer at translation lengths is bound by kernel launches and host
+synchronisations, not by arithmetic (docs/benchmarks.md, GPU section). Both are properties of
+the code, not of the machine: this script counts them on the CPU, with the CUDA code path (the
+block attention through ``F.scaled_dot_product_attention``, as on a GPU; the CPU's own flash
+kernel path is switched off). Every aten operation that computes something counts as one launch
+(views, reshapes and empty allocations launch nothing on a GPU); ``.item()``, ``bool(tensor)``,
+``nonzero`` and the like count as host synchronisations (the CPU waits for the GPU there).
+
+One training step is the layer's forward, its losses and the backward, of the layers that
+scripts/benchmark_attention.py builds (``build``), on a batch without padding and on one whose
+first sequence ends 7 words early. The ClusterAttention layers are called as the fairseq model
+calls them: with a padding mask only when the batch has padding, and then with
+``assume_padding`` (the model has checked already). The counts do not depend on the
+batch size or on d; they can depend on N through the dense-mask path of short sequences
+(N <= 64) only.
+
+  python -m scripts.count_launches --n 512 --impls cluster,cluster-causal,sdpa
+  python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the table in docs/benchmarks.md
+"""
+
+import argparse
+import collections
+import csv
+import math
+
+IMPLS = ("cluster", "cluster-causal", "sdpa", "full")
+# Operations that only make views or metadata, or allocate without writing: no kernel on a GPU.
+NO_LAUNCH = frozenset(
+    (
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "reshape",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "alias",
+        "as_strided",
+        "unfold",
+        "detach",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "diagonal",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "new_empty",
+        "empty_strided",
+        "new_empty_strided",
+        "promote_types",
+        "result_type",
+        "is_same_size",
+        "sym_size",
+        "sym_stride",
+        "sym_numel",
+        "sym_storage_offset",
+        "_has_compatible_shallow_copy_type",
+    )
+)
+# Operations that make the CPU wait for the device (their result is read on the host, or
+# their output's size depends on the data).
+HOST_SYNCS = frozenset(("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "unique", "_unique2", "item"))
+CSV_COLUMNS = ["impl", "n", "padded", "launches", "host_syncs", "forward_launches", "backward_launches"]
+
+
+def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
+    """Counts of one training step after one warm-up step: a dict with launches, host_syncs,
+    forward_launches, backward_launches and ``ops`` (a Counter of launching operators)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fairseq_clusterformer.modules import kernels
+    from scripts.benchmark_attention import build
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    k = k or math.ceil(math.sqrt(n))
+    torch.manual_seed(0)
+    step, time_first, module = build(impl, d, heads, k, n, window, "cpu")
+    x = torch.randn(batch, n, d)
+    kpm = torch.zeros(batch, n, dtype=torch.bool)
+    if padded:
+        kpm[0, -7:] = True
+    if time_first:
+        x = x.transpose(0, 1)
+    x = x.contiguous().requires_grad_()
+
+    if impl.startswith("cluster"):
+        # As the fairseq model calls the layer: a mask only when the batch has padding, and then
+        # with assume_padding (the model has checked; the layer skips its own check's host sync).
+        def step(x, kpm):
+            out, info = module(x, kpm if padded else None, assume_padding=padded)
+            return out, info.clustering_loss + info.sorting_loss
+
+    def launches(counter):
+        return sum(v for op, v in counter.items() if op not in NO_LAUNCH)
+
+    saved = kernels.USE_FLASH_CPU_KERNEL
+    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
+    try:
+        for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            with Count() as fwd:
+                out, extra = step(x, kpm)
+                loss = out.sum() if extra is None else out.sum() + extra
+            with Count() as bwd:
+                loss.backward()
+    finally:
+        kernels.USE_FLASH_CPU_KERNEL = saved
+    ops = fwd.ops + bwd.ops
+    return {
+        "launches": launches(ops),
+        "host_syncs": sum(v for op, v in ops.items() if op in HOST_SYNCS),
+        "forward_launches": launches(fwd.ops),
+        "backward_launches": launches(bwd.ops),
+        "ops": collections.Counter({op: v for op, v in ops.items() if op not in NO_LAUNCH}),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--n", default="512,2048", help="comma-separated sequence lengths")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    p.add_argument("--window", type=int, default=64, help="the causal layer's window")
+    p.add_argument("--csv", help="write the rows here")
+    p.add_argument("--verbose", action="store_true", help="list the launching operators of each row")
+    args = p.parse_args(argv)
+    impls = [i for i in args.impls.split(",") if i]
+    for impl in impls:
+        if impl not in IMPLS:
+            p.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    lengths = [int(v) for v in args.n.split(",") if v]
+    rows = []
+    print("| impl | N | padding | launches (forward + backward) | host syncs |\n|---|---|---|---|---|")
+    for impl in impls:
+        for n in lengths:
+            for padded in (False, True):
+                c = count_step(impl, n, padded, window=args.window)
+                rows.append({"impl": impl, "n": n, "padded": int(padded), **{k: c[k] for k in CSV_COLUMNS[3:]}})
+                print(
+                    f"| {impl} | {n} | {'yes' if padded else 'no'} | {c['launches']} "
+                    f"({c['forward_launches']} + {c['backward_launches']}) | {c['host_syncs']} |",
+                    flush=True,
+                )
+                if args.verbose:
+                    print("    " + ", ".join(f"{op} {v}" for op, v in c["ops"].most_common()))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
