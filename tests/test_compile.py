@@ -98,7 +98,7 @@ def test_cuda_path_compiles_into_one_graph(variant, monkeypatch):
     x, pad = _batch(3)
     words = clustering.words_of(x, pad)
     if m.causal:
-        fn, args = ClusterAttention._fast_causal_attention, (m, x, words, incremental.assign_per_word(m, x))
+        fn, args = ClusterAttention._fast_causal, (m, x, words, incremental.assign_per_word(m, x))
     else:
         k_b, K = clustering.cluster_counts(words.lengths, m.num_clusters, m.max_clusters)
         fn, args = ClusterAttention._fast_encoder, (m, x, words, m.layer_centroids(x, None, K), k_b, K)
@@ -109,11 +109,46 @@ def test_cuda_path_compiles_into_one_graph(variant, monkeypatch):
 
 
 def test_compile_option_is_checked():
-    with pytest.raises(ValueError, match="compile must be True or False"):
-        ClusterAttention(32, 4, 3, compile="yes")
+    for bad in ("yes", 1, "reduce_overhead"):
+        with pytest.raises(ValueError, match="compile must be True, False or one of"):
+            ClusterAttention(32, 4, 3, compile=bad)
     with pytest.raises(ValueError, match="compile applies to the fast implementation"):
         ClusterAttention(32, 4, 3, compile=True, impl="reference")
-    assert "compile=True" in repr(ClusterAttention(32, 4, 3, compile=True))
+    assert "compile='default'" in repr(ClusterAttention(32, 4, 3, compile=True))
+    m = ClusterAttention(32, 4, 3, compile="reduce-overhead")
+    assert m.compile and m.compile_mode == "reduce-overhead" and "compile='reduce-overhead'" in repr(m)
+    m.compile = False
+    assert not m.compile and m.compile_mode is None and "compile" not in repr(m)
+
+
+@pytest.mark.parametrize("mode", cluster_attention.COMPILE_MODES)
+def test_compile_modes_reach_torch_compile(mode, monkeypatch):
+    """Each mode compiles its own functions with that mode's inductor options (CUDA graphs for
+    reduce-overhead), and the layer runs them: here torch.compile is replaced by a recorder that
+    returns the function itself, so the call runs eagerly and its result is the eager one."""
+    from torch._inductor import list_mode_options
+
+    calls = []
+
+    def recorder(fn, **kwargs):
+        calls.append((fn.__name__, kwargs))
+        return fn
+
+    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(torch, "compile", recorder)
+    torch.manual_seed(3)
+    for variant in VARIANTS:
+        eager = ClusterAttention(32, 4, 4, dense_max_len=0, **VARIANTS[variant])
+        compiled = ClusterAttention(32, 4, 4, dense_max_len=0, compile=mode, **VARIANTS[variant])
+        compiled.load_state_dict(eager.state_dict())
+        x, pad = _batch(4)
+        torch.testing.assert_close(compiled(x, pad)[0], eager(x, pad)[0], rtol=0, atol=0)
+    assert [name for name, _ in calls] == ["_fast_encoder", "_fast_causal"]
+    for _, kwargs in calls:
+        assert kwargs["dynamic"] is True and kwargs["backend"] == "inductor"
+        assert kwargs["options"] == {**list_mode_options(mode), "cpp.simdlen": 1}
+    assert set(cluster_attention._COMPILED) == {("_fast_encoder", mode), ("_fast_causal", mode)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -250,24 +250,37 @@ def test_incremental_step_runs_a_fused_kernel(local_heads):
     assert not any("math" in op for op in ops), sorted(ops)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["encoder", "causal-local"])
-def test_compiled_fast_path_equals_eager(variant, dtype):
-    """compile=True (Triton kernels on CUDA) against the eager fast path on the same device:
-    assignments equal, outputs and gradients within the dtype's tolerance."""
+@pytest.mark.parametrize(
+    "variant, dtype, mode",
+    [(variant, dtype, True) for variant in ("encoder", "causal-local") for dtype in (torch.float32, torch.bfloat16)]
+    + [(variant, torch.bfloat16, "reduce-overhead") for variant in ("encoder", "causal-local")],
+    ids=lambda v: {
+        torch.float32: "fp32",
+        torch.bfloat16: "bf16",
+        True: "default",
+        "reduce-overhead": "cuda-graphs",
+    }.get(v, v),
+)
+def test_compiled_fast_path_equals_eager(variant, dtype, mode):
+    """compile=True (Triton kernels on CUDA), and compile="reduce-overhead" (the same replayed as
+    CUDA graphs: its steps warm up, record, then replay), against the eager fast path on the
+    same device, step after step as in training: assignments equal, outputs and gradients within
+    the dtype's tolerance."""
+    if mode == "reduce-overhead" and not ON_CUDA:
+        pytest.skip("CUDA graphs are CUDA's (on the CPU the mode compiles what compile=True does)")
     eager = make(variant, d=64, heads=4, k=4, dtype=dtype)
     compiled = copy.deepcopy(eager)
-    compiled.compile = True
-    x, kpm = padded_batch(3, 150, 64, seed=11)
-    results = []
-    for m in (eager, compiled):
-        xx = x.to(dtype).requires_grad_(True)
-        out, info = m(xx, kpm)
-        (out.float().pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
-        results.append((out.float(), info.assignments, xx.grad.float()))
-    (out_e, a_e, g_e), (out_c, a_c, g_c) = results
-    assert torch.equal(a_c, a_e)
+    compiled.compile = mode
     tol = 1e-4 if dtype == torch.float32 else HALF_TOL[dtype]
-    out_e, out_c, g_e, g_c = (t.detach() for t in (out_e, out_c, g_e, g_c))
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=tol * out_e.abs().max().item())
-    torch.testing.assert_close(g_c, g_e, rtol=0, atol=tol * g_e.abs().max().item())
+    for step in range(4):  # with CUDA graphs: warm-up, recording, replays
+        x, kpm = padded_batch(3, 150, 64, seed=11 + step)
+        results = []
+        for m in (eager, compiled):
+            xx = x.to(dtype).requires_grad_(True)
+            out, info = m(xx, kpm)
+            (out.float().pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
+            results.append((out.float().detach().clone(), info.assignments.clone(), xx.grad.float()))
+        (out_e, a_e, g_e), (out_c, a_c, g_c) = results
+        assert torch.equal(a_c, a_e), step
+        torch.testing.assert_close(out_c, out_e, rtol=0, atol=tol * out_e.abs().max().item())
+        torch.testing.assert_close(g_c, g_e, rtol=0, atol=tol * g_e.abs().max().item())

@@ -77,9 +77,14 @@ def test_every_cluster_flag_reaches_the_module(toy_bin):
     assert enc.local_heads == 0
     assert enc.centroids.shape == (16, 32)
     layers = list(model.encoder.layers) + list(model.decoder.layers)
-    assert all(layer.self_attn.attention.compile for layer in layers)
+    assert all(layer.self_attn.attention.compile_mode == "default" for layer in layers)
     _, plain = build(toy_bin, [])
     assert not any(layer.self_attn.attention.compile for layer in plain.encoder.layers)
+    _, graphs = build(toy_bin, ["--cluster-compile", "--cluster-compile-mode", "reduce-overhead"])
+    layers = list(graphs.encoder.layers) + list(graphs.decoder.layers)
+    assert all(layer.self_attn.attention.compile_mode == "reduce-overhead" for layer in layers)
+    _, unused = build(toy_bin, ["--cluster-compile-mode", "reduce-overhead"])  # without --cluster-compile
+    assert not any(layer.self_attn.attention.compile for layer in unused.encoder.layers)
 
 
 def test_decoder_local_heads_default_to_half_the_heads(toy_bin):

@@ -37,12 +37,13 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.utils import safe_getattr
 from torch import Tensor
 
-from ..modules.cluster_attention import ClusterAttention, parse_num_clusters
+from ..modules.cluster_attention import COMPILE_MODES, ClusterAttention, parse_num_clusters
 from ..modules.fairseq_cluster_attention import FairseqClusterAttention
 
 # "linformer" is an encoder choice only; the decoder refuses it at build time, saying why.
 ATTENTION_CHOICES = ChoiceEnum(["cluster", "full", "lsh", "routing", "sparse", "linformer"])
 SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
+COMPILE_MODE_CHOICES = ChoiceEnum(list(COMPILE_MODES))
 
 
 # Names avoid the encoder_/decoder_ prefixes, which TransformerConfig reroutes to its sub-configs.
@@ -151,6 +152,14 @@ class ClusterformerConfig(FairseqDataclass):
             "launch-bound; the first batches compile (docs/benchmarks.md, GPU section)"
         },
     )
+    cluster_compile_mode: COMPILE_MODE_CHOICES = field(
+        default="default",
+        metadata={
+            "help": "torch.compile's mode for --cluster-compile: reduce-overhead (and max-autotune) also "
+            "replay each compiled step as a CUDA graph, recorded once per input shape: bucket the lengths "
+            "(--required-seq-len-multiple) so that few shapes are recorded"
+        },
+    )
     linformer_k: int = field(
         default=32,
         metadata={
@@ -217,9 +226,19 @@ def build_cluster_attention(
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
         router=router_module,
-        compile=bool(safe_getattr(cfg, "cluster_compile", False)),
+        compile=_compile_setting(cfg),
     )
     return FairseqClusterAttention(attention)
+
+
+def _compile_setting(cfg):
+    """ClusterAttention's compile argument from --cluster-compile and --cluster-compile-mode."""
+    if not safe_getattr(cfg, "cluster_compile", False):
+        return False
+    mode = str(safe_getattr(cfg, "cluster_compile_mode", "default") or "default")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--cluster-compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return True if mode == "default" else mode
 
 
 def _num_clusters(cfg, causal: bool):
@@ -684,6 +703,7 @@ def _set_cluster_defaults(args):
         "routing_local_heads",
         "linformer_k",
         "cluster_compile",
+        "cluster_compile_mode",
     ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))

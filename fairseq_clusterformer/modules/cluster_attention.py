@@ -37,9 +37,12 @@ IMPLEMENTATIONS = ("fast", "reference")
 # ClusterAttention's dense_max_len): measured by python -m scripts.benchmark_attention
 # --impl cluster,cluster-blocks,... (docs/benchmarks.md, "Short sequences").
 DENSE_MAX_LEN = 64
-# ClusterAttention._fast_path's compiled functions, by name: one per process, shared by every
-# layer (torch.compile guards on what differs between layers and recompiles where it must).
-_COMPILED: Dict[str, Callable] = {}
+# ClusterAttention._fast_path's compiled functions, by (name, mode): one per process, shared by
+# every layer (torch.compile guards on what differs between layers and recompiles where it must).
+_COMPILED: Dict[Tuple[str, str], Callable] = {}
+# torch.compile's modes (compile=True is "default"); "reduce-overhead" and "max-autotune" also
+# replay the compiled step as CUDA graphs on a GPU (one recording per distinct input shape).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKEND = "inductor"  # torch.compile's backend (the CPU tests also use "aot_eager")
 
 
@@ -107,8 +110,12 @@ class ClusterAttention(nn.Module):
         compile: run the fast path's clustering and block attention through ``torch.compile``
             (dynamic shapes; one compiled graph per padding case, shared by every layer): the
             same function in far fewer kernel launches, for GPUs, where short sequences are
-            launch-bound (docs/benchmarks.md). The host-side steps (the padding check, the
-            decoder's near-tie screen) stay eager. The first calls compile (tens of seconds).
+            launch-bound (docs/benchmarks.md). False, True (torch.compile's default mode) or a
+            mode of COMPILE_MODES: "reduce-overhead" also replays each compiled step as a CUDA
+            graph on a GPU, recorded once per distinct input shape (bucket the lengths, e.g.
+            fairseq's --required-seq-len-multiple, so that few are recorded). The host-side
+            steps (the padding check, the decoder's near-tie screen) stay eager. The first calls
+            compile (tens of seconds).
         router: causal only: the assignment rule, replacing the learned centroids (the LSH and
             routing baselines, fairseq_clusterformer/baselines/routers.py). A module with
             ``num_groups`` (= num_clusters), ``directions(dtype)`` (K x d: a word goes to the
@@ -135,7 +142,7 @@ class ClusterAttention(nn.Module):
         impl: str = "fast",
         router: Optional[nn.Module] = None,
         dense_max_len: int = DENSE_MAX_LEN,
-        compile: bool = False,
+        compile: Union[bool, str] = False,
     ):
         super().__init__()
         _check_positive_int("embed_dim", embed_dim)
@@ -170,10 +177,6 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"dense_max_len must be a non-negative integer, got {dense_max_len!r}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
-        if compile and impl == "reference":
-            raise ValueError("compile applies to the fast implementation; impl='reference' is the eager oracle")
         if router is not None:
             if not causal:
                 raise ValueError("a router replaces the causal variant's centroids; the encoder variant takes none")
@@ -193,7 +196,7 @@ class ClusterAttention(nn.Module):
         self.dropout = dropout
         self.impl = impl
         self.dense_max_len = dense_max_len
-        self.compile = compile
+        self.compile = compile  # sets compile_mode (None: eager)
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -207,6 +210,19 @@ class ClusterAttention(nn.Module):
             self.centroid_proj = self.centroids = None
         self.router = router
         self.reset_parameters()
+
+    @property
+    def compile(self) -> bool:
+        """Whether the fast path runs compiled (``compile_mode`` says how)."""
+        return self.compile_mode is not None
+
+    @compile.setter
+    def compile(self, value: Union[bool, str]):
+        if not isinstance(value, bool) and value not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {value!r}")
+        if value and self.impl == "reference":
+            raise ValueError("compile applies to the fast implementation; impl='reference' is the eager oracle")
+        self.compile_mode = ("default" if value is True else value) if value else None
 
     def reset_parameters(self):
         # As fairseq's MultiheadAttention (self-attention with q/k/v of equal size).
@@ -228,7 +244,8 @@ class ClusterAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, "
             f"causal={self.causal}, window={self.window if self.causal else None}, "
             f"local_heads={self.local_heads}, previous_block={self.previous_block if not self.causal else None}, "
-            f"similarity={self.similarity}, impl={self.impl}" + (", compile=True" if self.compile else "")
+            f"similarity={self.similarity}, impl={self.impl}"
+            + ("" if self.compile_mode is None else f", compile={self.compile_mode!r}")
         ) + ("" if self.router is None else f", router={type(self.router).__name__}")
 
     # ------------------------------------------------------------------------------------------
@@ -250,7 +267,7 @@ class ClusterAttention(nn.Module):
         if x.size(0) == 0 or x.size(1) == 0:
             raise ValueError(f"x must hold at least one sequence of at least one word, got shape {tuple(x.shape)}")
         words = clustering.words_of(x, key_padding_mask, assume_padding)
-        if self.compile:
+        if self.compile_mode:
             # fairseq hands in a transposed time-first tensor, whose strides change with the batch
             # size: compiled graphs are guarded on strides, so each batch size would recompile.
             x = x.contiguous()
@@ -260,7 +277,7 @@ class ClusterAttention(nn.Module):
         B, N, d = x.shape
         k_b, K = clustering.cluster_counts(words.lengths, self.num_clusters, self.max_clusters)
         layer_centroids = self.layer_centroids(x, centroids, K)
-        if self.compile:  # the learned centroids come expanded (stride 0), carried ones not: one layout
+        if self.compile_mode:  # the learned centroids come expanded (stride 0), carried ones not: one layout
             layer_centroids = layer_centroids.contiguous()
         if self.impl != "reference":
             # Fast: the same clusters and blocks through the fused kernels (short sequences: one
@@ -290,17 +307,22 @@ class ClusterAttention(nn.Module):
     def _fast_path(self, name: str):
         """ClusterAttention.<name>, compiled (shared by every layer) when ``compile`` is set.
         The compiled function must be given a contiguous x (see forward)."""
-        if not self.compile:
+        mode = self.compile_mode
+        if mode is None:
             return getattr(ClusterAttention, name)
-        if name not in _COMPILED:
+        if (name, mode) not in _COMPILED:
             options = None
             if COMPILE_BACKEND == "inductor":
-                # CUDA compiles to Triton. On the CPU, inductor's vectorised C++ for these graphs
-                # does not build (torch 2.13: mismatched mask vector types); scalar C++ does.
-                options = {"cpp.simdlen": 1}
+                # The mode's options (torch.compile takes a mode or options, not both), and: CUDA
+                # compiles to Triton; on the CPU, inductor's vectorised C++ for these graphs does
+                # not build (torch 2.13: mismatched mask vector types), scalar C++ does. CUDA
+                # graphs apply to CUDA tensors only (inductor skips them on the CPU).
+                from torch._inductor import list_mode_options
+
+                options = {**list_mode_options(mode), "cpp.simdlen": 1}
             fn = getattr(ClusterAttention, name)
-            _COMPILED[name] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND, options=options)
-        return _COMPILED[name]
+            _COMPILED[name, mode] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND, options=options)
+        return _COMPILED[name, mode]
 
     def _fast_encoder(self, x: Tensor, words: clustering.Words, layer_centroids: Tensor, k_b: Tensor, K: int):
         """The encoder's fast path: (output, assignments, C', clustering loss, sorting loss)."""
@@ -416,24 +438,38 @@ class ClusterAttention(nn.Module):
             # The router's directions are fixed within a forward: word t's group depends on x_t alone.
             assign, clustering_loss, sorting_loss, commitment_loss = self.route(x, words)
         else:
-            k_b = torch.full((B,), self.num_clusters, dtype=torch.long, device=x.device)
-            # The centroids are a parameter: the assignment of word t depends on x_t alone. C' (which
-            # sees all words) only feeds the losses, never the attention, so causality holds.
-            assign, _, clustering_loss, sorting_loss = self._cluster(
-                x,
-                words,
-                self.layer_centroids(x, None, self.num_clusters),
-                k_b,
-                assign=incremental.assign_per_word(self, x),
-            )
+            # The centroids are a parameter: the assignment of word t depends on x_t alone (the
+            # host-side near-tie screen, eager). C' (which sees all words) only feeds the losses,
+            # never the attention, so causality holds.
+            assign = incremental.assign_per_word(self, x)
+            if self.compile_mode:  # a strided view of the screen's top-2 indices: one layout for the graph
+                assign = assign.contiguous()
+            if self.impl != "reference":  # the losses and the attention, compiled together if asked
+                out, assign, clustering_loss, sorting_loss = self._fast_path("_fast_causal")(self, x, words, assign)
+                return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
+            assign, clustering_loss, sorting_loss = self._causal_losses(x, words, assign)
         H, Hl = self.num_heads, self.local_heads
         info = ClusterInfo(None, clustering_loss, sorting_loss, assign, commitment_loss)
         if self.impl == "reference":
             visible = clustering.causal_visibility(assign, self.window, H, Hl)  # B x H x N x N
             return self._attend_dense(x, words.pad, visible), info
-        if self.compile:  # a strided view of the screen's top-2 indices: one layout for the graph
+        if self.compile_mode:
             assign = assign.contiguous()
         return self._fast_path("_fast_causal_attention")(self, x, words, assign), info
+
+    def _causal_losses(self, x: Tensor, words: clustering.Words, assign: Tensor):
+        """The causal variant's clustering under its per-word assignments: (assignments with -1
+        at padding, clustering loss, sorting loss); C' is not used."""
+        k_b = torch.full((x.size(0),), self.num_clusters, dtype=torch.long, device=x.device)
+        centroids = self.layer_centroids(x, None, self.num_clusters)
+        assign, _, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b, assign=assign)
+        return assign, clustering_loss, sorting_loss
+
+    def _fast_causal(self, x: Tensor, words: clustering.Words, assign: Tensor):
+        """The causal variant's fast path under the screened assignments: (output, assignments
+        with -1 at padding, clustering loss, sorting loss)."""
+        assign, clustering_loss, sorting_loss = self._causal_losses(x, words, assign)
+        return self._fast_causal_attention(x, words, assign), assign, clustering_loss, sorting_loss
 
     def _fast_causal_attention(self, x: Tensor, words: clustering.Words, assign: Tensor) -> Tensor:
         """The causal variant's fast attention under the assignments (B x N, -1 at padding)."""

@@ -13,12 +13,15 @@
 # check in two calls that each fit the device's 10-minute limit; CHECK_LENGTHS, the attention
 # step's lengths (default 512,1024,...,65536); CHECK_IMPLS, its implementations (default: the list
 # under "attention" below); CHECK_SETTINGS, the translation step's lengths (default 512,2048);
-# CHECK_ATTENTION_S, CHECK_TRANSLATION_S, CHECK_COMPILE_S: the limits of the attention, translation
-# and translation-compile steps (default 240, 120, 200 s). The remaining H200 targets, each in one
-# call (docs/benchmarks.md, "Running it again"):
-#   CHECK_STEPS=attention CHECK_LENGTHS=2048,8192 CHECK_ATTENTION_S=540 \
-#     CHECK_IMPLS=cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,sdpa,flash bash scripts/gpu/check.sh
-#   CHECK_STEPS=translation CHECK_TRANSLATION_S=180 CHECK_COMPILE_S=360 bash scripts/gpu/check.sh
+# CHECK_TESTS_S, CHECK_ATTENTION_S, CHECK_TRANSLATION_S, CHECK_COMPILE_S: the limits of the tests,
+# attention, translation and translation-compile steps (default 240, 240, 120, 200 s); CHECK_COMPILE_MODE, the translation-compile
+# step's --cluster-compile-mode (default "default"; "reduce-overhead": CUDA graphs, rows tagged
+# clusterformer_iwslt+compile-reduce-overhead). The remaining H200 targets, each in one call
+# (docs/benchmarks.md, "Running it again", gives the order), e.g.:
+#   CHECK_STEPS=attention CHECK_LENGTHS=512,2048,8192 CHECK_ATTENTION_S=540 \
+#     CHECK_IMPLS=cluster,cluster-graphs,cluster-causal,cluster-causal-graphs,sdpa,flash bash scripts/gpu/check.sh
+#   CHECK_STEPS=translation CHECK_COMPILE_MODE=reduce-overhead CHECK_TRANSLATION_S=180 CHECK_COMPILE_S=360 \
+#     bash scripts/gpu/check.sh
 #
 # Steps, each under its own time limit (over the device's 10-minute limit together: run them in two
 # calls with CHECK_STEPS, e.g. "tests precision" and "attention translation"), each recorded in the
@@ -95,7 +98,7 @@ else
 fi
 
 # (a) the cuda-marked tests
-wanted tests && step tests 240 "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider --junitxml="$OUTDIR/pytest_cuda.xml"
+wanted tests && step tests "${CHECK_TESTS_S:-240}" "$PY" -m pytest -m cuda tests -q -rs -p no:cacheprovider --junitxml="$OUTDIR/pytest_cuda.xml"
 
 # (b) reduced-precision training, each decoded exactly
 if [[ $DRY == 1 ]]; then
@@ -117,7 +120,11 @@ fi
 IMPLS=${CHECK_IMPLS:-cluster,cluster-compiled,cluster-causal,cluster-causal-compiled,full,sdpa,flash,naive,lsh-8,routing,sparse,sparse-causal,linformer-256}
 # the dry run leaves out the compiled layers: inductor's CPU compile takes minutes there
 # (tests/test_compile.py and the cuda tests compare the compiled path with the eager one)
-[[ $DRY == 1 ]] && IMPLS=${IMPLS//,cluster-compiled/} && IMPLS=${IMPLS//,cluster-causal-compiled/}
+if [[ $DRY == 1 ]]; then
+    for compiled in cluster-compiled cluster-causal-compiled cluster-graphs cluster-causal-graphs; do
+        IMPLS=${IMPLS//,$compiled/}
+    done
+fi
 wanted attention && step attention "${CHECK_ATTENTION_S:-240}" "$PY" -m scripts.benchmark_attention "${ATTN[@]}" --mode train \
     --impl "$IMPLS" --k sqrt --csv "$OUTDIR/attention.csv" --plot "$OUTDIR"
 
@@ -132,8 +139,10 @@ fi
 if wanted translation; then
     step translation "${CHECK_TRANSLATION_S:-120}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
         --csv "$OUTDIR/translation.csv"
+    MODE=${CHECK_COMPILE_MODE:-default}
+    TAG=$([[ $MODE == default ]] && echo compile || echo "compile-$MODE")
     step translation-compile "${CHECK_COMPILE_S:-200}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
-        --cluster-args="--cluster-compile" --tag compile --csv "$WORK/translation_compile.csv"
+        --cluster-args="--cluster-compile --cluster-compile-mode $MODE" --tag "$TAG" --csv "$WORK/translation_compile.csv"
     # one CSV for both runs (the device returns at most 8 files)
     [[ -f "$WORK/translation_compile.csv" ]] && tail -n +2 "$WORK/translation_compile.csv" >>"$OUTDIR/translation.csv"
 fi
