@@ -139,6 +139,33 @@ def test_batches_without_padding_match_reference(causal, local_heads, k):
     torch.testing.assert_close(grads[1], grads[2], atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_losses_survive_batches_beyond_the_float16_range(dtype):
+    """66,000 words in one half-precision batch: a float16 sum of their similarities (or their
+    count) overflows, which made the clustering loss read 0 and pass no gradient. The losses are
+    summed in float32 (clustering.loss_dtype) and equal the float32 layer's within half-precision
+    rounding, gradients included."""
+    torch.manual_seed(0)
+    m32 = ClusterAttention(8, 1, 200).float()  # blocks of 165 words: the attention stays cheap
+    m16 = copy.deepcopy(m32).to(dtype)
+    x = torch.randn(2, 33_000, 8)
+    pad = torch.zeros(2, 33_000, dtype=torch.bool)
+    pad[1, -5:] = True
+    for kpm in (None, pad):
+        results = []
+        for m, xx in ((m32, x), (m16, x.to(dtype))):
+            xx = xx.clone().requires_grad_()
+            _, info = m(xx, kpm)
+            assert info.clustering_loss.dtype == info.sorting_loss.dtype == torch.float32
+            (info.clustering_loss + info.sorting_loss).backward()
+            results.append((info.clustering_loss.item(), info.sorting_loss.item(), xx.grad.float()))
+        (cl32, sl32, g32), (cl16, sl16, g16) = results
+        assert cl16 == pytest.approx(cl32, rel=2e-2) and cl32 < -0.05
+        assert sl16 == pytest.approx(sl32, rel=5e-2, abs=2e-3)
+        assert torch.isfinite(g16).all()
+        assert (g16 - g32).norm() < 0.1 * g32.norm()
+
+
 def test_without_previous_block_matches_reference():
     m = make(k=3, previous_block=False)
     x = torch.randn(3, 11, 32, dtype=torch.float64)

@@ -378,7 +378,9 @@ class ClusterAttention(nn.Module):
             validf=words.validf,
             n_words=words.n_words,
             cluster_pad=cluster_pad,
-            pair_weight=clustering.sorting_pair_weights(k_b, K, x.dtype, fixed_k=self.num_clusters != "auto"),
+            pair_weight=clustering.sorting_pair_weights(
+                k_b, K, clustering.loss_dtype(x.dtype), fixed_k=self.num_clusters != "auto"
+            ),
             assign=assign,
             cosine=self.similarity == "cosine",
         )

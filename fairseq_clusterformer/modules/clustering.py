@@ -38,7 +38,14 @@ class Words(NamedTuple):
     pad: Optional[Tensor]  # B x N bool, True at padding; None when the batch has no padding
     validf: Optional[Tensor]  # 1 at real words, 0 at padding, in the input dtype (None without padding)
     lengths: Tensor  # B long: L_b
-    n_words: Tensor  # scalar (input dtype): real words in the batch, at least 1
+    n_words: Tensor  # scalar (loss_dtype of the input): real words in the batch, at least 1
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses are summed and returned in: float32 for half-precision input (a
+    float16 sum over more than 65,504 words would overflow, and the loss would silently read 0),
+    else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def words_of(x: Tensor, key_padding_mask: Optional[Tensor], assume_padding: bool = False) -> Words:
@@ -58,10 +65,10 @@ def words_of(x: Tensor, key_padding_mask: Optional[Tensor], assume_padding: bool
             pad = None
     if pad is None:  # sizes known on the host: no reductions
         lengths = torch.full((B,), N, device=x.device)
-        return Words(None, None, lengths, torch.full((), B * N, dtype=x.dtype, device=x.device))
+        return Words(None, None, lengths, torch.full((), B * N, dtype=loss_dtype(x.dtype), device=x.device))
     valid = ~pad
     lengths = valid.sum(1)
-    return Words(pad, valid.to(x.dtype), lengths, lengths.sum().clamp(min=1).to(x.dtype))
+    return Words(pad, valid.to(x.dtype), lengths, lengths.sum().clamp(min=1).to(loss_dtype(x.dtype)))
 
 
 def cluster_counts(lengths: Tensor, num_clusters: Union[int, str], max_clusters: int) -> Tuple[Tensor, int]:
@@ -113,7 +120,7 @@ def clustering_loss(x: Tensor, new_centroids: Tensor, assign: Tensor, words: Wor
     sim = similarity(x, own, kind)
     if words.pad is not None:
         sim = sim.masked_fill(words.pad, 0.0)
-    return -sim.sum() / words.n_words
+    return -sim.sum(dtype=words.n_words.dtype) / words.n_words
 
 
 def sorting_pair_weights(k_b: Tensor, K: int, dtype, fixed_k: bool = False) -> Tensor:
@@ -133,7 +140,7 @@ def sorting_pair_weights(k_b: Tensor, K: int, dtype, fixed_k: bool = False) -> T
 def sorting_loss(new_centroids: Tensor, k_b: Tensor, kind: str) -> Tensor:
     """Mean over adjacent centroid pairs of -sim(c'_i, c'_{i+1}) (see sorting_pair_weights)."""
     pair_sim = similarity(new_centroids[:, :-1], new_centroids[:, 1:], kind)  # B x K-1
-    return -(pair_sim * sorting_pair_weights(k_b, new_centroids.size(1), pair_sim.dtype)).sum()
+    return -(pair_sim * sorting_pair_weights(k_b, new_centroids.size(1), loss_dtype(pair_sim.dtype))).sum()
 
 
 def cluster_words(x: Tensor, projected_centroids: Tensor, words: Words, k_b: Tensor, kind: str, assign=None):

@@ -333,8 +333,9 @@ class ClusteringFunction(torch.autograd.Function):
             word_sim = dots / d if pad is None else dots * (validf / d)
             pair_sim = pair_dots / d
             extra = (none if pad is None else validf,)
-        clustering_loss = -word_sim.sum() / n_words
-        sorting_loss = -(pair_sim * pair_weight).sum()
+        # In n_words' dtype (float32 for half-precision input: clustering.loss_dtype)
+        clustering_loss = -word_sim.sum(dtype=n_words.dtype) / n_words
+        sorting_loss = -(pair_sim * pair_weight).sum()  # pair_weight is in that dtype too
         ctx.save_for_backward(x, cw, probs, cents, own, n_words, pair_weight, none if pad is None else pad, *extra)
         ctx.cosine, ctx.scale = cosine, scale
         ctx.mark_non_differentiable(assign)
@@ -365,7 +366,8 @@ class ClusteringFunction(torch.autograd.Function):
             coef = grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
         else:
             validf = ctx.saved_tensors[8]
-            grad_dots = (-g / d).expand(B, N) if validf.numel() == 0 else validf * (-g / d)
+            # (g is in the losses' dtype, float32 for half-precision input: back to x's)
+            grad_dots = (-g / d).to(x.dtype).expand(B, N) if validf.numel() == 0 else validf * (-g / d)
             grad_pair_dots = grad_pair_sim / d
         grad_c[:, :-1].addcmul_(cents[:, 1:], grad_pair_dots[:, :, None])
         grad_c[:, 1:].addcmul_(cents[:, :-1], grad_pair_dots[:, :, None])
