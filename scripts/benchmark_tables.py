@@ -6,7 +6,7 @@
 Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention --csv`` and
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
 attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv, translation.csv,
-profile_*.txt; launches.csv from ``python -m scripts.count_launches --csv``), and docs/data/gpu/
+profile_*.txt; launches.csv and launches_models.csv from ``python -m scripts.count_launches``), and docs/data/gpu/
 for the GPU section (bench_attention.csv, translation.csv, compile_attention.csv, translation_512.csv,
 cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
@@ -380,8 +380,9 @@ def profile_tables(text):
     return "\n".join(out).strip()
 
 
-def launches_table(path):
-    """The launch counts of scripts/count_launches.py (its --csv), one row per layer and length."""
+def launches_table(path, what="layer"):
+    """The launch counts of scripts/count_launches.py (its --csv), one row per layer (or model,
+    WHAT names the column) and length."""
     if not path.exists():
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
     rows = list(csv.DictReader(path.open()))
@@ -389,7 +390,8 @@ def launches_table(path):
         raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
     cells = {(r["impl"], r["n"], r["padded"]): r for r in rows}
     lines = [
-        "| layer | N | launches, no padding (forward + backward) | with padding | host syncs (no padding / padding) |",
+        f"| {what} | N | launches, no padding (forward + backward) | with padding "
+        "| host syncs (no padding / padding) |",
         "|---|---|---|---|---|",
     ]
     for impl, n in dict.fromkeys((r["impl"], r["n"]) for r in rows):
@@ -471,6 +473,7 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "profile_layer": "\n\n".join(profile_tables(_text(f"profile_2048_t{t}.txt", data)) for t in (1, 2)),
         "profile_mt": "\n\n".join(profile_tables(_text(f"profile_mt_t{t}.txt", data)) for t in (1, 2)),
         "launches": launches_table(Path(data) / "launches.csv"),
+        "launches_models": launches_table(Path(data) / "launches_models.csv", "model"),
         **gpu_blocks(data_gpu),
     }
 

@@ -16,8 +16,14 @@ calls them: with a padding mask only when the batch has padding, and then with
 batch size or on d; they can depend on N through the dense-mask path of short sequences
 (N <= 64) only.
 
+--models counts whole fairseq models instead: one training step (forward, the criterion,
+backward; no optimizer step) of clusterformer_iwslt and transformer_iwslt_de_en at their
+architectures' sizes, built in-process on a 1,000-word dictionary, on a batch of sentence pairs
+of N tokens per side (the shorter variant: the last sentence's source ends 7 tokens early).
+
   python -m scripts.count_launches --n 512 --impls cluster,cluster-causal,sdpa
-  python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the table in docs/benchmarks.md
+  python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the tables in docs/benchmarks.md
+  python -m scripts.count_launches --models --n 64 --csv docs/data/cpu/launches_models.csv
 """
 
 import argparse
@@ -26,6 +32,11 @@ import csv
 import math
 
 IMPLS = ("cluster", "cluster-causal", "sdpa", "full")
+MODELS = ("clusterformer_iwslt", "transformer_iwslt_de_en")
+CRITERIA = {
+    "clusterformer_iwslt": "label_smoothed_cross_entropy_with_clustering",
+    "transformer_iwslt_de_en": "label_smoothed_cross_entropy",
+}
 # Operations that only make views or metadata, or allocate without writing: no kernel on a GPU.
 NO_LAUNCH = frozenset(
     (
@@ -72,23 +83,110 @@ HOST_SYNCS = frozenset(("_local_scalar_dense", "nonzero", "is_nonzero", "equal",
 CSV_COLUMNS = ["impl", "n", "padded", "launches", "host_syncs", "forward_launches", "backward_launches"]
 
 
+class _Count:
+    """A TorchDispatchMode that counts the aten operators dispatched under it (made lazily, so
+    that importing this module does not import torch)."""
+
+    def __new__(cls):
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Count(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = collections.Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        return Count()
+
+
+def _summary(fwd, bwd):
+    def launches(counter):
+        return sum(v for op, v in counter.items() if op not in NO_LAUNCH)
+
+    ops = fwd + bwd
+    return {
+        "launches": launches(ops),
+        "host_syncs": sum(v for op, v in ops.items() if op in HOST_SYNCS),
+        "forward_launches": launches(fwd),
+        "backward_launches": launches(bwd),
+        "ops": collections.Counter({op: v for op, v in ops.items() if op not in NO_LAUNCH}),
+    }
+
+
+def count_model_step(arch, n, padded, batch=2):
+    """Counts of one training step of a fairseq model (forward, criterion, backward) after one
+    warm-up step, on BATCH pairs of N tokens per side (padded: the last source 7 tokens shorter)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from fairseq import options, tasks
+
+    from fairseq_clusterformer.modules import kernels
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as data:
+        for lang in ("src", "tgt"):
+            Path(data, f"dict.{lang}.txt").write_text("".join(f"w{i} 1\n" for i in range(1000)))
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(
+            parser,
+            [data, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt", "--arch", arch]
+            + [
+                "--criterion",
+                CRITERIA[arch],
+                "--label-smoothing",
+                "0.1",
+                "--user-dir",
+                str(repo / "fairseq_clusterformer"),
+            ]
+            + ["--max-source-positions", str(n + 8), "--max-target-positions", str(n + 8), "--cpu"],
+        )
+        task = tasks.setup_task(args)
+    torch.manual_seed(0)
+    model, criterion = task.build_model(args).train(), task.build_criterion(args)
+    d = task.source_dictionary
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(d.nspecial, len(d), (batch, n), generator=g)
+    src[:, -1] = d.eos()
+    if padded:  # left-padded, as fairseq's collater pads sources
+        src[-1, :7] = d.pad()
+    tgt = torch.randint(d.nspecial, len(d), (batch, n), generator=g)
+    tgt[:, -1] = d.eos()
+    prev = torch.cat([tgt[:, -1:], tgt[:, :-1]], dim=1)
+    sample = {
+        "id": torch.arange(batch),
+        "nsentences": batch,
+        "ntokens": batch * n,
+        "net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1), "prev_output_tokens": prev},
+        "target": tgt,
+    }
+    saved = kernels.USE_FLASH_CPU_KERNEL
+    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
+    try:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with _Count() as fwd:
+                loss, _, _ = criterion(model, sample)
+            with _Count() as bwd:
+                loss.backward()
+    finally:
+        kernels.USE_FLASH_CPU_KERNEL = saved
+    return _summary(fwd.ops, bwd.ops)
+
+
 def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
     """Counts of one training step after one warm-up step: a dict with launches, host_syncs,
     forward_launches, backward_launches and ``ops`` (a Counter of launching operators)."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from fairseq_clusterformer.modules import kernels
     from scripts.benchmark_attention import build
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     k = k or math.ceil(math.sqrt(n))
     torch.manual_seed(0)
@@ -108,30 +206,20 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
             out, info = module(x, kpm if padded else None, assume_padding=padded)
             return out, info.clustering_loss + info.sorting_loss
 
-    def launches(counter):
-        return sum(v for op, v in counter.items() if op not in NO_LAUNCH)
-
     saved = kernels.USE_FLASH_CPU_KERNEL
     kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
     try:
         for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
             x.grad = None
             module.zero_grad(set_to_none=True)
-            with Count() as fwd:
+            with _Count() as fwd:
                 out, extra = step(x, kpm)
                 loss = out.sum() if extra is None else out.sum() + extra
-            with Count() as bwd:
+            with _Count() as bwd:
                 loss.backward()
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved
-    ops = fwd.ops + bwd.ops
-    return {
-        "launches": launches(ops),
-        "host_syncs": sum(v for op, v in ops.items() if op in HOST_SYNCS),
-        "forward_launches": launches(fwd.ops),
-        "backward_launches": launches(bwd.ops),
-        "ops": collections.Counter({op: v for op, v in ops.items() if op not in NO_LAUNCH}),
-    }
+    return _summary(fwd.ops, bwd.ops)
 
 
 def main(argv=None):
@@ -141,22 +229,33 @@ def main(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--n", default="512,2048", help="comma-separated sequence lengths")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, from {', '.join(IMPLS)}")
+    p.add_argument(
+        "--impls", help=f"comma-separated, from {', '.join(IMPLS)} (default all; with --models: {', '.join(MODELS)})"
+    )
+    p.add_argument("--models", action="store_true", help="count whole fairseq models' training steps")
     p.add_argument("--window", type=int, default=64, help="the causal layer's window")
     p.add_argument("--csv", help="write the rows here")
     p.add_argument("--verbose", action="store_true", help="list the launching operators of each row")
     args = p.parse_args(argv)
-    impls = [i for i in args.impls.split(",") if i]
+    known = MODELS if args.models else IMPLS
+    impls = [i for i in (args.impls or ",".join(known)).split(",") if i]
     for impl in impls:
-        if impl not in IMPLS:
-            p.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+        if impl not in known:
+            p.error(
+                f"--impls: unknown {'model' if args.models else 'implementation'} {impl!r}; "
+                f"choose from {', '.join(known)}"
+            )
     lengths = [int(v) for v in args.n.split(",") if v]
     rows = []
     print("| impl | N | padding | launches (forward + backward) | host syncs |\n|---|---|---|---|---|")
     for impl in impls:
         for n in lengths:
             for padded in (False, True):
-                c = count_step(impl, n, padded, window=args.window)
+                c = (
+                    count_model_step(impl, n, padded)
+                    if args.models
+                    else count_step(impl, n, padded, window=args.window)
+                )
                 rows.append({"impl": impl, "n": n, "padded": int(padded), **{k: c[k] for k in CSV_COLUMNS[3:]}})
                 print(
                     f"| {impl} | {n} | {'yes' if padded else 'no'} | {c['launches']} "

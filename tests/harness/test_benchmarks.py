@@ -488,3 +488,18 @@ def test_count_launches_cli_writes_its_rows(tmp_path):
     ]
     for r in rows:
         assert int(r["launches"]) == int(r["forward_launches"]) + int(r["backward_launches"]) > 0
+
+
+def test_whole_models_synchronise_no_more_than_fairseqs_transformer():
+    """--models: a training step of clusterformer_iwslt makes no more host syncs than fairseq's
+    transformer_iwslt_de_en (the decoder's near-tie screens against the Transformer encoder's
+    per-layer padding checks; docs/benchmarks.md), padded or not."""
+    from scripts.count_launches import count_model_step
+
+    for padded in (False, True):
+        ours = count_model_step("clusterformer_iwslt", 80, padded)
+        theirs = count_model_step("transformer_iwslt_de_en", 80, padded)
+        assert 0 < theirs["host_syncs"] and ours["host_syncs"] <= theirs["host_syncs"]
+        assert ours["ops"]["nonzero"] == 6  # one near-tie screen per decoder layer, and no other
+        for c in (ours, theirs):
+            assert c["launches"] == c["forward_launches"] + c["backward_launches"] > 0
