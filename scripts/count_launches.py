@@ -13,8 +13,9 @@ scripts/benchmark_attention.py builds (``build``), on a batch without padding an
 first sequence ends 7 words early. The ClusterAttention layers are called as the fairseq model
 calls them: with a padding mask only when the batch has padding, and then with
 ``assume_padding`` (the model has checked already). The counts do not depend on the
-batch size or on d; they can depend on N through the dense-mask path of short sequences
-(N <= 64) only.
+batch size or on d. They depend on N only through the dense-mask path of short sequences
+(N <= 64), and the causal layer's also on the data: its near-tie screen runs a few more
+operations where some word is near a tie.
 
 --models counts whole fairseq models instead: one training step (forward, the criterion,
 backward; no optimizer step) of clusterformer_iwslt and transformer_iwslt_de_en at their
@@ -23,7 +24,7 @@ of N tokens per side (the shorter variant: the last sentence's source ends 7 tok
 
   python -m scripts.count_launches --n 512 --impls cluster,cluster-causal,sdpa
   python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the tables in docs/benchmarks.md
-  python -m scripts.count_launches --models --n 64 --csv docs/data/cpu/launches_models.csv
+  python -m scripts.count_launches --models --n 64,512 --csv docs/data/cpu/launches_models.csv
 """
 
 import argparse
