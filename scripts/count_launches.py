@@ -84,25 +84,21 @@ HOST_SYNCS = frozenset(("_local_scalar_dense", "nonzero", "is_nonzero", "equal",
 CSV_COLUMNS = ["impl", "n", "padded", "launches", "host_syncs", "forward_launches", "backward_launches"]
 
 
-class _Count:
-    """A TorchDispatchMode that counts the aten operators dispatched under it (made lazily, so
-    that importing this module does not import torch)."""
+def _counting_mode():
+    """A TorchDispatchMode that counts, in ``.ops``, the aten operators dispatched under it (made
+    here, so that importing this module does not import torch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __new__(cls):
-        import collections
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
 
-        from torch.utils._python_dispatch import TorchDispatchMode
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
 
-        class Count(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops = collections.Counter()
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.ops[func.overloadpacket.__name__] += 1
-                return func(*args, **(kwargs or {}))
-
-        return Count()
+    return Count()
 
 
 def _summary(fwd, bwd):
@@ -172,9 +168,9 @@ def count_model_step(arch, n, padded, batch=2):
     try:
         for _ in range(2):
             model.zero_grad(set_to_none=True)
-            with _Count() as fwd:
+            with _counting_mode() as fwd:
                 loss, _, _ = criterion(model, sample)
-            with _Count() as bwd:
+            with _counting_mode() as bwd:
                 loss.backward()
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved
@@ -213,10 +209,10 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
         for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
             x.grad = None
             module.zero_grad(set_to_none=True)
-            with _Count() as fwd:
+            with _counting_mode() as fwd:
                 out, extra = step(x, kpm)
                 loss = out.sum() if extra is None else out.sum() + extra
-            with _Count() as bwd:
+            with _counting_mode() as bwd:
                 loss.backward()
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved

@@ -434,7 +434,6 @@ class ClusterAttention(nn.Module):
     # ------------------------------------------------------------------------------------------
     # causal (decoder) variant
     def _forward_causal(self, x: Tensor, words: clustering.Words):
-        B, N, _ = x.shape
         commitment_loss = None
         if self.router is not None:
             # The router's directions are fixed within a forward: word t's group depends on x_t alone.
@@ -444,19 +443,17 @@ class ClusterAttention(nn.Module):
             # host-side near-tie screen, eager). C' (which sees all words) only feeds the losses,
             # never the attention, so causality holds.
             assign = incremental.assign_per_word(self, x)
-            if self.compile_mode:  # a strided view of the screen's top-2 indices: one layout for the graph
-                assign = assign.contiguous()
+        if self.compile_mode:  # a strided view of the screen's top-2 indices: one layout for the graph
+            assign = assign.contiguous()
+        if self.router is None:
             if self.impl != "reference":  # the losses and the attention, compiled together if asked
                 out, assign, clustering_loss, sorting_loss = self._fast_path("_fast_causal")(self, x, words, assign)
                 return out, ClusterInfo(None, clustering_loss, sorting_loss, assign)
             assign, clustering_loss, sorting_loss = self._causal_losses(x, words, assign)
-        H, Hl = self.num_heads, self.local_heads
         info = ClusterInfo(None, clustering_loss, sorting_loss, assign, commitment_loss)
         if self.impl == "reference":
-            visible = clustering.causal_visibility(assign, self.window, H, Hl)  # B x H x N x N
-            return self._attend_dense(x, words.pad, visible), info
-        if self.compile_mode:
-            assign = assign.contiguous()
+            visible = clustering.causal_visibility(assign, self.window, self.num_heads, self.local_heads)
+            return self._attend_dense(x, words.pad, visible), info  # visible: B x H x N x N
         return self._fast_path("_fast_causal_attention")(self, x, words, assign), info
 
     def _causal_losses(self, x: Tensor, words: clustering.Words, assign: Tensor):

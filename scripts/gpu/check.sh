@@ -14,9 +14,9 @@
 # step's lengths (default 512,1024,...,65536); CHECK_IMPLS, its implementations (default: the list
 # under "attention" below); CHECK_SETTINGS, the translation step's lengths (default 512,2048);
 # CHECK_TESTS_S, CHECK_ATTENTION_S, CHECK_TRANSLATION_S, CHECK_COMPILE_S: the limits of the tests,
-# attention, translation and translation-compile steps (default 240, 240, 120, 200 s); CHECK_COMPILE_MODE, the translation-compile
-# step's --cluster-compile-mode (default "default"; "reduce-overhead": CUDA graphs, rows tagged
-# clusterformer_iwslt+compile-reduce-overhead). The remaining H200 targets, each in one call
+# attention, translation and translation-compile steps (default 240, 240, 120, 200 s);
+# CHECK_COMPILE_MODE, the translation-compile step's --cluster-compile-mode (default "default";
+# "reduce-overhead": CUDA graphs, rows tagged clusterformer_iwslt+compile-reduce-overhead). The remaining H200 targets, each in one call
 # (docs/benchmarks.md, "Running it again", gives the order), e.g.:
 #   CHECK_STEPS=attention CHECK_LENGTHS=512,2048,8192 CHECK_ATTENTION_S=540 \
 #     CHECK_IMPLS=cluster,cluster-graphs,cluster-causal,cluster-causal-graphs,sdpa,flash bash scripts/gpu/check.sh
