@@ -19,7 +19,9 @@ included. incremental.py decodes one word at a time with the same result (docs/a
 Two implementations of one forward, side by side in the code (``impl``): "reference" is
 clustering.py's functions and dense masked attention (O(N^2) memory), to read and to check
 against; "fast" (default) is the fused clustering kernel and block attention on a gathered
-block layout (kernels.py), or one dense-mask call for sequences of at most ``dense_max_len``.
+block layout (kernels.py), or one dense-mask call for sequences of at most ``dense_max_len``;
+"flex" is "fast" with the block attention of every head as one FlexAttention call (flex.py:
+for CUDA, where torch compiles it; the CPU runs it forward only, for tests).
 """
 
 import math
@@ -29,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import clustering, incremental, kernels
+from . import clustering, flex, incremental, kernels
 from .clustering import SIMILARITIES, block_visibility, sort_by_cluster  # noqa: F401  (public names)
 
-IMPLEMENTATIONS = ("fast", "reference")
+IMPLEMENTATIONS = ("fast", "flex", "reference")
 # Sequences up to this length take the dense-mask path of the fast implementation (see
 # ClusterAttention's dense_max_len): measured by python -m scripts.benchmark_attention
 # --impl cluster,cluster-blocks,... (docs/benchmarks.md, "Short sequences").
@@ -102,7 +104,8 @@ class ClusterAttention(nn.Module):
             divided by d).
         dropout: attention-probability dropout.
         bias: biases on the q/k/v/out projections (as fairseq's MultiheadAttention).
-        impl: ``"fast"`` (default) or ``"reference"`` (see the module docstring).
+        impl: ``"fast"`` (default), ``"flex"`` or ``"reference"`` (see the module docstring).
+            ``"flex"`` trains on CUDA only and has no attention dropout.
         dense_max_len: the fast path computes sequences of at most this many positions (the
             decoder: also at most ``window``) with one dense N x N attention mask instead of the
             block layout: the same function, fewer and larger operations where N is small (the
@@ -177,6 +180,11 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"dense_max_len must be a non-negative integer, got {dense_max_len!r}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        if impl == "flex" and dropout > 0:
+            raise ValueError(
+                f"impl='flex' has no attention dropout (FlexAttention does not implement it), got dropout={dropout}: "
+                f"set it to 0 or use impl='fast'"
+            )
         if router is not None:
             if not causal:
                 raise ValueError("a router replaces the causal variant's centroids; the encoder variant takes none")
@@ -221,7 +229,7 @@ class ClusterAttention(nn.Module):
         if not isinstance(value, bool) and value not in COMPILE_MODES:
             raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {value!r}")
         if value and self.impl == "reference":
-            raise ValueError("compile applies to the fast implementation; impl='reference' is the eager oracle")
+            raise ValueError("compile applies to the fast implementations; impl='reference' is the eager oracle")
         self.compile_mode = ("default" if value is True else value) if value else None
 
     def reset_parameters(self):
@@ -266,6 +274,8 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"expected x of shape B x N x {self.embed_dim}, got {tuple(x.shape)}")
         if x.size(0) == 0 or x.size(1) == 0:
             raise ValueError(f"x must hold at least one sequence of at least one word, got shape {tuple(x.shape)}")
+        if self.impl == "flex":
+            flex.check_device(self, x)
         words = clustering.words_of(x, key_padding_mask, assume_padding)
         if self.compile_mode:
             # fairseq hands in a transposed time-first tensor, whose strides change with the batch
@@ -340,6 +350,11 @@ class ClusterAttention(nn.Module):
                 local = block_visibility(_rank_in_sentence(assign), w_b, paired)[:, None]
                 visible = torch.where(torch.arange(H, device=x.device)[:, None, None] < Hl, local, visible)
             out = self._attend_dense(x, words.pad, visible)
+        elif self.impl == "flex":
+            if not isinstance(w_b, Tensor):  # one tensor layout for every batch (no int guard under compile)
+                w_b = clustering.block_sizes(words.lengths, k_b)
+            orders = self._head_orders(assign, K, words.pad)
+            out = flex.encoder_attention(self, x, words.pad, orders, words.lengths, w_b, paired)
         elif Hl == 0:
             out = self._attend_sorted_blocks(x, words, assign, K, w_b, paired, None)
         else:
@@ -487,6 +502,8 @@ class ClusterAttention(nn.Module):
             else:
                 visible = visible[:, None]
             return self._attend_dense(x, words.pad, visible)
+        if self.impl == "flex":
+            return flex.causal_attention(self, x, words.pad, self._head_orders(assign, self.num_clusters, words.pad))
         out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
         if Hl < H:
             out = self._causal_band_attention(x, words, assign, self.num_clusters, (Hl, H))
@@ -495,6 +512,23 @@ class ClusterAttention(nn.Module):
             local = self._causal_band_attention(x, words, assign.clamp(max=0), 1, (0, Hl), in_order=True)
             out = local if out is None else local + out
         return out
+
+    def _head_orders(self, assign: Tensor, K: int, pad: Optional[Tensor]) -> flex.HeadOrders:
+        """impl="flex": the words' order for each head: the local heads' (every real word in one
+        cluster) and the clustered heads' (by cluster, then position), padding last in both."""
+        H, Hl = self.num_heads, self.local_heads
+        groups = ([assign.clamp(max=0)] if Hl else []) + ([assign] if Hl < H else [])
+        sorted_idx, undo_sort, sorted_cluster = [], [], []
+        for group_assign in groups:  # one or two groups
+            idx, undo = _sorted_order(group_assign, K, pad, in_order=group_assign is not assign)
+            sorted_idx.append(idx)
+            undo_sort.append(undo)
+            sorted_cluster.append(group_assign.gather(1, idx))
+        head = torch.arange(H, device=assign.device)
+        head_group = (head >= Hl).long() if len(groups) == 2 else torch.zeros_like(head)
+        return flex.HeadOrders(
+            torch.stack(sorted_idx, 1), torch.stack(undo_sort, 1), torch.stack(sorted_cluster, 1), head_group
+        )
 
     def route(self, x: Tensor, words: clustering.Words):
         """With a router: (assignments, -1 at padding; None; None; the router's loss or None)."""

@@ -1,0 +1,178 @@
+"""impl="flex": the fast path's block attention as one FlexAttention call over every head.
+
+The fast implementation (kernels.py) gathers the sorted words into a block layout and runs one
+masked attention over the blocks, once per group of heads that attend alike (clustered, local).
+This one keeps each head's words in its own sorted order as one sequence of N rows and leaves
+the blocks to torch's FlexAttention: a BlockMask of TILE x TILE tiles lists the key tiles each
+query tile may need (from host-known sizes in the decoder, from the block sizes in the
+encoder), and a mask_mod states the rule exactly, in the sorted frame:
+
+    encoder  sorted word r of sequence b sees sorted word s  iff  s < L_b and s // w_b is r // w_b
+             (or r // w_b - 1, with previous_block);
+    decoder  sorted word r sees sorted word s  iff  both are in one cluster and r - window < s <= r.
+
+Local heads apply the same rule to the words in their own order (every real word in one
+cluster, padding last). Each head gathers the projected q|k|v in its own order, so clustered and
+local heads share one projection, one attention call and one output projection.
+
+FlexAttention is fast where torch compiles it: on CUDA it runs as one Triton kernel per pass,
+with flash attention's memory (no score tensor). On the CPU torch runs it eagerly as dense
+masked attention (O(N^2) memory) and forward only (FlexAttention has no CPU backward): the CPU
+runs this path for tests, with the tile list applied to the mask too, so that the CPU computes
+what the CUDA kernel computes.
+"""
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+TILE = 128  # FlexAttention's block size, for queries and keys (its default)
+_COMPILED_FLEX: Optional[Callable] = None  # torch.compile(flex_attention), made at the first CUDA call
+
+
+class HeadOrders(NamedTuple):
+    """Each head's order of the words: G groups of heads (local, clustered) share one order."""
+
+    sorted_idx: Tensor  # B x G x N: the original position of the word at each sorted position
+    undo_sort: Tensor  # B x G x N: the sorted position of each word
+    sorted_cluster: Tensor  # B x G x N: the cluster of the word at each sorted position (-1: padding)
+    head_group: Tensor  # H long: the group of each head
+
+
+def check_device(attn, x: Tensor):
+    """Where impl="flex" cannot run, a clear error instead of torch's."""
+    if x.is_cuda:
+        return
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in attn.parameters()))
+    if needs_grad:
+        raise RuntimeError(
+            "impl='flex' computes gradients on CUDA only (FlexAttention has no CPU backward): "
+            "on the CPU, train with impl='fast' (the same function) or run under torch.no_grad()"
+        )
+    if attn.compile_mode and _compile_backend() == "inductor":
+        raise RuntimeError(
+            "impl='flex' with compile runs on CUDA only (inductor's CPU FlexAttention does not compile "
+            "these masks): on the CPU, use compile=False"
+        )
+
+
+def _compile_backend() -> str:
+    from .cluster_attention import COMPILE_BACKEND
+
+    return COMPILE_BACKEND
+
+
+def encoder_attention(
+    attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, lengths: Tensor, w_b: Tensor, paired: bool
+) -> Tensor:
+    """The encoder's blocks: x B x N x d; lengths, w_b: B (L_b and the block size of each
+    sequence). Returns out_proj of the attention output, B x N x d (zero at padding before
+    out_proj)."""
+    B, N, _ = x.shape
+
+    def mask_mod(b, h, q, kv):
+        q_block = q // w_b[b]
+        kv_block = kv // w_b[b]
+        seen = kv_block == q_block
+        if paired:
+            seen = seen | (kv_block == q_block - 1)
+        return seen & (kv < lengths[b])
+
+    kv_num, kv_idx = encoder_tiles(N, lengths, w_b, paired)
+    return _attend(attn, x, pad, orders, mask_mod, kv_num, kv_idx)
+
+
+def causal_attention(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders) -> Tensor:
+    """The decoder's band: each word sees the last ``window`` words of its own cluster (local
+    heads: of any cluster) up to itself. Returns out_proj of the attention output, B x N x d."""
+    N, w = x.size(1), attn.window
+    cluster, group = orders.sorted_cluster, orders.head_group
+
+    def mask_mod(b, h, q, kv):
+        g = group[h]
+        return (cluster[b, g, kv] == cluster[b, g, q]) & (kv <= q) & (kv > q - w)
+
+    kv_num, kv_idx = band_tiles(N, w, x.device)
+    return _attend(attn, x, pad, orders, mask_mod, kv_num, kv_idx)
+
+
+def band_tiles(N: int, window: int, device) -> Tuple[Tensor, Tensor]:
+    """The key tiles of the decoder's band r - window < s <= r: (1 x 1 x nq tile counts,
+    1 x 1 x nq x nq tile indices, the first counts of each row valid). Sizes only: no data."""
+    n_tiles = -(-N // TILE)
+    tile = torch.arange(n_tiles, device=device)
+    first = (tile * TILE - window + 1).clamp(min=0) // TILE
+    count = tile - first + 1
+    idx = (first[:, None] + torch.arange(n_tiles, device=device)).clamp(max=n_tiles - 1)
+    return count.view(1, 1, n_tiles).to(torch.int32), idx.view(1, 1, n_tiles, n_tiles).to(torch.int32)
+
+
+def encoder_tiles(N: int, lengths: Tensor, w_b: Tensor, paired: bool) -> Tuple[Tensor, Tensor]:
+    """The key tiles of the encoder's blocks, per sequence: (B x 1 x nq counts, B x 1 x nq x nq
+    indices). Query tile i holds sorted positions [i T, (i + 1) T), in blocks q_lo..q_hi of w_b
+    words; they see keys [(q_lo - 1) w_b, (q_hi + 1) w_b) (from q_lo w_b without the previous
+    block), below L_b. A tile of padding queries past every key may list none (its rows are
+    discarded)."""
+    n_tiles = -(-N // TILE)
+    tile = torch.arange(n_tiles, device=lengths.device)
+    w = w_b[:, None]
+    q_lo = (tile * TILE)[None, :] // w  # B x nq: the first and last block of each query tile
+    q_hi = ((tile * TILE + TILE).clamp(max=N) - 1)[None, :] // w
+    k_lo = (q_lo - int(paired)).clamp(min=0) * w
+    k_hi = torch.minimum((q_hi + 1) * w, lengths[:, None]) - 1
+    first = k_lo // TILE
+    count = torch.where(k_hi >= k_lo, k_hi // TILE - first + 1, 0)  # none: padding queries past every key
+    idx = (first[..., None] + torch.arange(n_tiles, device=lengths.device)).clamp(max=n_tiles - 1)
+    return count[:, None].to(torch.int32), idx[:, None].to(torch.int32)
+
+
+def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, mask_mod, kv_num, kv_idx) -> Tensor:
+    """One q|k|v projection, each head's words in its order, one FlexAttention call, back in word
+    order, zero at padding, out_proj."""
+    B, N, d = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    weight = torch.cat([p.weight for p in projs])
+    bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+    qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(0, 3, 1, 2, 4)  # B x H x N x 3 x hd
+    order = orders.sorted_idx[:, orders.head_group]  # B x H x N
+    qkv = qkv.gather(2, order[..., None, None].expand(B, H, N, 3, hd))  # each head's words, sorted
+    q, k, v = qkv.unbind(3)  # B x H x N x hd each
+    if not x.is_cuda:
+        mask_mod = _within_tiles(mask_mod, kv_num, kv_idx, B)
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(N, N))
+    out = _flex(q, k, v, block_mask)  # B x H x N x hd, sorted
+    undo = orders.undo_sort[:, orders.head_group]  # B x H x N
+    out = out.gather(2, undo[..., None].expand(B, H, N, hd)).transpose(1, 2).reshape(B, N, d)
+    if pad is not None:
+        out = out.masked_fill(pad[:, :, None], 0.0)
+    return attn.out_proj(out)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """flex_attention, compiled on CUDA (inside a compiled fast path, torch.compile traces it)."""
+    global _COMPILED_FLEX
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        return _COMPILED_FLEX(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _within_tiles(mask_mod, kv_num: Tensor, kv_idx: Tensor, B: int):
+    """mask_mod restricted to the listed tiles. torch's eager FlexAttention (the CPU's) applies
+    mask_mod to every query-key pair and ignores the tile list, which the CUDA kernel obeys: with
+    this, a tile missing from the list changes the CPU's result as it would the GPU's."""
+    n_tiles = kv_idx.size(-1)
+    valid = torch.arange(kv_idx.size(-1), device=kv_idx.device) < kv_num[..., None]  # B|1 x 1 x nq x nq
+    listed = torch.zeros(kv_idx.shape, dtype=torch.int32, device=kv_idx.device)
+    listed = listed.scatter_add_(-1, kv_idx.long(), valid.to(torch.int32)) > 0  # duplicates: clamped, invalid
+    listed = listed[:, 0].expand(B, n_tiles, n_tiles)
+
+    def tiled(b, h, q, kv):
+        return listed[b, q // TILE, kv // TILE] & mask_mod(b, h, q, kv)
+
+    return tiled

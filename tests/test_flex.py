@@ -1,0 +1,192 @@
+"""ClusterAttention(impl="flex"): every head's block attention as one FlexAttention call.
+
+On the CPU FlexAttention runs forward only (torch has no CPU backward for it), eagerly, as dense
+masked attention that ignores the BlockMask's tile list; flex.py applies the tile list to the
+mask there, so these tests see what the CUDA kernel computes: the float64 reference's outputs,
+tile lists that hold exactly the tiles the rule needs (a missing tile changes the result), the
+incremental decoder's outputs, one compiled graph. Gradients and the compiled CUDA kernel:
+tests/test_cuda.py.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+from fairseq_clusterformer.modules import cluster_attention, flex
+from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+from reference_cluster_attention import reference_forward
+
+VARIANTS = {  # dense_max_len=0: every length takes the block path this file tests
+    "encoder": {},
+    "encoder-auto-k": {"num_clusters": "auto"},
+    "encoder-own-block": {"previous_block": False},
+    "causal": {"causal": True, "window": 37},
+    "causal-wide-window": {"causal": True, "window": 200},  # the band spans three key tiles
+}
+
+
+def make(variant, local_heads, impl="flex", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    kw = {"num_clusters": 3, **VARIANTS[variant]}
+    return ClusterAttention(32, 4, local_heads=local_heads, dense_max_len=0, impl=impl, **kw).to(dtype).eval()
+
+
+def padded(B, N, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, 32, generator=g, dtype=torch.float64).to(dtype)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, : N // 3] = True  # left padding
+    pad[2, N - 45 :] = True  # right padding
+    return x, pad
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("local_heads", [0, 2, 4])
+@pytest.mark.parametrize("N", [130, 300])
+def test_matches_float64_reference(variant, local_heads, N):
+    m = make(variant, local_heads, seed=N)
+    x, pad = padded(3, N, seed=local_heads)
+    with torch.no_grad():
+        out, info = m(x, pad)
+    ref, _, ref_cl, ref_sl, ref_assign = reference_forward(m, x, pad)
+    assert torch.equal(info.assignments, ref_assign)
+    torch.testing.assert_close(out[~pad], ref[~pad], atol=1e-9, rtol=1e-9)
+    assert (out[pad] == m.out_proj.bias).all()  # zero before out_proj at padding
+    assert abs(info.clustering_loss.item() - ref_cl) < 1e-9 and abs(info.sorting_loss.item() - ref_sl) < 1e-9
+
+
+@pytest.mark.parametrize("variant", ["encoder", "causal"])
+@pytest.mark.parametrize("with_padding", [False, True], ids=["no-padding", "padding"])
+def test_equals_the_fast_path_in_float32(variant, with_padding):
+    fast = make(variant, 2, impl="fast", dtype=torch.float32)
+    m = make(variant, 2, dtype=torch.float32)
+    m.load_state_dict(fast.state_dict())
+    x, pad = padded(3, 260, seed=5, dtype=torch.float32)
+    pad = pad if with_padding else None
+    with torch.no_grad():
+        (out_f, info_f), (out, info) = fast(x, pad), m(x, pad)
+    assert torch.equal(info.assignments, info_f.assignments)
+    torch.testing.assert_close(out, out_f, atol=1e-5, rtol=1e-5)
+
+
+def _dense_tiles(visible, n_tiles):
+    """B x N x N visibility -> B x nq x nq: the tiles that hold a visible pair."""
+    B, N, _ = visible.shape
+    padded_visible = torch.zeros(B, n_tiles * flex.TILE, n_tiles * flex.TILE, dtype=torch.bool)
+    padded_visible[:, :N, :N] = visible
+    return padded_visible.view(B, n_tiles, flex.TILE, n_tiles, flex.TILE).any(4).any(2)
+
+
+def _listed_tiles(kv_num, kv_idx):
+    n_tiles = kv_idx.size(-1)
+    listed = torch.zeros(kv_idx.size(0), n_tiles, n_tiles, dtype=torch.bool)
+    for b in range(kv_idx.size(0)):  # a loop is fine here: tests only
+        for i in range(n_tiles):
+            listed[b, i, kv_idx[b, 0, i, : kv_num[b, 0, i]].long()] = True
+    return listed
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("N", [1, 127, 128, 129, 300, 700])
+def test_encoder_tiles_are_exactly_the_tiles_the_blocks_need(paired, N):
+    g = torch.Generator().manual_seed(N)
+    lengths = torch.randint(1, N + 1, (5,), generator=g)
+    lengths[0] = N
+    k_b = torch.randint(1, 40, (5,), generator=g)
+    w_b = -(-lengths // k_b)  # ceil(L_b / k_b)
+    r = torch.arange(N)
+    q_block, kv_block = r[None, :, None] // w_b[:, None, None], r[None, None, :] // w_b[:, None, None]
+    visible = (kv_block == q_block) | (paired & (kv_block == q_block - 1))
+    visible &= r[None, None, :] < lengths[:, None, None]  # B x N x N: the mask_mod's rule
+    kv_num, kv_idx = flex.encoder_tiles(N, lengths, w_b, paired)
+    n_tiles = -(-N // flex.TILE)
+    assert torch.equal(_listed_tiles(kv_num, kv_idx), _dense_tiles(visible, n_tiles))
+
+
+@pytest.mark.parametrize("window", [1, 37, 128, 129, 300])
+@pytest.mark.parametrize("N", [1, 128, 129, 700])
+def test_band_tiles_are_exactly_the_tiles_the_band_needs(window, N):
+    r = torch.arange(N)
+    distance = r[:, None] - r[None, :]  # query - key
+    visible = ((distance >= 0) & (distance < window))[None]
+    kv_num, kv_idx = flex.band_tiles(N, window, "cpu")
+    assert torch.equal(_listed_tiles(kv_num, kv_idx), _dense_tiles(visible, -(-N // flex.TILE)))
+
+
+def test_a_missing_tile_changes_the_result(monkeypatch):
+    """The CPU obeys the tile list as the CUDA kernel does: drop each query tile's first key tile
+    and the output moves away from the reference (so the tests above check the lists too)."""
+    m = make("causal-wide-window", 0)
+    x, pad = padded(3, 300, seed=1)
+    with torch.no_grad():
+        good, _ = m(x, pad)
+        band_tiles = flex.band_tiles
+
+        def dropping_first(N, window, device):
+            count, idx = band_tiles(N, window, device)
+            return (count - 1).clamp(min=1), torch.cat([idx[..., 1:], idx[..., -1:]], -1)
+
+        monkeypatch.setattr(flex, "band_tiles", dropping_first)
+        bad, _ = m(x, pad)
+    assert (bad - good)[~pad].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("local_heads", [0, 2])
+def test_decoder_decodes_incrementally_as_its_forward(local_heads):
+    m = make("causal", local_heads, dtype=torch.float32)
+    B, N = 2, 150
+    x = torch.randn(B, N, 32, generator=torch.Generator().manual_seed(local_heads))
+    state, outs = None, []
+    with torch.no_grad():
+        for t in range(N):
+            y, state = m.step(x[:, t : t + 1], state)
+            outs.append(y)
+        full, _ = m(x)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_what_it_cannot_do(monkeypatch):
+    with pytest.raises(ValueError, match="impl='flex' has no attention dropout"):
+        ClusterAttention(32, 4, 3, impl="flex", dropout=0.1)
+    m = ClusterAttention(32, 4, 3, impl="flex", dense_max_len=0)
+    x = torch.randn(2, 140, 32)
+    with pytest.raises(RuntimeError, match="impl='flex' computes gradients on CUDA only"):
+        m(x)  # parameters require gradients: a training step
+    with torch.no_grad():
+        m(x)  # inference runs
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", "inductor")
+    m.compile = True
+    with torch.no_grad(), pytest.raises(RuntimeError, match="impl='flex' with compile runs on CUDA only"):
+        m(x)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ClusterAttention(32, 4, 3, impl="flash")
+
+
+@pytest.mark.parametrize("variant", ["encoder", "causal"])
+def test_compiled_flex_path_is_one_graph_per_case(variant, monkeypatch):
+    """compile=True traces the flex path whole (aot_eager: dynamo's graphs run by eager kernels)
+    and gives the eager outputs; two padding cases and short (one tile) and long sequences."""
+    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = make(variant, 2, dtype=torch.float32)
+    compiled = make(variant, 2, dtype=torch.float32)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile = True
+    try:
+        for N in (100, 200, 300):
+            for with_padding in (True, False):
+                x, pad = padded(3, N, seed=N, dtype=torch.float32)
+                pad = pad if with_padding else None
+                with torch.no_grad():
+                    (out_e, info_e), (out_c, info_c) = eager(x, pad), compiled(x, pad)
+                assert torch.equal(info_c.assignments, info_e.assignments)
+                torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+        assert not torch._dynamo.utils.counters["graph_break"]
+        fn = ClusterAttention._fast_causal if compiled.causal else ClusterAttention._fast_encoder
+        # per padding case: one graph for one query tile (N <= 128), one for several
+        assert 2 <= len(_debug_get_cache_entry_list(fn.__code__)) <= 4
+    finally:
+        torch._dynamo.reset()
