@@ -49,6 +49,11 @@ Implementations (``--impl``), d=512 / 8 heads by default, q/k/v/out projections 
                   the same with compile="reduce-overhead" (--cluster-compile-mode reduce-overhead):
                   on CUDA each compiled step also replays as a CUDA graph (its compiling, warm-up
                   and recording steps are run before any measurement). Not in the default list.
+  cluster-flex, cluster-causal-flex, cluster-flex-compiled, cluster-causal-flex-compiled
+                  cluster and cluster-causal with impl="flex" (--cluster-impl flex): every head's
+                  block attention as one FlexAttention call (fairseq_clusterformer/modules/flex.py);
+                  -compiled: with compile=True too. CUDA only for training steps (the CPU runs
+                  FlexAttention forward only: --mode forward). Not in the default list.
   linformer-32, linformer-256
                   the Linformer baseline (--self-attention-encoder linformer, baselines/linformer.py):
                   keys and values projected along the sequence to 32 (the model's default
@@ -122,6 +127,10 @@ IMPLS = (
     "cluster-causal-compiled",
     "cluster-graphs",
     "cluster-causal-graphs",
+    "cluster-flex",
+    "cluster-causal-flex",
+    "cluster-flex-compiled",
+    "cluster-causal-flex-compiled",
 )
 DEFAULT_IMPLS = IMPLS[:5]
 # cluster-blocks / cluster-causal-blocks: the block layout at every length (dense_max_len=0),
@@ -135,6 +144,10 @@ CLUSTER_IMPLS = (
     "cluster-causal-compiled",
     "cluster-graphs",
     "cluster-causal-graphs",
+    "cluster-flex",
+    "cluster-causal-flex",
+    "cluster-flex-compiled",
+    "cluster-causal-flex-compiled",
 )
 BASELINE_IMPLS = ("lsh-1", "lsh-4", "lsh-8", "routing")
 SPARSE_IMPLS = ("sparse", "sparse-causal")  # Sparse Transformer: blocks of ceil(N/k) (causal: --window)
@@ -181,6 +194,8 @@ def build(impl, d, heads, k, n, window, device, local_heads="half", dense_max_le
             kwargs["compile"] = True
         if impl.endswith("-graphs"):
             kwargs["compile"] = "reduce-overhead"
+        if "-flex" in impl:
+            kwargs["impl"] = "flex"
         if dense_max_len is not None and not impl.endswith("-blocks"):
             kwargs["dense_max_len"] = dense_max_len
         if impl.startswith("cluster-causal"):

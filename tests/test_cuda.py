@@ -284,3 +284,66 @@ def test_compiled_fast_path_equals_eager(variant, dtype, mode):
         assert torch.equal(a_c, a_e), step
         torch.testing.assert_close(out_c, out_e, rtol=0, atol=tol * out_e.abs().max().item())
         torch.testing.assert_close(g_c, g_e, rtol=0, atol=tol * g_e.abs().max().item())
+
+
+FLEX_VARIANTS = {
+    "encoder": {"local_heads": 2},
+    "causal-local": {"causal": True, "window": 5, "local_heads": 2},
+    "causal-wide-window": {"causal": True, "window": 200, "local_heads": 2},  # the band spans 3 tiles
+}
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="FlexAttention trains on CUDA only (its CPU forward: tests/test_flex.py)")
+@pytest.mark.parametrize("compiled", [False, True], ids=["flex", "flex-compiled"])
+@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
+def test_flex_matches_float64_with_gradients(variant, compiled):
+    """impl="flex" (the FlexAttention kernel; compiled: inside the compiled fast path) in fp32
+    on the GPU: outputs, assignments and every gradient equal the same layer's in float64 on the
+    CPU (the fast path there: FlexAttention has no CPU backward), sequences of 2-3 tiles."""
+    torch.manual_seed(12)
+    m = ClusterAttention(64, 4, 4, impl="flex", dense_max_len=0, compile=compiled, **FLEX_VARIANTS[variant])
+    m = m.to(DEVICE)
+    m64 = copy.deepcopy(m).to("cpu", torch.float64)
+    m64.impl, m64.compile = "fast", False
+    x, kpm = padded_batch(3, 300, 64, seed=13)
+    w = torch.randn(3, 300, 64, generator=torch.Generator().manual_seed(14))
+    results = []
+    for layer, dev, dtype in ((m, DEVICE, torch.float32), (m64, "cpu", torch.float64)):
+        xi = x.detach().to(dev, dtype).requires_grad_(True)
+        out, info = layer(xi, kpm.to(dev))
+        loss = (out * w.to(dev, dtype) * (~kpm.to(dev))[..., None]).sum() + info.clustering_loss + info.sorting_loss
+        loss.backward()
+        grads = [xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
+        results.append((out.detach(), info.assignments, grads))
+    (out, assign, grads), (out64, assign64, grads64) = results
+    valid = ~kpm.cpu()
+    assert torch.equal(assign.cpu(), assign64)
+    torch.testing.assert_close(out.double().cpu()[valid], out64[valid], atol=1e-4, rtol=1e-4)
+    names = ["x"] + [n for n, _ in sorted(m.named_parameters())]
+    for name, g, g64 in zip(names, grads, grads64):
+        assert (g is None) == (g64 is None), name
+        if g is not None:
+            torch.testing.assert_close(g.double().cpu(), g64, atol=1e-4, rtol=1e-3, msg=lambda s, n=name: f"{n}: {s}")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="FlexAttention trains on CUDA only (its CPU forward: tests/test_flex.py)")
+@pytest.mark.parametrize("variant", list(FLEX_VARIANTS))
+def test_flex_in_bf16_equals_the_fast_path(variant):
+    """bf16, as training runs: impl="flex" against impl="fast" on the same weights and batch,
+    outputs and input gradients within the bf16 tolerance."""
+    torch.manual_seed(15)
+    fast = ClusterAttention(64, 4, 4, dense_max_len=0, **FLEX_VARIANTS[variant]).to(DEVICE, torch.bfloat16)
+    flexed = copy.deepcopy(fast)
+    flexed.impl = "flex"
+    x, kpm = padded_batch(3, 300, 64, seed=16)
+    results = []
+    for m in (fast, flexed):
+        xx = x.to(torch.bfloat16).requires_grad_(True)
+        out, info = m(xx, kpm)
+        (out.float().pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
+        results.append((out.float().detach(), info.assignments, xx.grad.float()))
+    (out_f, a_f, g_f), (out, a, g) = results
+    tol = HALF_TOL[torch.bfloat16]
+    assert torch.equal(a, a_f)
+    torch.testing.assert_close(out, out_f, rtol=0, atol=tol * out_f.abs().max().item())
+    torch.testing.assert_close(g, g_f, rtol=0, atol=tol * g_f.abs().max().item())

@@ -41,9 +41,11 @@ def padded(B, N, seed, dtype=torch.float64):
     return x, pad
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("local_heads", [0, 2, 4])
-@pytest.mark.parametrize("N", [130, 300])
+@pytest.mark.parametrize(
+    "variant, local_heads, N",
+    # two tiles with 0, half and all heads local; three tiles with the two groups of heads
+    [(v, h, 130) for v in VARIANTS for h in (0, 2, 4)] + [(v, 2, 300) for v in VARIANTS],
+)
 def test_matches_float64_reference(variant, local_heads, N):
     m = make(variant, local_heads, seed=N)
     x, pad = padded(3, N, seed=local_heads)
@@ -176,7 +178,7 @@ def test_compiled_flex_path_is_one_graph_per_case(variant, monkeypatch):
     compiled.load_state_dict(eager.state_dict())
     compiled.compile = True
     try:
-        for N in (100, 200, 300):
+        for N in (100, 300):
             for with_padding in (True, False):
                 x, pad = padded(3, N, seed=N, dtype=torch.float32)
                 pad = pad if with_padding else None
@@ -190,3 +192,24 @@ def test_compiled_flex_path_is_one_graph_per_case(variant, monkeypatch):
         assert 2 <= len(_debug_get_cache_entry_list(fn.__code__)) <= 4
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("router", ["lsh", "routing"])
+def test_routed_decoders_take_the_flex_path_too(router):
+    """The LSH and routing baselines' decoders (a router replaces the centroids; the rest of the
+    causal layer is ClusterFormer's) give the fast path's outputs with impl="flex"."""
+    from fairseq_clusterformer.baselines.routers import LSHRouter, RoutingRouter
+
+    torch.manual_seed(4)
+    make_router = (lambda: LSHRouter(32, 4)) if router == "lsh" else (lambda: RoutingRouter(32, 4))
+    fast = ClusterAttention(32, 4, 4, causal=True, window=37, local_heads=2, dense_max_len=0, router=make_router())
+    flexed = ClusterAttention(
+        32, 4, 4, causal=True, window=37, local_heads=2, dense_max_len=0, router=make_router(), impl="flex"
+    )
+    flexed.load_state_dict(fast.state_dict())
+    fast.eval(), flexed.eval()
+    x, pad = padded(3, 200, seed=6, dtype=torch.float32)
+    with torch.no_grad():
+        (out_f, info_f), (out, info) = fast(x, pad), flexed(x, pad)
+    assert torch.equal(info.assignments, info_f.assignments)
+    torch.testing.assert_close(out, out_f, atol=1e-5, rtol=1e-5)

@@ -87,6 +87,27 @@ def test_every_cluster_flag_reaches_the_module(toy_bin):
     assert not any(layer.self_attn.attention.compile for layer in unused.encoder.layers)
 
 
+def test_flex_implementation_gives_the_fast_models_outputs(toy_bin):
+    """--cluster-impl flex (FlexAttention; on the CPU forward only): the same translation
+    model's outputs as the default implementation, on sentences long enough for the blocks."""
+    task, fast = build(toy_bin, ["--causal-local-heads", "1"])
+    _, flexed = build(toy_bin, ["--causal-local-heads", "1", "--cluster-impl", "flex"])
+    layers = list(flexed.encoder.layers) + list(flexed.decoder.layers)
+    assert all(layer.self_attn.attention.impl == "flex" for layer in layers)
+    assert all(layer.self_attn.attention.impl == "fast" for layer in fast.encoder.layers)
+    flexed.load_state_dict(fast.state_dict())
+    fast.eval(), flexed.eval()
+    src, lengths, prev = batch(task, n=3, src_len=150, tgt_len=140)
+    src[1, :20] = task.source_dictionary.pad()  # left padding
+    lengths[1] -= 20
+    with torch.no_grad():
+        out_fast, _ = fast(src, lengths, prev)
+        out_flex, _ = flexed(src, lengths, prev)
+    torch.testing.assert_close(out_flex, out_fast, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="impl='flex' has no attention dropout"):
+        build(toy_bin, ["--cluster-impl", "flex", "--attention-dropout", "0.1"])
+
+
 def test_decoder_local_heads_default_to_half_the_heads(toy_bin):
     _, model = build(toy_bin)
     assert [layer.self_attn.attention.local_heads for layer in model.decoder.layers] == [2, 2]

@@ -44,6 +44,8 @@ from ..modules.fairseq_cluster_attention import FairseqClusterAttention
 ATTENTION_CHOICES = ChoiceEnum(["cluster", "full", "lsh", "routing", "sparse", "linformer"])
 SIMILARITY_CHOICES = ChoiceEnum(["cosine", "dot"])
 COMPILE_MODE_CHOICES = ChoiceEnum(list(COMPILE_MODES))
+CLUSTER_IMPLS = ("fast", "flex")  # ClusterAttention's impl; "reference" (the O(N^2) oracle) is for tests
+CLUSTER_IMPL_CHOICES = ChoiceEnum(list(CLUSTER_IMPLS))
 
 
 # Names avoid the encoder_/decoder_ prefixes, which TransformerConfig reroutes to its sub-configs.
@@ -160,6 +162,14 @@ class ClusterformerConfig(FairseqDataclass):
             "(--required-seq-len-multiple) so that few shapes are recorded"
         },
     )
+    cluster_impl: CLUSTER_IMPL_CHOICES = field(
+        default="fast",
+        metadata={
+            "help": "the clustering layers' implementation: fast (the block layout, any device) or flex "
+            "(the same function with every head's block attention as one FlexAttention call; trains on "
+            "CUDA only, no --attention-dropout; unmeasured on a GPU so far: docs/benchmarks.md)"
+        },
+    )
     linformer_k: int = field(
         default=32,
         metadata={
@@ -226,9 +236,17 @@ def build_cluster_attention(
         similarity=str(safe_getattr(cfg, "cluster_similarity", CLUSTER_DEFAULTS.cluster_similarity)),
         dropout=cfg.attention_dropout,
         router=router_module,
+        impl=_impl_setting(cfg),
         compile=_compile_setting(cfg),
     )
     return FairseqClusterAttention(attention)
+
+
+def _impl_setting(cfg) -> str:
+    impl = str(safe_getattr(cfg, "cluster_impl", CLUSTER_DEFAULTS.cluster_impl) or "fast")
+    if impl not in CLUSTER_IMPLS:
+        raise ValueError(f"--cluster-impl must be one of {', '.join(CLUSTER_IMPLS)}, got {impl!r}")
+    return impl
 
 
 def _compile_setting(cfg):
@@ -704,6 +722,7 @@ def _set_cluster_defaults(args):
         "linformer_k",
         "cluster_compile",
         "cluster_compile_mode",
+        "cluster_impl",
     ):
         if safe_getattr(args, name, None) is None and getattr(CLUSTER_DEFAULTS, name) is not None:
             setattr(args, name, getattr(CLUSTER_DEFAULTS, name))

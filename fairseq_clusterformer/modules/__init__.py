@@ -4,6 +4,7 @@
   the sort and its inverse, which words each word sees)
 - cluster_attention.py: ClusterAttention, its options, the reference and fast paths side by side
 - kernels.py: the fast path's custom autograd Functions and block attention
+- flex.py: impl="flex", the fast path's block attention as one FlexAttention call (CUDA)
 - incremental.py: the decoder's assignment rule, the decoding cache, one step, beam reordering
 - fairseq_cluster_attention.py: fairseq's calling conventions (imports fairseq; not imported here)
 """

@@ -137,16 +137,16 @@ def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, mask_mod
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     weight = torch.cat([p.weight for p in projs])
     bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
-    qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(0, 3, 1, 2, 4)  # B x H x N x 3 x hd
+    qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x B x H x N x hd (a view)
     order = orders.sorted_idx[:, orders.head_group]  # B x H x N
-    qkv = qkv.gather(2, order[..., None, None].expand(B, H, N, 3, hd))  # each head's words, sorted
-    q, k, v = qkv.unbind(3)  # B x H x N x hd each
+    qkv = qkv.gather(3, order[None, ..., None].expand(3, B, H, N, hd))  # each head's words, sorted
+    q, k, v = qkv.unbind(0)  # B x H x N x hd each, contiguous
     if not x.is_cuda:
         mask_mod = _within_tiles(mask_mod, kv_num, kv_idx, B)
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(N, N))
     out = _flex(q, k, v, block_mask)  # B x H x N x hd, sorted
-    undo = orders.undo_sort[:, orders.head_group]  # B x H x N
-    out = out.gather(2, undo[..., None].expand(B, H, N, hd)).transpose(1, 2).reshape(B, N, d)
+    undo = orders.undo_sort[:, orders.head_group].transpose(1, 2)  # B x N x H
+    out = out.transpose(1, 2).gather(1, undo[..., None].expand(B, N, H, hd)).view(B, N, d)  # word order
     if pad is not None:
         out = out.masked_fill(pad[:, :, None], 0.0)
     return attn.out_proj(out)

@@ -16,7 +16,9 @@
 # CHECK_TESTS_S, CHECK_ATTENTION_S, CHECK_TRANSLATION_S, CHECK_COMPILE_S: the limits of the tests,
 # attention, translation and translation-compile steps (default 240, 240, 120, 200 s);
 # CHECK_COMPILE_MODE, the translation-compile step's --cluster-compile-mode (default "default";
-# "reduce-overhead": CUDA graphs, rows tagged clusterformer_iwslt+compile-reduce-overhead). The remaining H200 targets, each in one call
+# "reduce-overhead": CUDA graphs, rows tagged clusterformer_iwslt+compile-reduce-overhead);
+# CHECK_CLUSTER_IMPL, both translation steps' --cluster-impl (default "fast"; "flex": FlexAttention,
+# rows tagged clusterformer_iwslt+flex and +flex-compile..., CUDA only). The remaining H200 targets, each in one call
 # (docs/benchmarks.md, "Running it again", gives the order), e.g.:
 #   CHECK_STEPS=attention CHECK_LENGTHS=512,2048,8192 CHECK_ATTENTION_S=540 \
 #     CHECK_IMPLS=cluster,cluster-graphs,cluster-causal,cluster-causal-graphs,sdpa,flash bash scripts/gpu/check.sh
@@ -121,7 +123,9 @@ IMPLS=${CHECK_IMPLS:-cluster,cluster-compiled,cluster-causal,cluster-causal-comp
 # the dry run leaves out the compiled layers: inductor's CPU compile takes minutes there
 # (tests/test_compile.py and the cuda tests compare the compiled path with the eager one)
 if [[ $DRY == 1 ]]; then
-    for compiled in cluster-compiled cluster-causal-compiled cluster-graphs cluster-causal-graphs; do
+    # and the FlexAttention layers (FlexAttention has no CPU backward)
+    for compiled in cluster-compiled cluster-causal-compiled cluster-graphs cluster-causal-graphs \
+        cluster-flex cluster-causal-flex cluster-flex-compiled cluster-causal-flex-compiled; do
         IMPLS=${IMPLS//,$compiled/}
     done
 fi
@@ -137,12 +141,19 @@ else
         --gen-warmup 1 --gen-batch-size 16 --gen-len-long 64)
 fi
 if wanted translation; then
+    IMPL=${CHECK_CLUSTER_IMPL:-fast}
+    if [[ $IMPL == fast ]]; then
+        IMPL_ARGS=() TAG_PREFIX=""
+    else
+        IMPL_ARGS=(--cluster-args="--cluster-impl $IMPL" --tag "$IMPL") TAG_PREFIX="$IMPL-"
+    fi
     step translation "${CHECK_TRANSLATION_S:-120}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
-        --csv "$OUTDIR/translation.csv"
+        "${IMPL_ARGS[@]}" --csv "$OUTDIR/translation.csv"
     MODE=${CHECK_COMPILE_MODE:-default}
-    TAG=$([[ $MODE == default ]] && echo compile || echo "compile-$MODE")
+    TAG=$TAG_PREFIX$([[ $MODE == default ]] && echo compile || echo "compile-$MODE")
     step translation-compile "${CHECK_COMPILE_S:-200}" "$PY" -m scripts.benchmark_translation "${MT[@]}" --work-dir "$WORK/mt" \
-        --cluster-args="--cluster-compile --cluster-compile-mode $MODE" --tag "$TAG" --csv "$WORK/translation_compile.csv"
+        --cluster-args="--cluster-impl $IMPL --cluster-compile --cluster-compile-mode $MODE" --tag "$TAG" \
+        --csv "$WORK/translation_compile.csv"
     # one CSV for both runs (the device returns at most 8 files)
     [[ -f "$WORK/translation_compile.csv" ]] && tail -n +2 "$WORK/translation_compile.csv" >>"$OUTDIR/translation.csv"
 fi
