@@ -17,10 +17,19 @@ batch size or on d. They depend on N only through the dense-mask path of short s
 (N <= 64), and the causal layer's also on the data: its near-tie screen runs a few more
 operations where some word is near a tie.
 
+cluster-flex and cluster-causal-flex are the layers with impl="flex" (--cluster-impl flex). Their
+FlexAttention call runs on CUDA as torch.compile's Triton code, which the CPU cannot run in a
+training step (FlexAttention has no CPU backward): it is counted as one launch forward
+(``flex_attention``) and one backward (``flex_attention_backward``), its output left uncomputed,
+and everything around it (the orders, the gathers, the tile lists, the projections, the
+clustering) is counted as it runs. The CPU's own additions (its tile mask, its device check)
+are left out, as on CUDA.
+
 --models counts whole fairseq models instead: one training step (forward, the criterion,
 backward; no optimizer step) of clusterformer_iwslt and transformer_iwslt_de_en at their
 architectures' sizes, built in-process on a 1,000-word dictionary, on a batch of sentence pairs
-of N tokens per side (the shorter variant: the last sentence's source ends 7 tokens early).
+of N tokens per side (the shorter variant: the last sentence's source ends 7 tokens early);
+clusterformer_iwslt+flex is clusterformer_iwslt with --cluster-impl flex.
 
   python -m scripts.count_launches --n 512 --impls cluster,cluster-causal,sdpa
   python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the tables in docs/benchmarks.md
@@ -29,12 +38,15 @@ of N tokens per side (the shorter variant: the last sentence's source ends 7 tok
 
 import argparse
 import collections
+import contextlib
 import csv
 import math
+from typing import List
 
-IMPLS = ("cluster", "cluster-causal", "sdpa", "full")
-MODELS = ("clusterformer_iwslt", "transformer_iwslt_de_en")
+IMPLS = ("cluster", "cluster-causal", "cluster-flex", "cluster-causal-flex", "sdpa", "full")
+MODELS = ("clusterformer_iwslt", "clusterformer_iwslt+flex", "transformer_iwslt_de_en")
 CRITERIA = {
+    "clusterformer_iwslt+flex": "label_smoothed_cross_entropy_with_clustering",
     "clusterformer_iwslt": "label_smoothed_cross_entropy_with_clustering",
     "transformer_iwslt_de_en": "label_smoothed_cross_entropy",
 }
@@ -101,6 +113,46 @@ def _counting_mode():
     return Count()
 
 
+_FLEX_STAND_INS = []
+
+
+def _flex_stand_ins():
+    """Two custom operators that the counting mode sees as one launch each (``flex_attention``,
+    ``flex_attention_backward``) and that compute nothing (their outputs are uninitialised)."""
+    if not _FLEX_STAND_INS:
+        import torch
+
+        @torch.library.custom_op("count_launches::flex_attention", mutates_args=())
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(q)
+
+        @torch.library.custom_op("count_launches::flex_attention_backward", mutates_args=())
+        def kernel_backward(grad: torch.Tensor) -> List[torch.Tensor]:
+            return [torch.empty_like(grad) for _ in range(3)]
+
+        kernel.register_autograd(lambda ctx, grad: tuple(kernel_backward(grad)))
+        _FLEX_STAND_INS.extend((kernel, kernel_backward))
+    return _FLEX_STAND_INS
+
+
+@contextlib.contextmanager
+def _flex_as_one_kernel_per_pass():
+    """impl="flex" on the CPU as on CUDA, for counting: the FlexAttention call an uncomputed
+    stand-in (one launch per pass, _flex_stand_ins), without the CPU-only tile mask and device
+    check."""
+    from fairseq_clusterformer.modules import flex
+
+    kernel, kernel_backward = _flex_stand_ins()
+    saved = flex._flex, flex._within_tiles, flex.check_device
+    flex._flex = lambda q, k, v, block_mask: kernel(q, k, v)
+    flex._within_tiles = lambda mask_mod, *args: mask_mod
+    flex.check_device = lambda attn, x: None
+    try:
+        yield
+    finally:
+        flex._flex, flex._within_tiles, flex.check_device = saved
+
+
 def _summary(fwd, bwd):
     def launches(counter):
         return sum(v for op, v in counter.items() if op not in NO_LAUNCH)
@@ -133,7 +185,9 @@ def count_model_step(arch, n, padded, batch=2):
         parser = options.get_training_parser()
         args = options.parse_args_and_arch(
             parser,
-            [data, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt", "--arch", arch]
+            [data, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt"]
+            + ["--arch", arch.split("+")[0]]
+            + (["--cluster-impl", "flex"] if arch.endswith("+flex") else [])
             + [
                 "--criterion",
                 CRITERIA[arch],
@@ -166,12 +220,13 @@ def count_model_step(arch, n, padded, batch=2):
     saved = kernels.USE_FLASH_CPU_KERNEL
     kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
     try:
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            with _counting_mode() as fwd:
-                loss, _, _ = criterion(model, sample)
-            with _counting_mode() as bwd:
-                loss.backward()
+        with _flex_as_one_kernel_per_pass() if arch.endswith("+flex") else contextlib.nullcontext():
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                with _counting_mode() as fwd:
+                    loss, _, _ = criterion(model, sample)
+                with _counting_mode() as bwd:
+                    loss.backward()
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved
     return _summary(fwd.ops, bwd.ops)
@@ -205,15 +260,17 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
 
     saved = kernels.USE_FLASH_CPU_KERNEL
     kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
+    flexed = impl.endswith("-flex")
     try:
-        for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
-            x.grad = None
-            module.zero_grad(set_to_none=True)
-            with _counting_mode() as fwd:
-                out, extra = step(x, kpm)
-                loss = out.sum() if extra is None else out.sum() + extra
-            with _counting_mode() as bwd:
-                loss.backward()
+        with _flex_as_one_kernel_per_pass() if flexed else contextlib.nullcontext():
+            for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
+                x.grad = None
+                module.zero_grad(set_to_none=True)
+                with _counting_mode() as fwd:
+                    out, extra = step(x, kpm)
+                    loss = out.sum() if extra is None else out.sum() + extra
+                with _counting_mode() as bwd:
+                    loss.backward()
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved
     return _summary(fwd.ops, bwd.ops)

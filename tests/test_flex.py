@@ -58,9 +58,11 @@ def test_matches_float64_reference(variant, local_heads, N):
     assert abs(info.clustering_loss.item() - ref_cl) < 1e-9 and abs(info.sorting_loss.item() - ref_sl) < 1e-9
 
 
-@pytest.mark.parametrize("variant", ["encoder", "causal"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("with_padding", [False, True], ids=["no-padding", "padding"])
 def test_equals_the_fast_path_in_float32(variant, with_padding):
+    """Also without padding, where the encoder's block size is one host-known int (cached tile
+    lists, a mask without length test)."""
     fast = make(variant, 2, impl="fast", dtype=torch.float32)
     m = make(variant, 2, dtype=torch.float32)
     m.load_state_dict(fast.state_dict())
@@ -130,6 +132,7 @@ def test_a_missing_tile_changes_the_result(monkeypatch):
             return (count - 1).clamp(min=1), torch.cat([idx[..., 1:], idx[..., -1:]], -1)
 
         monkeypatch.setattr(flex, "band_tiles", dropping_first)
+        monkeypatch.setattr(flex, "_CACHE", type(flex._CACHE)())  # the lists are cached by sizes
         bad, _ = m(x, pad)
     assert (bad - good)[~pad].abs().max() > 1e-3
 
@@ -213,3 +216,22 @@ def test_routed_decoders_take_the_flex_path_too(router):
         (out_f, info_f), (out, info) = fast(x, pad), flexed(x, pad)
     assert torch.equal(info.assignments, info_f.assignments)
     torch.testing.assert_close(out, out_f, atol=1e-5, rtol=1e-5)
+
+
+def test_size_only_tile_lists_are_built_once_per_size(monkeypatch):
+    """Eager calls reuse the tile lists that depend on the sizes alone (the decoder's band, the
+    encoder's blocks without padding), with each call's own mask_mod; padded encoder batches
+    build theirs from the data every time. Results stay the reference's (tests above)."""
+    monkeypatch.setattr(flex, "_CACHE", type(flex._CACHE)())
+    built = []
+    for name in ("band_tiles", "encoder_tiles"):
+        real = getattr(flex, name)
+        monkeypatch.setattr(flex, name, lambda *a, real=real, name=name: built.append(name) or real(*a))
+    decoder, encoder = make("causal", 2, dtype=torch.float32), make("encoder", 2, dtype=torch.float32)
+    with torch.no_grad():
+        for seed in range(3):
+            x, pad = padded(3, 200, seed=seed, dtype=torch.float32)
+            decoder(x, pad), encoder(x), encoder(x, pad)
+        decoder(padded(3, 260, seed=0, dtype=torch.float32)[0])  # a new size: new lists
+    assert built.count("band_tiles") == 2
+    assert built.count("encoder_tiles") == 1 + 3  # once without padding, every padded batch

@@ -351,7 +351,7 @@ class ClusterAttention(nn.Module):
                 visible = torch.where(torch.arange(H, device=x.device)[:, None, None] < Hl, local, visible)
             out = self._attend_dense(x, words.pad, visible)
         elif self.impl == "flex":
-            if not isinstance(w_b, Tensor):  # one tensor layout for every batch (no int guard under compile)
+            if not isinstance(w_b, Tensor) and self.compile_mode:  # compiled: one graph for every block size
                 w_b = clustering.block_sizes(words.lengths, k_b)
             orders = self._head_orders(assign, K, words.pad)
             out = flex.encoder_attention(self, x, words.pad, orders, words.lengths, w_b, paired)
@@ -524,8 +524,9 @@ class ClusterAttention(nn.Module):
             sorted_idx.append(idx)
             undo_sort.append(undo)
             sorted_cluster.append(group_assign.gather(1, idx))
-        head = torch.arange(H, device=assign.device)
-        head_group = (head >= Hl).long() if len(groups) == 2 else torch.zeros_like(head)
+        if len(groups) == 1:  # B x 1 x N views
+            return flex.HeadOrders(sorted_idx[0][:, None], undo_sort[0][:, None], sorted_cluster[0][:, None], None)
+        head_group = (torch.arange(H, device=assign.device) >= Hl).long()
         return flex.HeadOrders(
             torch.stack(sorted_idx, 1), torch.stack(undo_sort, 1), torch.stack(sorted_cluster, 1), head_group
         )

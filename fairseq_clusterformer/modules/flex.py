@@ -22,7 +22,9 @@ runs this path for tests, with the tile list applied to the mask too, so that th
 what the CUDA kernel computes.
 """
 
-from typing import Callable, NamedTuple, Optional, Tuple
+import collections
+import copy
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 TILE = 128  # FlexAttention's block size, for queries and keys (its default)
 _COMPILED_FLEX: Optional[Callable] = None  # torch.compile(flex_attention), made at the first CUDA call
+# Eager calls: tile lists (BlockMasks without their mask_mod) that depend on sizes alone, by sizes.
+_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_CACHED = 64
 
 
 class HeadOrders(NamedTuple):
@@ -39,7 +44,7 @@ class HeadOrders(NamedTuple):
     sorted_idx: Tensor  # B x G x N: the original position of the word at each sorted position
     undo_sort: Tensor  # B x G x N: the sorted position of each word
     sorted_cluster: Tensor  # B x G x N: the cluster of the word at each sorted position (-1: padding)
-    head_group: Tensor  # H long: the group of each head
+    head_group: Optional[Tensor]  # H long: the group of each head (None: one group, G = 1)
 
 
 def check_device(attn, x: Tensor):
@@ -66,37 +71,55 @@ def _compile_backend() -> str:
 
 
 def encoder_attention(
-    attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, lengths: Tensor, w_b: Tensor, paired: bool
+    attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, lengths: Tensor, w_b: Union[int, Tensor], paired: bool
 ) -> Tensor:
-    """The encoder's blocks: x B x N x d; lengths, w_b: B (L_b and the block size of each
-    sequence). Returns out_proj of the attention output, B x N x d (zero at padding before
+    """The encoder's blocks: x B x N x d; lengths: B (L_b); w_b: B block sizes, or one int when
+    every sequence has N words and a fixed k (then the tile lists depend on the sizes alone and
+    are cached). Returns out_proj of the attention output, B x N x d (zero at padding before
     out_proj)."""
     B, N, _ = x.shape
+    if isinstance(w_b, int):
+        # A 0-dim tensor, not the int: a compiled FlexAttention would specialise on the int.
+        w = _cached(("w", w_b, x.device), lambda: torch.tensor(w_b, device=x.device))
 
-    def mask_mod(b, h, q, kv):
-        q_block = q // w_b[b]
-        kv_block = kv // w_b[b]
-        seen = kv_block == q_block
-        if paired:
-            seen = seen | (kv_block == q_block - 1)
-        return seen & (kv < lengths[b])
+        def mask_mod(b, h, q, kv):  # every key is real
+            q_block, kv_block = q // w, kv // w
+            return (kv_block == q_block) | (paired & (kv_block == q_block - 1))
 
-    kv_num, kv_idx = encoder_tiles(N, lengths, w_b, paired)
-    return _attend(attn, x, pad, orders, mask_mod, kv_num, kv_idx)
+        key = ("encoder", N, w_b, paired, x.device)
+        tiles = lambda: encoder_tiles(N, lengths[:1], w.view(1), paired)  # noqa: E731
+    else:
+
+        def mask_mod(b, h, q, kv):
+            q_block, kv_block = q // w_b[b], kv // w_b[b]
+            seen = kv_block == q_block
+            if paired:
+                seen = seen | (kv_block == q_block - 1)
+            return seen & (kv < lengths[b])
+
+        key, tiles = None, lambda: encoder_tiles(N, lengths, w_b, paired)
+    return _attend(attn, x, pad, orders, _block_mask(key, tiles, x, mask_mod))
 
 
 def causal_attention(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders) -> Tensor:
     """The decoder's band: each word sees the last ``window`` words of its own cluster (local
     heads: of any cluster) up to itself. Returns out_proj of the attention output, B x N x d."""
     N, w = x.size(1), attn.window
-    cluster, group = orders.sorted_cluster, orders.head_group
+    cluster = orders.sorted_cluster
+    if orders.head_group is None:  # one group of heads
 
-    def mask_mod(b, h, q, kv):
-        g = group[h]
-        return (cluster[b, g, kv] == cluster[b, g, q]) & (kv <= q) & (kv > q - w)
+        def mask_mod(b, h, q, kv):
+            return (cluster[b, 0, kv] == cluster[b, 0, q]) & (kv <= q) & (kv > q - w)
 
-    kv_num, kv_idx = band_tiles(N, w, x.device)
-    return _attend(attn, x, pad, orders, mask_mod, kv_num, kv_idx)
+    else:
+        group = orders.head_group
+
+        def mask_mod(b, h, q, kv):
+            g = group[h]
+            return (cluster[b, g, kv] == cluster[b, g, q]) & (kv <= q) & (kv > q - w)
+
+    key = ("band", N, w, x.device)
+    return _attend(attn, x, pad, orders, _block_mask(key, lambda: band_tiles(N, w, x.device), x, mask_mod))
 
 
 def band_tiles(N: int, window: int, device) -> Tuple[Tensor, Tensor]:
@@ -129,7 +152,7 @@ def encoder_tiles(N: int, lengths: Tensor, w_b: Tensor, paired: bool) -> Tuple[T
     return count[:, None].to(torch.int32), idx[:, None].to(torch.int32)
 
 
-def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, mask_mod, kv_num, kv_idx) -> Tensor:
+def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, block_mask: BlockMask) -> Tensor:
     """One q|k|v projection, each head's words in its order, one FlexAttention call, back in word
     order, zero at padding, out_proj."""
     B, N, d = x.shape
@@ -138,18 +161,54 @@ def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, mask_mod
     weight = torch.cat([p.weight for p in projs])
     bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
     qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x B x H x N x hd (a view)
-    order = orders.sorted_idx[:, orders.head_group]  # B x H x N
+    order, undo = _per_head(orders.sorted_idx, H, orders), _per_head(orders.undo_sort, H, orders)  # B x H x N
     qkv = qkv.gather(3, order[None, ..., None].expand(3, B, H, N, hd))  # each head's words, sorted
     q, k, v = qkv.unbind(0)  # B x H x N x hd each, contiguous
-    if not x.is_cuda:
-        mask_mod = _within_tiles(mask_mod, kv_num, kv_idx, B)
-    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(N, N))
     out = _flex(q, k, v, block_mask)  # B x H x N x hd, sorted
-    undo = orders.undo_sort[:, orders.head_group].transpose(1, 2)  # B x N x H
-    out = out.transpose(1, 2).gather(1, undo[..., None].expand(B, N, H, hd)).view(B, N, d)  # word order
+    undo = undo.transpose(1, 2)[..., None].expand(B, N, H, hd)
+    out = out.transpose(1, 2).gather(1, undo).view(B, N, d)  # word order
     if pad is not None:
         out = out.masked_fill(pad[:, :, None], 0.0)
     return attn.out_proj(out)
+
+
+def _per_head(per_group: Tensor, H: int, orders: HeadOrders) -> Tensor:
+    """B x G x N -> B x H x N, each head its group's row (one group: a broadcast, no copy)."""
+    if orders.head_group is None:
+        return per_group.expand(-1, H, -1)
+    return per_group[:, orders.head_group]
+
+
+def _block_mask(key, tiles: Callable[[], Tuple[Tensor, Tensor]], x: Tensor, mask_mod) -> BlockMask:
+    """The BlockMask of the tile lists ``tiles()`` under ``mask_mod``. ``key``: the sizes that
+    alone determine the tiles (None: they depend on the data); eager calls then build them once
+    (the lists and their transposes for the backward are a few dozen small operations)."""
+    B, N = x.shape[:2]
+
+    def masked(kv_num, kv_idx):
+        return mask_mod if x.is_cuda else _within_tiles(mask_mod, kv_num, kv_idx, B)
+
+    if key is None or torch.compiler.is_compiling():
+        kv_num, kv_idx = tiles()
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, BLOCK_SIZE=TILE, mask_mod=masked(kv_num, kv_idx), seq_lengths=(N, N)
+        )
+    cached = _cached(key, lambda: BlockMask.from_kv_blocks(*tiles(), BLOCK_SIZE=TILE, seq_lengths=(N, N)))
+    block_mask = copy.copy(cached)  # the same tensors, this call's mask_mod
+    block_mask.mask_mod = masked(cached.kv_num_blocks, cached.kv_indices)
+    return block_mask
+
+
+def _cached(key, build: Callable):
+    """build(), made once per key (the most recent _MAX_CACHED keys are kept)."""
+    value = _CACHE.get(key)
+    if value is None:
+        value = _CACHE[key] = build()
+        while len(_CACHE) > _MAX_CACHED:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return value
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:

@@ -470,6 +470,27 @@ def test_cluster_layers_synchronise_only_where_they_must(padded):
     assert causal["host_syncs"] <= 1 and causal["ops"]["nonzero"] == causal["host_syncs"]
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_layers_are_counted_with_one_attention_kernel_per_pass(padded):
+    """impl="flex" counted as on CUDA: one FlexAttention launch forward and one backward per
+    layer step, no sync the fast path does not have, the CPU's stand-ins removed afterwards; the
+    causal layer's two kinds of head share one attention, so it launches fewer kernels than the
+    fast path's two band attentions."""
+    from fairseq_clusterformer.modules import flex
+    from scripts.count_launches import count_step
+
+    real = flex._flex, flex._within_tiles, flex.check_device
+    for impl in ("cluster-flex", "cluster-causal-flex"):
+        c = count_step(impl, 256, padded)
+        assert c["ops"]["flex_attention"] == c["ops"]["flex_attention_backward"] == 1
+        assert c["host_syncs"] == (1 if "causal" in impl else 0)
+    assert (flex._flex, flex._within_tiles, flex.check_device) == real
+    assert (
+        count_step("cluster-causal-flex", 256, padded)["launches"]
+        < count_step("cluster-causal", 256, padded)["launches"]
+    )
+
+
 def test_count_launches_cli_writes_its_rows(tmp_path):
     out = tmp_path / "launches.csv"
     table = _run([*("-m", "scripts.count_launches"), "--n", "96", "--impls", "cluster,sdpa", "--csv", out], 120)
