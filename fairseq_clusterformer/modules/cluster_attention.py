@@ -515,7 +515,8 @@ class ClusterAttention(nn.Module):
 
     def _head_orders(self, assign: Tensor, K: int, pad: Optional[Tensor]) -> flex.HeadOrders:
         """impl="flex": the words' order for each head: the local heads' (every real word in one
-        cluster) and the clustered heads' (by cluster, then position), padding last in both."""
+        cluster) and the clustered heads' (by cluster, then position), padding last in both; the
+        decoder also needs each sorted position's cluster."""
         H, Hl = self.num_heads, self.local_heads
         groups = ([assign.clamp(max=0)] if Hl else []) + ([assign] if Hl < H else [])
         sorted_idx, undo_sort, sorted_cluster = [], [], []
@@ -523,13 +524,14 @@ class ClusterAttention(nn.Module):
             idx, undo = _sorted_order(group_assign, K, pad, in_order=group_assign is not assign)
             sorted_idx.append(idx)
             undo_sort.append(undo)
-            sorted_cluster.append(group_assign.gather(1, idx))
+            if self.causal:
+                sorted_cluster.append(group_assign.gather(1, idx))
         if len(groups) == 1:  # B x 1 x N views
-            return flex.HeadOrders(sorted_idx[0][:, None], undo_sort[0][:, None], sorted_cluster[0][:, None], None)
+            clusters = sorted_cluster[0][:, None] if self.causal else None
+            return flex.HeadOrders(sorted_idx[0][:, None], undo_sort[0][:, None], clusters, None)
         head_group = (torch.arange(H, device=assign.device) >= Hl).long()
-        return flex.HeadOrders(
-            torch.stack(sorted_idx, 1), torch.stack(undo_sort, 1), torch.stack(sorted_cluster, 1), head_group
-        )
+        clusters = torch.stack(sorted_cluster, 1) if self.causal else None
+        return flex.HeadOrders(torch.stack(sorted_idx, 1), torch.stack(undo_sort, 1), clusters, head_group)
 
     def route(self, x: Tensor, words: clustering.Words):
         """With a router: (assignments, -1 at padding; None; None; the router's loss or None)."""

@@ -43,7 +43,7 @@ class HeadOrders(NamedTuple):
 
     sorted_idx: Tensor  # B x G x N: the original position of the word at each sorted position
     undo_sort: Tensor  # B x G x N: the sorted position of each word
-    sorted_cluster: Tensor  # B x G x N: the cluster of the word at each sorted position (-1: padding)
+    sorted_cluster: Optional[Tensor]  # B x G x N: each sorted position's cluster (-1: padding); decoder only
     head_group: Optional[Tensor]  # H long: the group of each head (None: one group, G = 1)
 
 
