@@ -166,6 +166,10 @@ def test_flex_refuses_what_it_cannot_do(monkeypatch):
         m(x)
     with pytest.raises(ValueError, match="impl must be one of"):
         ClusterAttention(32, 4, 3, impl="flash")
+    monkeypatch.setattr(flex, "AVAILABLE", False)  # as under a torch without FlexAttention
+    with pytest.raises(ValueError, match="impl='flex' needs torch's FlexAttention"):
+        ClusterAttention(32, 4, 3, impl="flex")
+    ClusterAttention(32, 4, 3)  # the other implementations do not need it
 
 
 @pytest.mark.parametrize("variant", ["encoder", "causal"])
@@ -235,3 +239,21 @@ def test_size_only_tile_lists_are_built_once_per_size(monkeypatch):
         decoder(padded(3, 260, seed=0, dtype=torch.float32)[0])  # a new size: new lists
     assert built.count("band_tiles") == 2
     assert built.count("encoder_tiles") == 1 + 3  # once without padding, every padded batch
+
+
+def test_the_package_imports_under_a_torch_without_flex_attention():
+    """setup.py accepts torch >= 2.1, older than FlexAttention: the module must import there and
+    only impl="flex" refuse (a subprocess in which torch's flex_attention module cannot import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch.nn.attention.flex_attention'] = None\n"
+        "from fairseq_clusterformer.modules import ClusterAttention, flex\n"
+        "assert not flex.AVAILABLE\n"
+        "ClusterAttention(32, 4, 3)\n"
+        "try:\n    ClusterAttention(32, 4, 3, impl='flex')\nexcept ValueError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "impl='flex' needs torch's FlexAttention" in out.stdout

@@ -180,6 +180,8 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"dense_max_len must be a non-negative integer, got {dense_max_len!r}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        if impl == "flex":
+            flex.check_available()
         if impl == "flex" and dropout > 0:
             raise ValueError(
                 f"impl='flex' has no attention dropout (FlexAttention does not implement it), got dropout={dropout}: "

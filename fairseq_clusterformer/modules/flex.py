@@ -24,12 +24,20 @@ what the CUDA kernel computes.
 
 import collections
 import copy
+import inspect
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+try:  # the package supports torch >= 2.1; FlexAttention with these BlockMask arguments is newer
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    AVAILABLE = "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+except ImportError:
+    BlockMask = flex_attention = None
+    AVAILABLE = False
 
 TILE = 128  # FlexAttention's block size, for queries and keys (its default)
 _COMPILED_FLEX: Optional[Callable] = None  # torch.compile(flex_attention), made at the first CUDA call
@@ -45,6 +53,15 @@ class HeadOrders(NamedTuple):
     undo_sort: Tensor  # B x G x N: the sorted position of each word
     sorted_cluster: Optional[Tensor]  # B x G x N: each sorted position's cluster (-1: padding); decoder only
     head_group: Optional[Tensor]  # H long: the group of each head (None: one group, G = 1)
+
+
+def check_available():
+    """A clear error where this torch has no usable FlexAttention."""
+    if not AVAILABLE:
+        raise ValueError(
+            f"impl='flex' needs torch's FlexAttention with BlockMask.from_kv_blocks(seq_lengths=...), "
+            f"which this torch ({torch.__version__}) lacks: use impl='fast' (the same function)"
+        )
 
 
 def check_device(attn, x: Tensor):
