@@ -72,9 +72,19 @@ ATTN_ORDER = (
 STOPPED = re.compile(r"^(ERROR|OOM|TIMEOUT|cap)\s+\S+\s+N=\s*(\d+) (.+?)\s+batch\s+(\d+): (.*)$", re.M)
 
 
+def _short(impl):
+    """An implementation's name in 8 characters: cluster-causal-flex-compiled -> cc-flx-c."""
+    for long, short in (("cluster-causal", "cc"), ("cluster-", "c-"), ("linformer-", "lin-")):
+        if impl.startswith(long) and impl != "cluster-causal":
+            impl = short + impl[len(long) :]
+    impl = impl.replace("-compiled", "-c").replace("-graphs", "-grf").replace("flex", "flx")
+    return {"cluster-causal": "causal", "sparse-causal": "sparse-c"}.get(impl, impl)[:8]
+
+
 def attention_lines(csv_path, log_text):
     """Per N: time (ms) and extra peak memory (MiB) of each method, and cluster / sdpa and
-    cluster / flash ratios of both."""
+    cluster / flash ratios of both; then every clustering variant's time and memory as a
+    multiple of flash's (or of sdpa's where flash did not run)."""
     if not csv_path.exists():
         return ["attention: no CSV"]
     with open(csv_path) as f:
@@ -85,8 +95,8 @@ def attention_lines(csv_path, log_text):
     for r in rows:
         by_n.setdefault(int(r["n"]), {})[r["impl"]] = r
     impls = [i for i in ATTN_ORDER if any(i in cells for cells in by_n.values())]
-    short = {"cluster-causal": "causal"}  # columns of 8 characters
-    head = " ".join(f"{short.get(i, i):>8s}" for i in impls)
+    impls += list(dict.fromkeys(r["impl"] for r in rows if r["impl"] not in impls))  # the others, in run order
+    head = " ".join(f"{_short(i):>8s}" for i in impls)
     lines = [
         "attention, training step: time ms | extra peak MiB | cluster/sdpa and cluster/flash (time, mem)",
         f"  {'N':>6s} {'b':>3s} {head} | {head} |",
@@ -106,6 +116,21 @@ def attention_lines(csv_path, log_text):
             else:
                 ratios.append("-")
         lines.append(f"  {n:6d} {batch:>3s} {t} | {m} | " + " / ".join(ratios))
+    variants = [i for i in impls if i.startswith("cluster")]
+    if len(variants) > 1:
+        lines.append("  clustering variants / flash (sdpa where flash did not run), time x memory x:")
+        for n in sorted(by_n):
+            cells = by_n[n]
+            base = "flash" if "flash" in cells else "sdpa" if "sdpa" in cells else None
+            if base is None:
+                continue
+            parts = []
+            for i in (v for v in variants if v in cells):
+                rt = float(cells[i]["time_ms"]) / float(cells[base]["time_ms"])
+                base_mb = float(cells[base]["peak_mb"])
+                rm = f"{float(cells[i]['peak_mb']) / base_mb:.2f}" if base_mb >= 0.05 else "-"
+                parts.append(f"{_short(i)} {rt:.2f} {rm}")
+            lines.append(f"    N={n} vs {base}: " + ", ".join(parts))
     exps = re.findall(r"# time exponent \S+\s+\S+ (.+?)\s+(-?[\d.]+|nan)\s+\(N", log_text)
     if exps:
         lines.append("  time exponents: " + ", ".join(f"{name.strip()} {value}" for name, value in exps))

@@ -104,6 +104,9 @@ def test_dry_run_benchmarks_wrote_every_row(dry_run):
     table = [line.split() for line in summary.splitlines() if line.startswith("  ")]
     assert [row[:2] for row in table if row[0] in ("64", "128")] == [["64", "2"], ["128", "2"]]
     assert "time exponents:" in summary
+    # every clustering variant against flash, per N (here the encoder and the causal layer)
+    variants = [line for line in summary.splitlines() if line.strip().startswith(("N=64 vs flash", "N=128 vs flash"))]
+    assert len(variants) == 2 and all("cluster " in line and "causal " in line for line in variants), variants
 
 
 def test_steps_implementations_and_limits_can_be_chosen(tmp_path):
