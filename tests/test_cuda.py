@@ -112,33 +112,39 @@ def test_half_precision_within_tolerance(variant, dtype):
         assert abs(info.sorting_loss.item() - ref_sl) <= HALF_TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradients_match_float64(variant):
-    """Gradients of the input and of every parameter (through the output and both clustering
-    losses) equal those of the same layer in float64 on the CPU."""
-    m = make(variant)
-    m64 = copy.deepcopy(m).to("cpu", torch.float64)
-    x, kpm = padded_batch(3, 19, 32, seed=3)
-    w = torch.randn(3, 19, 32, generator=torch.Generator().manual_seed(4))
-    grads = []
+def steps_against_float64(m, m64, x, kpm, seed):
+    """One training step of m (fp32 on DEVICE) and of m64 (float64 on the CPU) on the same batch,
+    loss = a random weighting of the real outputs plus both clustering losses: for each,
+    (output, assignments, [input gradient, every parameter's gradient by name])."""
+    w = torch.randn(*x.shape, generator=torch.Generator().manual_seed(seed))
+    results = []
     for layer, dev, dtype in ((m, DEVICE, torch.float32), (m64, "cpu", torch.float64)):
         xi = x.detach().to(dev, dtype).requires_grad_(True)
         out, info = layer(xi, kpm.to(dev))
         loss = (out * w.to(dev, dtype) * (~kpm.to(dev))[..., None]).sum() + info.clustering_loss + info.sorting_loss
         loss.backward()
-        grads.append([xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())])
+        grads = [xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
+        results.append((out.detach(), info.assignments, grads))
+    return results
+
+
+def assert_gradients_close(m, grads, grads64):
     names = ["x"] + [n for n, _ in sorted(m.named_parameters())]
-    for name, g, g64 in zip(names, *grads):
+    for name, g, g64 in zip(names, grads, grads64):
         assert (g is None) == (g64 is None), name
         if g is not None:
-            torch.testing.assert_close(
-                g.double().cpu(),
-                g64,
-                atol=1e-4,
-                rtol=1e-3,
-                msg=lambda s, name=name: f"{name}: {s}",
-            )
-    assert grads[0][0].abs().sum() > 0
+            torch.testing.assert_close(g.double().cpu(), g64, atol=1e-4, rtol=1e-3, msg=lambda s, n=name: f"{n}: {s}")
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_match_float64(variant):
+    """Gradients of the input and of every parameter (through the output and both clustering
+    losses) equal those of the same layer in float64 on the CPU."""
+    m = make(variant)
+    x, kpm = padded_batch(3, 19, 32, seed=3)
+    (_, _, grads), (_, _, grads64) = steps_against_float64(m, copy.deepcopy(m).to("cpu", torch.float64), x, kpm, 4)
+    assert_gradients_close(m, grads, grads64)
 
 
 @pytest.mark.parametrize("local_heads", [0, 2])
@@ -306,24 +312,11 @@ def test_flex_matches_float64_with_gradients(variant, compiled):
     m64 = copy.deepcopy(m).to("cpu", torch.float64)
     m64.impl, m64.compile = "fast", False
     x, kpm = padded_batch(3, 300, 64, seed=13)
-    w = torch.randn(3, 300, 64, generator=torch.Generator().manual_seed(14))
-    results = []
-    for layer, dev, dtype in ((m, DEVICE, torch.float32), (m64, "cpu", torch.float64)):
-        xi = x.detach().to(dev, dtype).requires_grad_(True)
-        out, info = layer(xi, kpm.to(dev))
-        loss = (out * w.to(dev, dtype) * (~kpm.to(dev))[..., None]).sum() + info.clustering_loss + info.sorting_loss
-        loss.backward()
-        grads = [xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())]
-        results.append((out.detach(), info.assignments, grads))
-    (out, assign, grads), (out64, assign64, grads64) = results
+    (out, assign, grads), (out64, assign64, grads64) = steps_against_float64(m, m64, x, kpm, 14)
     valid = ~kpm.cpu()
     assert torch.equal(assign.cpu(), assign64)
     torch.testing.assert_close(out.double().cpu()[valid], out64[valid], atol=1e-4, rtol=1e-4)
-    names = ["x"] + [n for n, _ in sorted(m.named_parameters())]
-    for name, g, g64 in zip(names, grads, grads64):
-        assert (g is None) == (g64 is None), name
-        if g is not None:
-            torch.testing.assert_close(g.double().cpu(), g64, atol=1e-4, rtol=1e-3, msg=lambda s, n=name: f"{n}: {s}")
+    assert_gradients_close(m, grads, grads64)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="FlexAttention trains on CUDA only (its CPU forward: tests/test_flex.py)")
