@@ -257,3 +257,53 @@ def test_the_package_imports_under_a_torch_without_flex_attention():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "impl='flex' needs torch's FlexAttention" in out.stdout
+
+
+def test_permute_backward_is_the_inverse_gather():
+    """flex.Permute (the orders' gathers, with a gather for a backward) against autograd's gather."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    order = torch.stack([torch.randperm(7, generator=g) for _ in range(6)]).view(2, 3, 7)
+    undo = torch.empty_like(order).scatter_(-1, order, torch.arange(7).expand(2, 3, 7))
+    index, inverse = order[..., None].expand(2, 3, 7, 4), undo[..., None].expand(2, 3, 7, 4)
+    assert torch.autograd.gradcheck(lambda t: flex.Permute.apply(t, 2, index, inverse), (t,))
+    w = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=g)
+    (grad,) = torch.autograd.grad((flex.Permute.apply(t, 2, index, inverse) * w).sum(), t)
+    (expected,) = torch.autograd.grad((t.gather(2, index) * w).sum(), t)
+    assert torch.equal(grad, expected)
+
+
+def _dense_flex(q, k, v, block_mask):
+    """A CPU stand-in for the FlexAttention kernel with a backward: the mask_mod (the tile list
+    included, as the CPU path applies it) as a dense mask for sdpa. Rows that see no key (padding
+    queries past every key; the kernel gives them 0, and they are discarded) see every key here."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    mask = create_mask(block_mask.mask_mod, q.size(0), q.size(1), q.size(2), k.size(2), device=q.device)
+    mask = mask | ~mask.any(-1, keepdim=True)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("variant", ["encoder", "encoder-auto-k", "causal", "causal-wide-window"])
+@pytest.mark.parametrize("with_padding", [False, True], ids=["no-padding", "padding"])
+def test_gradients_around_the_kernel_equal_the_fast_paths(variant, with_padding, monkeypatch):
+    """Everything of impl="flex" but the kernel, differentiated on the CPU: the kernel replaced by
+    dense attention under the same mask_mod and tile lists, the gradients of the input and of every
+    parameter (through the output and both losses) equal impl="fast"'s in float64."""
+    monkeypatch.setattr(flex, "_flex", _dense_flex)
+    monkeypatch.setattr(flex, "check_device", lambda attn, x: None)
+    fast = make(variant, 2, impl="fast")
+    m = make(variant, 2)
+    m.load_state_dict(fast.state_dict())
+    x, pad = padded(3, 200, seed=7)
+    pad = pad if with_padding else None
+    w = torch.randn(3, 200, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for layer in (fast, m):
+        xi = x.clone().requires_grad_(True)
+        out, info = layer(xi, pad)
+        real = 1.0 if pad is None else (~pad)[..., None].double()
+        ((out * w * real).sum() + info.clustering_loss + info.sorting_loss).backward()
+        grads.append([xi.grad] + [p.grad for _, p in sorted(layer.named_parameters())])
+    for (name, _), g_fast, g in zip([("x", None)] + sorted(m.named_parameters()), *grads):
+        torch.testing.assert_close(g, g_fast, atol=1e-9, rtol=1e-9, msg=lambda s, n=name: f"{n}: {s}")

@@ -179,14 +179,33 @@ def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, block_ma
     bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
     qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x B x H x N x hd (a view)
     order, undo = _per_head(orders.sorted_idx, H, orders), _per_head(orders.undo_sort, H, orders)  # B x H x N
-    qkv = qkv.gather(3, order[None, ..., None].expand(3, B, H, N, hd))  # each head's words, sorted
+    to_sorted, to_words = order[None, ..., None].expand(3, B, H, N, hd), undo[None, ..., None].expand(3, B, H, N, hd)
+    qkv = Permute.apply(qkv, 3, to_sorted, to_words)  # each head's words, sorted
     q, k, v = qkv.unbind(0)  # B x H x N x hd each, contiguous
     out = _flex(q, k, v, block_mask)  # B x H x N x hd, sorted
-    undo = undo.transpose(1, 2)[..., None].expand(B, N, H, hd)
-    out = out.transpose(1, 2).gather(1, undo).view(B, N, d)  # word order
+    to_words, to_sorted = undo.transpose(1, 2)[..., None], order.transpose(1, 2)[..., None]  # B x N x H x 1
+    out = Permute.apply(out.transpose(1, 2), 1, to_words.expand(B, N, H, hd), to_sorted.expand(B, N, H, hd))
+    out = out.view(B, N, d)  # word order
     if pad is not None:
         out = out.masked_fill(pad[:, :, None], 0.0)
     return attn.out_proj(out)
+
+
+class Permute(torch.autograd.Function):
+    """t.gather(dim, index) where ``index`` permutes dim and ``inverse`` undoes it: the backward
+    is one gather with the inverse, where autograd's would zero-fill a tensor of t's size and
+    scatter-add into it."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, dim: int, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return t.gather(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.gather(ctx.dim, inverse), None, None, None
 
 
 def _per_head(per_group: Tensor, H: int, orders: HeadOrders) -> Tensor:
