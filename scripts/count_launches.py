@@ -142,7 +142,7 @@ def _flex_as_one_kernel_per_pass():
     check."""
     from fairseq_clusterformer.modules import flex
 
-    kernel, kernel_backward = _flex_stand_ins()
+    kernel, _ = _flex_stand_ins()
     saved = flex._flex, flex._within_tiles, flex.check_device
     flex._flex = lambda q, k, v, block_mask: kernel(q, k, v)
     flex._within_tiles = lambda mask_mod, *args: mask_mod

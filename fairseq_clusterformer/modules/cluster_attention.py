@@ -182,11 +182,11 @@ class ClusterAttention(nn.Module):
             raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
         if impl == "flex":
             flex.check_available()
-        if impl == "flex" and dropout > 0:
-            raise ValueError(
-                f"impl='flex' has no attention dropout (FlexAttention does not implement it), got dropout={dropout}: "
-                f"set it to 0 or use impl='fast'"
-            )
+            if dropout > 0:
+                raise ValueError(
+                    f"impl='flex' has no attention dropout (FlexAttention does not implement it), "
+                    f"got dropout={dropout}: set it to 0 or use impl='fast'"
+                )
         if router is not None:
             if not causal:
                 raise ValueError("a router replaces the causal variant's centroids; the encoder variant takes none")
@@ -520,10 +520,11 @@ class ClusterAttention(nn.Module):
         cluster) and the clustered heads' (by cluster, then position), padding last in both; the
         decoder also needs each sorted position's cluster."""
         H, Hl = self.num_heads, self.local_heads
-        groups = ([assign.clamp(max=0)] if Hl else []) + ([assign] if Hl < H else [])
+        # (assignments, in word order): the local heads' group first, as head_group numbers them
+        groups = ([(assign.clamp(max=0), True)] if Hl else []) + ([(assign, False)] if Hl < H else [])
         sorted_idx, undo_sort, sorted_cluster = [], [], []
-        for group_assign in groups:  # one or two groups
-            idx, undo = _sorted_order(group_assign, K, pad, in_order=group_assign is not assign)
+        for group_assign, in_order in groups:  # one or two groups
+            idx, undo = _sorted_order(group_assign, K, pad, in_order)
             sorted_idx.append(idx)
             undo_sort.append(undo)
             if self.causal:
