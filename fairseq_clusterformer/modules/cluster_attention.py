@@ -585,6 +585,13 @@ class ClusterAttention(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------
+    def fused_qkv(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The q, k and v projections stacked (3d x d weight, 3d bias or None): one matmul."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        return torch.cat([p.weight for p in projs]), None if projs[0].bias is None else torch.cat(
+            [p.bias for p in projs]
+        )
+
     def _attend_dense(self, x: Tensor, pad: Optional[Tensor], visible: Tensor) -> Tensor:
         """Attention under a dense mask, out_proj applied: the reference path and the fast
         path's short sequences.
@@ -598,12 +605,7 @@ class ClusterAttention(nn.Module):
         H, hd = self.num_heads, self.head_dim
         if pad is not None:
             visible = (visible & ~pad[:, None, None, :]) | pad[:, None, :, None]
-        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
-        qkv = F.linear(
-            x,
-            torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]),
-            None if biases[0] is None else torch.cat(biases),
-        )  # B x N x 3d
+        qkv = F.linear(x, *self.fused_qkv())  # B x N x 3d
         q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # each B x H x N x hd
         dropout_p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)

@@ -174,10 +174,7 @@ def _attend(attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, block_ma
     order, zero at padding, out_proj."""
     B, N, d = x.shape
     H, hd = attn.num_heads, attn.head_dim
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    weight = torch.cat([p.weight for p in projs])
-    bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
-    qkv = F.linear(x, weight, bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x B x H x N x hd (a view)
+    qkv = F.linear(x, *attn.fused_qkv()).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x B x H x N x hd (a view)
     order, undo = _per_head(orders.sorted_idx, H, orders), _per_head(orders.undo_sort, H, orders)  # B x H x N
     to_sorted, to_words = order[None, ..., None].expand(3, B, H, N, hd), undo[None, ..., None].expand(3, B, H, N, hd)
     qkv = Permute.apply(qkv, 3, to_sorted, to_words)  # each head's words, sorted
