@@ -588,9 +588,8 @@ class ClusterAttention(nn.Module):
     def fused_qkv(self) -> Tuple[Tensor, Optional[Tensor]]:
         """The q, k and v projections stacked (3d x d weight, 3d bias or None): one matmul."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        return torch.cat([p.weight for p in projs]), None if projs[0].bias is None else torch.cat(
-            [p.bias for p in projs]
-        )
+        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+        return torch.cat([p.weight for p in projs]), bias
 
     def _attend_dense(self, x: Tensor, pad: Optional[Tensor], visible: Tensor) -> Tensor:
         """Attention under a dense mask, out_proj applied: the reference path and the fast
