@@ -266,8 +266,9 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
             for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
                 x.grad = None
                 module.zero_grad(set_to_none=True)
+                batch_mask = kpm.clone()  # each step a new batch (impl="flex" builds tiles once per mask)
                 with _counting_mode() as fwd:
-                    out, extra = step(x, kpm)
+                    out, extra = step(x, batch_mask)
                     loss = out.sum() if extra is None else out.sum() + extra
                 with _counting_mode() as bwd:
                     loss.backward()

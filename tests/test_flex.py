@@ -222,23 +222,52 @@ def test_routed_decoders_take_the_flex_path_too(router):
     torch.testing.assert_close(out, out_f, atol=1e-5, rtol=1e-5)
 
 
-def test_size_only_tile_lists_are_built_once_per_size(monkeypatch):
-    """Eager calls reuse the tile lists that depend on the sizes alone (the decoder's band, the
-    encoder's blocks without padding), with each call's own mask_mod; padded encoder batches
-    build theirs from the data every time. Results stay the reference's (tests above)."""
+def _count_tile_builds(monkeypatch):
     monkeypatch.setattr(flex, "_CACHE", type(flex._CACHE)())
+    monkeypatch.setattr(flex, "_BATCH", None)
     built = []
     for name in ("band_tiles", "encoder_tiles"):
         real = getattr(flex, name)
         monkeypatch.setattr(flex, name, lambda *a, real=real, name=name: built.append(name) or real(*a))
+    return built
+
+
+def test_tile_lists_are_built_once_per_size_and_once_per_padded_batch(monkeypatch):
+    """Eager calls reuse the tile lists that depend on the sizes alone (the decoder's band, the
+    encoder's blocks without padding, fixed or automatic k), with each call's own mask_mod; a
+    padded encoder batch builds its lists once for all its layers (one mask tensor). Results
+    stay the reference's (tests above)."""
+    built = _count_tile_builds(monkeypatch)
     decoder, encoder = make("causal", 2, dtype=torch.float32), make("encoder", 2, dtype=torch.float32)
+    auto = make("encoder-auto-k", 0, dtype=torch.float32)
     with torch.no_grad():
         for seed in range(3):
             x, pad = padded(3, 200, seed=seed, dtype=torch.float32)
-            decoder(x, pad), encoder(x), encoder(x, pad)
+            decoder(x, pad), encoder(x), auto(x)
+            encoder(x, pad), encoder(x, pad)  # two layers of one batch
         decoder(padded(3, 260, seed=0, dtype=torch.float32)[0])  # a new size: new lists
     assert built.count("band_tiles") == 2
-    assert built.count("encoder_tiles") == 1 + 3  # once without padding, every padded batch
+    assert built.count("encoder_tiles") == 2 + 3  # once per k without padding, once per padded batch
+
+
+@pytest.mark.parametrize("variant", ["encoder", "encoder-auto-k"])
+def test_a_padded_batch_reuses_its_tile_lists_only_while_its_mask_is_unchanged(monkeypatch, variant):
+    """Another mask with the same contents, and the same mask changed in place, build new lists;
+    after the change the output is that of a fresh mask (no stale tiles)."""
+    built = _count_tile_builds(monkeypatch)
+    m = make(variant, 2)
+    x, pad = padded(3, 300, seed=4)
+    with torch.no_grad():
+        m(x, pad.clone()), m(x, pad)
+        assert built.count("encoder_tiles") == 2
+        pad[0, 160:] = True  # in place: sequence 0 loses 140 words (a block size and a tile change)
+        out, _ = m(x, pad)
+        assert built.count("encoder_tiles") == 3
+        monkeypatch.setattr(flex, "_BATCH", None)
+        fresh, _ = m(x, pad.clone())
+    ref = reference_forward(m, x, pad)[0]
+    assert torch.equal(out, fresh)
+    torch.testing.assert_close(out[~pad], ref[~pad], atol=1e-9, rtol=1e-9)
 
 
 def test_the_package_imports_under_a_torch_without_flex_attention():

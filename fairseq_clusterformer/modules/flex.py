@@ -25,6 +25,7 @@ what the CUDA kernel computes.
 import collections
 import copy
 import inspect
+import weakref
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -44,6 +45,9 @@ _COMPILED_FLEX: Optional[Callable] = None  # torch.compile(flex_attention), made
 # Eager calls: tile lists (BlockMasks without their mask_mod) that depend on sizes alone, by sizes.
 _CACHE: "collections.OrderedDict" = collections.OrderedDict()
 _MAX_CACHED = 64
+# Eager calls: the tile lists of the batch in flight, (weakref to its padding mask, the mask's
+# version, key, BlockMask): every encoder layer of a batch gets the same mask.
+_BATCH: Optional[tuple] = None
 
 
 class HeadOrders(NamedTuple):
@@ -91,9 +95,9 @@ def encoder_attention(
     attn, x: Tensor, pad: Optional[Tensor], orders: HeadOrders, lengths: Tensor, w_b: Union[int, Tensor], paired: bool
 ) -> Tensor:
     """The encoder's blocks: x B x N x d; lengths: B (L_b); w_b: B block sizes, or one int when
-    every sequence has N words and a fixed k (then the tile lists depend on the sizes alone and
-    are cached). Returns out_proj of the attention output, B x N x d (zero at padding before
-    out_proj)."""
+    every sequence has N words and a fixed k. Eager calls build the tile lists once per size
+    (no padding) or once per batch (padding). Returns out_proj of the attention output,
+    B x N x d (zero at padding before out_proj)."""
     B, N, _ = x.shape
     if isinstance(w_b, int):
         # A 0-dim tensor, not the int: a compiled FlexAttention would specialise on the int.
@@ -114,7 +118,15 @@ def encoder_attention(
                 seen = seen | (kv_block == q_block - 1)
             return seen & (kv < lengths[b])
 
-        key, tiles = None, lambda: encoder_tiles(N, lengths, w_b, paired)
+        # The lists depend on L_b and w_b, which come from the padding mask and the layer's
+        # cluster-count settings alone: every encoder layer of a batch (fairseq hands each the
+        # same mask tensor) shares one build. Without padding (k="auto"), on the sizes alone.
+        key = ("encoder", N, attn.num_clusters, attn.max_clusters, paired, x.device)
+        if pad is None:
+            tiles = lambda: encoder_tiles(N, lengths[:1], w_b[:1], paired)  # noqa: E731
+        else:
+            tiles = lambda: encoder_tiles(N, lengths, w_b, paired)  # noqa: E731
+        return _attend(attn, x, pad, orders, _block_mask(key, tiles, x, mask_mod, batch=pad))
     return _attend(attn, x, pad, orders, _block_mask(key, tiles, x, mask_mod))
 
 
@@ -212,10 +224,12 @@ def _per_head(per_group: Tensor, H: int, orders: HeadOrders) -> Tensor:
     return per_group[:, orders.head_group]
 
 
-def _block_mask(key, tiles: Callable[[], Tuple[Tensor, Tensor]], x: Tensor, mask_mod) -> BlockMask:
-    """The BlockMask of the tile lists ``tiles()`` under ``mask_mod``. ``key``: the sizes that
-    alone determine the tiles (None: they depend on the data); eager calls then build them once
-    (the lists and their transposes for the backward are a few dozen small operations)."""
+def _block_mask(key, tiles: Callable[[], Tuple[Tensor, Tensor]], x: Tensor, mask_mod, batch=None) -> BlockMask:
+    """The BlockMask of the tile lists ``tiles()`` under ``mask_mod``. ``key``: the sizes and
+    settings that determine the tiles, with ``batch`` (a padding mask) where they also depend on
+    that mask's contents, None where they depend on other data. Eager calls build each once: by
+    key (sizes alone), or once per batch (the same, unchanged mask tensor). The lists and their
+    transposes for the backward are a few dozen small operations."""
     B, N = x.shape[:2]
 
     def masked(kv_num, kv_idx):
@@ -226,7 +240,11 @@ def _block_mask(key, tiles: Callable[[], Tuple[Tensor, Tensor]], x: Tensor, mask
         return BlockMask.from_kv_blocks(
             kv_num, kv_idx, BLOCK_SIZE=TILE, mask_mod=masked(kv_num, kv_idx), seq_lengths=(N, N)
         )
-    cached = _cached(key, lambda: BlockMask.from_kv_blocks(*tiles(), BLOCK_SIZE=TILE, seq_lengths=(N, N)))
+
+    def build():
+        return BlockMask.from_kv_blocks(*tiles(), BLOCK_SIZE=TILE, seq_lengths=(N, N))
+
+    cached = _cached(key, build) if batch is None else _batch_cached(batch, key, build)
     block_mask = copy.copy(cached)  # the same tensors, this call's mask_mod
     block_mask.mask_mod = masked(cached.kv_num_blocks, cached.kv_indices)
     return block_mask
@@ -241,6 +259,19 @@ def _cached(key, build: Callable):
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
+    return value
+
+
+def _batch_cached(batch: Tensor, key, build: Callable):
+    """build(), made once while the same ``batch`` tensor, unchanged, comes with the same key
+    (one slot: the batch in flight; a weak reference, so the slot keeps no batch alive)."""
+    global _BATCH
+    if _BATCH is not None:
+        ref, version, cached_key, value = _BATCH
+        if ref() is batch and version == batch._version and cached_key == key:
+            return value
+    value = build()
+    _BATCH = (weakref.ref(batch), batch._version, key, value)
     return value
 
 
