@@ -6,7 +6,8 @@
 Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention --csv`` and
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
 attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv, translation.csv,
-profile_*.txt; launches.csv and launches_models.csv from ``python -m scripts.count_launches``), and docs/data/gpu/
+profile_*.txt; launches.csv, launches_models.csv and launches_generate.csv from
+``python -m scripts.count_launches``), and docs/data/gpu/
 for the GPU section (bench_attention.csv, translation.csv, compile_attention.csv, translation_512.csv,
 cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
@@ -405,6 +406,27 @@ def launches_table(path, what="layer"):
     return "\n".join(lines)
 
 
+def generation_launches_table(path, baseline="transformer_iwslt_de_en"):
+    """The per-output-token launch counts of beam search (scripts/count_launches.py --generate
+    --csv), one row per model and length, with each model's launches as a multiple of
+    BASELINE's at the same length."""
+    if not path.exists():
+        raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
+    base = {r["n"]: float(r["launches_per_step"]) for r in rows if r["model"] == baseline}
+    lines = [
+        "| model | N (source and output tokens) | launches per output token | × the Transformer's "
+        "| host syncs per output token |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{float(r['launches_per_step']) / base[r['n']]:.2f}" if r["n"] in base else "—"
+        lines.append(f"| {r['model']} | {r['n']} | {r['launches_per_step']} | {ratio} | {r['host_syncs_per_step']} |")
+    return "\n".join(lines)
+
+
 def _text(name, data):
     path = Path(data) / name
     if not path.exists():
@@ -474,6 +496,7 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "profile_mt": "\n\n".join(profile_tables(_text(f"profile_mt_t{t}.txt", data)) for t in (1, 2)),
         "launches": launches_table(Path(data) / "launches.csv"),
         "launches_models": launches_table(Path(data) / "launches_models.csv", "model"),
+        "launches_generate": generation_launches_table(Path(data) / "launches_generate.csv"),
         **gpu_blocks(data_gpu),
     }
 

@@ -31,9 +31,17 @@ architectures' sizes, built in-process on a 1,000-word dictionary, on a batch of
 of N tokens per side (the shorter variant: the last sentence's source ends 7 tokens early);
 clusterformer_iwslt+flex is clusterformer_iwslt with --cluster-impl flex.
 
+--generate counts whole models' beam search (fairseq's SequenceGenerator, beam 5) instead, per
+output token: two sources of N tokens (the second 7 shorter), every hypothesis held to N
+output tokens, so that both models take the same N + 1 decoder steps (their incremental
+decoding: ClusterFormer's decoder keeps its whole prefix until it holds K x window words, then
+ring buffers of the last window words per cluster). The encoder's one pass is included, spread
+over the steps. (The decoder's steps are the same with --cluster-impl flex.)
+
   python -m scripts.count_launches --n 512 --impls cluster,cluster-causal,sdpa
   python -m scripts.count_launches --csv docs/data/cpu/launches.csv   # the tables in docs/benchmarks.md
   python -m scripts.count_launches --models --n 64,512 --csv docs/data/cpu/launches_models.csv
+  python -m scripts.count_launches --generate --n 64,512 --csv docs/data/cpu/launches_generate.csv
 """
 
 import argparse
@@ -45,6 +53,7 @@ from typing import List
 
 IMPLS = ("cluster", "cluster-causal", "cluster-flex", "cluster-causal-flex", "sdpa", "full")
 MODELS = ("clusterformer_iwslt", "clusterformer_iwslt+flex", "transformer_iwslt_de_en")
+GENERATE_MODELS = ("clusterformer_iwslt", "transformer_iwslt_de_en")  # +flex decodes as clusterformer_iwslt
 CRITERIA = {
     "clusterformer_iwslt+flex": "label_smoothed_cross_entropy_with_clustering",
     "clusterformer_iwslt": "label_smoothed_cross_entropy_with_clustering",
@@ -94,6 +103,7 @@ NO_LAUNCH = frozenset(
 # their output's size depends on the data).
 HOST_SYNCS = frozenset(("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "unique", "_unique2", "item"))
 CSV_COLUMNS = ["impl", "n", "padded", "launches", "host_syncs", "forward_launches", "backward_launches"]
+GENERATE_CSV_COLUMNS = ["model", "n", "steps", "launches", "host_syncs", "launches_per_step", "host_syncs_per_step"]
 
 
 def _counting_mode():
@@ -167,16 +177,14 @@ def _summary(fwd, bwd):
     }
 
 
-def count_model_step(arch, n, padded, batch=2):
-    """Counts of one training step of a fairseq model (forward, criterion, backward) after one
-    warm-up step, on BATCH pairs of N tokens per side (padded: the last source 7 tokens shorter)."""
+def _build_model(arch, n):
+    """(task, model, criterion) of ARCH ("+flex": with --cluster-impl flex) at its full size, on a
+    1,000-word dictionary, for sequences of up to N tokens per side."""
     import tempfile
     from pathlib import Path
 
     import torch
     from fairseq import options, tasks
-
-    from fairseq_clusterformer.modules import kernels
 
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as data:
@@ -200,7 +208,18 @@ def count_model_step(arch, n, padded, batch=2):
         )
         task = tasks.setup_task(args)
     torch.manual_seed(0)
-    model, criterion = task.build_model(args).train(), task.build_criterion(args)
+    return task, task.build_model(args), task.build_criterion(args)
+
+
+def count_model_step(arch, n, padded, batch=2):
+    """Counts of one training step of a fairseq model (forward, criterion, backward) after one
+    warm-up step, on BATCH pairs of N tokens per side (padded: the last source 7 tokens shorter)."""
+    import torch
+
+    from fairseq_clusterformer.modules import kernels
+
+    task, model, criterion = _build_model(arch, n)
+    model.train()
     d = task.source_dictionary
     g = torch.Generator().manual_seed(0)
     src = torch.randint(d.nspecial, len(d), (batch, n), generator=g)
@@ -230,6 +249,48 @@ def count_model_step(arch, n, padded, batch=2):
     finally:
         kernels.USE_FLASH_CPU_KERNEL = saved
     return _summary(fwd.ops, bwd.ops)
+
+
+def count_generation(arch, n, beam=5, batch=2):
+    """Counts of beam search (fairseq's SequenceGenerator, beam BEAM) over BATCH sources of N
+    tokens (the last 7 shorter, left-padded), every hypothesis held to N output tokens (min and
+    max length N: N + 1 decoder steps, the last one the forced end of sentence), after one
+    warm-up run: a dict with launches, host_syncs, steps, launches_per_step, host_syncs_per_step
+    and ``ops``. Per step includes the encoder's one pass, spread over the steps."""
+    import torch
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from fairseq_clusterformer.modules import kernels
+
+    task, model, _ = _build_model(arch, n)
+    model.eval()
+    d = task.source_dictionary
+    src = torch.randint(d.nspecial, len(d), (batch, n), generator=torch.Generator().manual_seed(0))
+    src[:, -1] = d.eos()
+    src[-1, :7] = d.pad()
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=n, min_len=n)
+    saved = kernels.USE_FLASH_CPU_KERNEL
+    kernels.USE_FLASH_CPU_KERNEL = False  # the encoder's block attention as on a GPU: through sdpa
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                with _counting_mode() as count:
+                    hypos = generator.generate([model], sample)
+    finally:
+        kernels.USE_FLASH_CPU_KERNEL = saved
+    if any(len(h[0]["tokens"]) != n + 1 for h in hypos):
+        raise RuntimeError(f"{arch}: beam search did not run the {n + 1} steps it was held to")
+    c = _summary(count.ops, collections.Counter())
+    steps = n + 1
+    return {
+        "launches": c["launches"],
+        "host_syncs": c["host_syncs"],
+        "steps": steps,
+        "launches_per_step": round(c["launches"] / steps, 1),
+        "host_syncs_per_step": round(c["host_syncs"] / steps, 2),
+        "ops": c["ops"],
+    }
 
 
 def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
@@ -285,22 +346,29 @@ def main(argv=None):
     )
     p.add_argument("--n", default="512,2048", help="comma-separated sequence lengths")
     p.add_argument(
-        "--impls", help=f"comma-separated, from {', '.join(IMPLS)} (default all; with --models: {', '.join(MODELS)})"
+        "--impls",
+        help=f"comma-separated, from {', '.join(IMPLS)} (default all; with --models: {', '.join(MODELS)}; "
+        f"with --generate: {', '.join(GENERATE_MODELS)})",
     )
     p.add_argument("--models", action="store_true", help="count whole fairseq models' training steps")
+    p.add_argument(
+        "--generate", action="store_true", help="count whole fairseq models' beam search (beam 5), per output token"
+    )
     p.add_argument("--window", type=int, default=64, help="the causal layer's window")
     p.add_argument("--csv", help="write the rows here")
     p.add_argument("--verbose", action="store_true", help="list the launching operators of each row")
     args = p.parse_args(argv)
-    known = MODELS if args.models else IMPLS
+    known = GENERATE_MODELS if args.generate else MODELS if args.models else IMPLS
     impls = [i for i in (args.impls or ",".join(known)).split(",") if i]
     for impl in impls:
         if impl not in known:
             p.error(
-                f"--impls: unknown {'model' if args.models else 'implementation'} {impl!r}; "
+                f"--impls: unknown {'model' if known is not IMPLS else 'implementation'} {impl!r}; "
                 f"choose from {', '.join(known)}"
             )
     lengths = [int(v) for v in args.n.split(",") if v]
+    if args.generate:
+        return _generation_rows(impls, lengths, args)
     rows = []
     print("| impl | N | padding | launches (forward + backward) | host syncs |\n|---|---|---|---|---|")
     for impl in impls:
@@ -322,6 +390,24 @@ def main(argv=None):
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+def _generation_rows(models, lengths, args):
+    rows = []
+    print("| model | N | launches per output token | host syncs per output token |\n|---|---|---|---|")
+    for model in models:
+        for n in lengths:
+            c = count_generation(model, n)
+            rows.append({"model": model, "n": n, **{k: c[k] for k in GENERATE_CSV_COLUMNS[2:]}})
+            print(f"| {model} | {n} | {c['launches_per_step']} | {c['host_syncs_per_step']} |", flush=True)
+            if args.verbose:
+                print("    " + ", ".join(f"{op} {v}" for op, v in c["ops"].most_common()))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=GENERATE_CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
     return rows

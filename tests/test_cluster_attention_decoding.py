@@ -30,7 +30,7 @@ def test_auto_cache_equals_full_forward_and_ring_cache(window, k, local_heads):
             y, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad[:, t])
             hist, hpad = torch.cat([hist, x[:, t : t + 1]], 1), torch.cat([hpad, pad[:, t : t + 1]], 1)
             outs.append(y)
-            kinds.append("prefix" if "prefix_key" in state else "ring")
+            kinds.append("prefix" if "prefix_kv" in state else "ring")
         full, _ = m(hist, hpad)
         out = torch.cat(outs, 1)
         torch.testing.assert_close(out[~hpad], full[~hpad], atol=1e-5, rtol=1e-5)
@@ -47,7 +47,7 @@ def test_auto_cache_stays_small_while_short():
     state = m.init_state(2, mode="auto")
     for _ in range(5):
         _, state = m.step(torch.randn(2, 1, 32), state)
-    assert state["prefix_key"].shape == (2, 5, 4, 8)  # 5 positions, not 3 x 64 slots
+    assert state["prefix_kv"].shape == (2, 5, 2, 4, 8)  # 5 positions, not 3 x 64 slots
 
 
 def test_bad_cache_mode_is_named():

@@ -258,7 +258,8 @@ def test_step_decoding_equals_full_causal_forward(opts, B, T, mode, reorders, pa
             order = reorder_at[t]
             state = ClusterAttention.reorder_state(state, order)
             hist, hpad, outs = hist[order], hpad[order], [o[order] for o in outs]
-        y, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad[:, t])
+        # no padding steps drawn: no mask at all (the decoder's own path for that, as in beam search)
+        y, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad[:, t] if pad_steps else None)
         hist, hpad = (
             torch.cat([hist, x[:, t : t + 1]], 1),
             torch.cat([hpad, pad[:, t : t + 1]], 1),

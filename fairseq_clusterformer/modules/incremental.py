@@ -117,6 +117,9 @@ def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring
     prefix reaches K x window positions. Both give the same outputs; "auto" keeps far less
     while the output is short, which matters in beam search, where the whole cache is
     reordered at every step (fairseq's adapter uses it).
+
+    Keys and values are kept in one tensor (a dimension of 2: key, value), and the word counts
+    in one: a step writes and gathers, and beam search reorders, one tensor for both.
     """
     K, w, H, hd = attn.num_clusters, attn.window, attn.num_heads, attn.head_dim
     Hl = attn.local_heads
@@ -125,19 +128,16 @@ def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring
     dtype = dtype or p.dtype
     if mode == "auto":
         return {
-            "prefix_key": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
-            "prefix_value": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
-            "prefix_cluster": torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            "prefix_kv": torch.zeros(batch_size, 0, 2, H, hd, device=device, dtype=dtype),  # B x t x k|v x H x hd
+            "prefix_cluster": torch.zeros(batch_size, 0, dtype=torch.long, device=device),  # -1: padding step
         }
     if mode != "ring":
         raise ValueError(f"mode must be 'ring' or 'auto', got {mode!r}")
     return {  # clustered heads (Hl..H-1): per cluster; local heads (0..Hl-1): one ring of any cluster
-        "cluster_key": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
-        "cluster_value": torch.zeros(batch_size, K, w, H - Hl, hd, device=device, dtype=dtype),
-        "cluster_count": torch.zeros(batch_size, K, dtype=torch.long, device=device),
-        "local_key": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
-        "local_value": torch.zeros(batch_size, w, Hl, hd, device=device, dtype=dtype),
-        "local_count": torch.zeros(batch_size, dtype=torch.long, device=device),
+        "cluster_kv": torch.zeros(batch_size, K, w, 2, H - Hl, hd, device=device, dtype=dtype),
+        "local_kv": torch.zeros(batch_size, w, 2, Hl, hd, device=device, dtype=dtype),
+        # real words seen: of each cluster (columns 0..K-1), and of any cluster (column K)
+        "count": torch.zeros(batch_size, K + 1, dtype=torch.long, device=device),
     }
 
 
@@ -169,14 +169,13 @@ def step(
 
     x0 = x[:, 0]  # B x d
     cluster = assign_step(attn, x0)  # B
-    # Three matmuls, not one on concatenated weights: a step has few rows, and concatenating
-    # the 3 d x d weights would copy more memory than the matmuls read.
-    q, k, v = (p(x0).view(B, H, hd) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    qkv = F.linear(x0, *step_projection(attn)).view(B, 3, H, hd)
+    q, kv = qkv[:, 0], qkv[:, 1:]  # B x H x hd, B x 2 x H x hd (key, value)
 
-    if "prefix_key" in state:
-        out, state = _attend_prefix(attn, state, q, k, v, cluster, real)
+    if "prefix_kv" in state:
+        out, state = _attend_prefix(attn, state, q, kv, cluster, real)
     else:
-        out = _attend_rings(attn, state, q, k, v, cluster, real)  # updates the rings in place
+        out = _attend_rings(attn, state, q, kv, cluster, real)  # updates the rings in place
     out = out.reshape(B, 1, d)  # B x H x 1 x hd -> B x 1 x d
     if real is not None:
         out = out * real[:, None, None].to(out.dtype)
@@ -184,83 +183,119 @@ def step(
     return (out[:, 0] if squeeze else out), state
 
 
-def _attend_prefix(attn, state, q, k, v, cluster, real):
-    """The "auto" cache while it holds the whole prefix. q, k, v: B x H x hd of this word;
-    cluster: B; real: B (False at a padding step) or None (no padding). Returns
+def step_projection(attn) -> Tuple[Tensor, Optional[Tensor]]:
+    """The stacked q|k|v projection of a decoding step (``attn.fused_qkv()``: one matmul, not
+    three), made once per parameter state where no gradient is wanted (every step of every
+    layer would otherwise concatenate the weights anew): the cache key holds each parameter's
+    storage and version counter, which every in-place update and every replacement changes.
+    The cache keeps one more copy of the three weights per layer."""
+    params = [t for proj in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (proj.weight, proj.bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        return attn.fused_qkv()  # autograd must see the concatenation
+    key = tuple((t.data_ptr(), t._version) for t in params)
+    cached = getattr(attn, "_step_projection_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, attn.fused_qkv())
+        attn._step_projection_cache = cached
+    return cached[1]
+
+
+def _attend_prefix(attn, state, q, kv, cluster, real):
+    """The "auto" cache while it holds the whole prefix. q: B x H x hd, kv: B x 2 x H x hd of
+    this word; cluster: B; real: B (False at a padding step) or None (no padding). Returns
     (B x H x 1 x hd, new state)."""
     H, w, Hl = attn.num_heads, attn.window, attn.local_heads
     # A clustered head attends to the last w words of this word's cluster, a local head to the
     # last w real words; both include the word itself.
-    keys = torch.cat([state["prefix_key"], k[:, None]], 1)  # B x t+1 x H x hd
-    values = torch.cat([state["prefix_value"], v[:, None]], 1)
+    kvs = torch.cat([state["prefix_kv"], kv[:, None]], 1)  # B x t+1 x 2 x H x hd
     word_cluster = cluster if real is None else cluster.masked_fill(~real, -1)  # -1: padding
-    clusters = torch.cat([state["prefix_cluster"], word_cluster[:, None]], 1)
+    clusters = torch.cat([state["prefix_cluster"], word_cluster[:, None]], 1)  # B x t+1
     same = clusters == cluster[:, None]  # B x t+1
     short = clusters.size(1) <= w  # a prefix of at most w words: no word is more than w back
-    visible = (same if short else same & (same.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
+    visible = (same if short else _last(same, w))[:, None, :]
     if Hl:
         seen = clusters >= 0
-        recent = (seen if short else seen & (seen.flip(1).cumsum(1).flip(1) <= w))[:, None, :]
-        is_local = torch.arange(H, device=q.device)[None, :, None] < Hl
-        visible = torch.where(is_local, recent, visible)  # B x H x t+1
+        recent = (seen if short else _last(seen, w))[:, None, :]
+        B, T = clusters.shape
+        visible = torch.cat([recent.expand(B, Hl, T), visible.expand(B, H - Hl, T)], 1)  # B x H x t+1
     if real is not None:
         visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
-    state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
-    if keys.size(1) >= attn.num_clusters * w:
-        state = prefix_to_ring(attn, keys, values, clusters)
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, :, None, :]
-    )  # B x H x 1 x hd
-    return out, state
+    state = {"prefix_kv": kvs, "prefix_cluster": clusters}
+    if kvs.size(1) >= attn.num_clusters * w:
+        state = prefix_to_ring(attn, kvs, clusters)
+    keys, values = kvs.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x t+1 x hd each
+    return F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, :, None, :]), state
 
 
-def _attend_rings(attn, state, q, k, v, cluster, real):
+def _last(member: Tensor, w: int) -> Tensor:
+    """member (B x T bool) restricted to each row's last w members. The n-th member from the
+    start (n = its running count) is among the last w iff n > total - w."""
+    count = member.cumsum(1)  # B x T
+    return member & (count > count[:, -1:] - w)
+
+
+def _attend_rings(attn, state, q, kv, cluster, real):
     """The ring-buffer cache: writes this word into its rings (padding steps write nothing) and
-    attends to them. Returns B x H x 1 x hd."""
+    attends to them, every head in one attention call. Returns B x H x 1 x hd.
+
+    Without padding (``real`` None, as in beam search) the writes are plain index_put_s: a step
+    is bound by its number of kernel launches on a GPU (it runs in every layer for every output
+    token), so keys and values travel as one tensor and the masks come from the counts alone."""
     B, H, _ = q.shape
-    w, Hl = attn.window, attn.local_heads
-    if real is None:
-        real = torch.ones(B, dtype=torch.bool, device=q.device)
-    batch = torch.arange(B, device=q.device)
-    ring_slot = torch.arange(w, device=q.device)[None, :]
-    parts = []
+    K, w, Hl = attn.num_clusters, attn.window, attn.local_heads
+    batch, ring_slot = _arange(B, q.device), _arange(w, q.device)
+    count, local_kv, cluster_kv = state["count"], state["local_kv"], state["cluster_kv"]
+    seen_local, seen = count[:, K], count[batch, cluster]  # B each: real words so far, of any / this cluster
     if Hl:
-        # Local heads: one ring buffer of the last w real words.
-        seen = state["local_count"]  # B
-        slot = seen % w
-        lk, lv = state["local_key"], state["local_value"]
-        lk[batch, slot] = torch.where(real[:, None, None], k[:, :Hl], lk[batch, slot])
-        lv[batch, slot] = torch.where(real[:, None, None], v[:, :Hl], lv[batch, slot])
-        state["local_count"] = seen + real.long()
-        visible = (ring_slot < state["local_count"].clamp(max=w)[:, None]) | ~real[:, None]  # B x w
-        parts.append(
-            F.scaled_dot_product_attention(
-                q[:, :Hl, None, :], lk.transpose(1, 2), lv.transpose(1, 2), attn_mask=visible[:, None, None, :]
-            )
-        )
+        _write(local_kv, (batch, seen_local % w), kv[:, :, :Hl], real)  # the slot of the oldest word
     if Hl < H:
-        keys, values, count = state["cluster_key"], state["cluster_value"], state["cluster_count"]
-        seen = count[batch, cluster]  # B: words of this cluster so far
-        slot = seen % w
-        old_k, old_v = keys[batch, cluster, slot], values[batch, cluster, slot]
-        keys[batch, cluster, slot] = torch.where(real[:, None, None], k[:, Hl:], old_k)
-        values[batch, cluster, slot] = torch.where(real[:, None, None], v[:, Hl:], old_v)
-        count[batch, cluster] = seen + real.long()
+        _write(cluster_kv, (batch, cluster, seen % w), kv[:, :, Hl:], real)
+    filled = torch.stack([seen_local, seen], 1) + (1 if real is None else real.long()[:, None])  # B x 2
+    count[batch, cluster] = filled[:, 1]
+    count[:, K] = filled[:, 0]
 
-        keys, values = keys[batch, cluster], values[batch, cluster]  # B x w x H-Hl x hd
-        visible = ring_slot < count[batch, cluster].clamp(max=w)[:, None]  # B x w
-        visible = visible | ~real[:, None]  # a padding step's (discarded) row stays finite
-        parts.append(
-            F.scaled_dot_product_attention(
-                q[:, Hl:, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :]
-            )
-        )
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
+    visible = ring_slot < filled.clamp(max=w)[:, :, None]  # B x 2 x w: local ring, this cluster's ring
+    if real is not None:
+        visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
+    kvs = cluster_kv[batch, cluster]  # B x w x 2 x H-Hl x hd
+    if Hl:
+        kvs = torch.cat([local_kv, kvs], 3)  # B x w x 2 x H x hd
+        visible = torch.cat([visible[:, :1].expand(B, Hl, w), visible[:, 1:].expand(B, H - Hl, w)], 1)
+    else:
+        visible = visible[:, 1:]
+    keys, values = kvs.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x w x hd each
+    return F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, :, None, :])
 
 
-def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
-    """The ring-buffer state equal to a whole-prefix one: the n-th word of cluster c (n from 0)
-    sits in slot n % w of c's buffer, if it is among c's last w words."""
+def _write(buffer: Tensor, index: Tuple[Tensor, ...], value: Tensor, real: Optional[Tensor]):
+    """buffer[index] = value, in place; where ``real`` is False (a padding step), nothing."""
+    if real is None:
+        buffer[index] = value
+    else:
+        buffer[index] = torch.where(real.view(-1, *[1] * (value.dim() - 1)), value, buffer[index])
+
+
+_ARANGES: Dict[Tuple[int, torch.device], Tensor] = {}
+
+
+def _arange(n: int, device) -> Tensor:
+    """torch.arange(n, device=device), made once: a decoding step needs the same few index
+    ranges in every layer at every step (each a kernel launch on a GPU)."""
+    key = (n, torch.device(device))
+    r = _ARANGES.get(key)
+    if r is None:
+        if len(_ARANGES) >= 256:  # batch sizes shrink during beam search: a bounded set
+            _ARANGES.clear()
+        with torch.inference_mode(False):  # usable outside the inference mode it may be made in
+            r = _ARANGES[key] = torch.arange(n, device=device)
+    return r
+
+
+def prefix_to_ring(attn, kvs: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
+    """The ring-buffer state equal to a whole-prefix one (kvs: B x T x 2 x H x hd, clusters:
+    B x T, -1 at padding steps): the n-th word of cluster c (n from 0) sits in slot n % w of
+    c's buffer, if it is among c's last w words."""
     B, T = clusters.shape
     K, w = attn.num_clusters, attn.window
     real = clusters >= 0
@@ -270,18 +305,15 @@ def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict
     n = seen.gather(2, c[..., None])[..., 0] - 1  # B x T: index of each word within its cluster
     keep = real & (count.gather(1, c) - n <= w)
     b, j = keep.nonzero(as_tuple=True)
-    state = init_state(attn, B, keys.device, keys.dtype)
+    state = init_state(attn, B, kvs.device, kvs.dtype)
     Hl = attn.local_heads
-    state["cluster_key"][b, c[b, j], n[b, j] % w] = keys[b, j, Hl:]
-    state["cluster_value"][b, c[b, j], n[b, j] % w] = values[b, j, Hl:]
-    state["cluster_count"] = count
+    state["cluster_kv"][b, c[b, j], n[b, j] % w] = kvs[b, j, :, Hl:]
     # Local heads: the m-th real word (from 0) sits in slot m % w if it is among the last w.
     m = real.long().cumsum(1) - 1  # B x T
     total = m[:, -1] + 1
     b, j = (real & (total[:, None] - m <= w)).nonzero(as_tuple=True)
-    state["local_key"][b, m[b, j] % w] = keys[b, j, :Hl]
-    state["local_value"][b, m[b, j] % w] = values[b, j, :Hl]
-    state["local_count"] = total
+    state["local_kv"][b, m[b, j] % w] = kvs[b, j, :, :Hl]
+    state["count"] = torch.cat([count, total[:, None]], 1)
     return state
 
 

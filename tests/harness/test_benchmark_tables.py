@@ -94,3 +94,19 @@ def test_profile_tables_keep_each_table_under_its_header():
     assert not any("USDT" in line or "torch 2.13" in line for line in out)
     with pytest.raises(TableError):
         profile_tables("# N 1\nno table here\n")
+
+
+def test_the_generation_table_states_each_model_against_the_transformer(tmp_path):
+    from scripts.benchmark_tables import generation_launches_table
+
+    path = tmp_path / "launches_generate.csv"
+    path.write_text(
+        "model,n,steps,launches,host_syncs,launches_per_step,host_syncs_per_step\n"
+        "clusterformer_iwslt,64,65,19500,350,300.0,5.38\n"
+        "transformer_iwslt_de_en,64,65,16250,350,250.0,5.38\n"
+        "clusterformer_iwslt,512,513,205200,2600,400.0,5.07\n"
+    )
+    table = generation_launches_table(path)
+    assert "| clusterformer_iwslt | 64 | 300.0 | 1.20 | 5.38 |" in table
+    assert "| transformer_iwslt_de_en | 64 | 250.0 | 1.00 | 5.38 |" in table
+    assert "| clusterformer_iwslt | 512 | 400.0 | — | 5.07 |" in table  # no Transformer row at 512

@@ -507,6 +507,48 @@ def test_count_launches_cli_writes_its_rows(tmp_path):
         assert int(r["launches"]) == int(r["forward_launches"]) + int(r["backward_launches"]) > 0
 
 
+def test_beam_search_is_counted_per_output_token():
+    """--generate: both models decode the N + 1 steps they are held to, and ClusterFormer's
+    steps make no more host syncs than the Transformer's."""
+    from scripts.count_launches import count_generation
+
+    ours = count_generation("clusterformer_iwslt", 12)
+    theirs = count_generation("transformer_iwslt_de_en", 12)
+    for c in (ours, theirs):
+        assert c["steps"] == 13 and c["launches_per_step"] == round(c["launches"] / 13, 1) > 0
+    assert 0 < ours["host_syncs"] <= theirs["host_syncs"]
+
+
+@pytest.mark.parametrize("local_heads", [0, 2, 4])
+def test_a_decoding_step_without_padding_takes_fewer_launches_and_the_same_values(local_heads):
+    """The ring-buffer step without a padding mask (beam search's) skips the masking that keeps
+    padding steps out: fewer launching operations, the same output and state as the step given
+    a mask that marks no padding."""
+    import torch
+
+    from fairseq_clusterformer.modules import ClusterAttention
+    from scripts.count_launches import NO_LAUNCH, _counting_mode
+
+    torch.manual_seed(0)
+    m = ClusterAttention(32, 4, 3, causal=True, window=4, local_heads=local_heads).eval()
+    x = torch.randn(6, 20, 32)
+    states = {}
+    with torch.no_grad():
+        for masked in (False, True):
+            state = m.init_state(6, mode="ring")
+            for t in range(19):
+                _, state = m.step(x[:, t : t + 1], state, torch.zeros(6, dtype=torch.bool) if masked else None)
+            with _counting_mode() as count:
+                y, state = m.step(x[:, 19:], state, torch.zeros(6, dtype=torch.bool) if masked else None)
+            states[masked] = y, state, sum(v for op, v in count.ops.items() if op not in NO_LAUNCH)
+    (y, state, launches), (y_masked, state_masked, launches_masked) = states[False], states[True]
+    torch.testing.assert_close(y, y_masked, atol=1e-6, rtol=1e-6)
+    assert state.keys() == state_masked.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], state_masked[name], atol=1e-6, rtol=1e-6)
+    assert launches < launches_masked
+
+
 def test_whole_models_synchronise_no_more_than_fairseqs_transformer():
     """--models: a training step of clusterformer_iwslt makes no more host syncs than fairseq's
     transformer_iwslt_de_en (the decoder's near-tie screens against the Transformer encoder's
