@@ -280,8 +280,8 @@ def test_incremental_decoding_with_beam_reordering_equals_full_forward(window, l
         history = torch.cat([history, x[:, t : t + 1]], 1)
         outs.append(y)
         sizes = {name: tuple(v.shape) for name, v in state.items()}
-        assert sizes["cluster_kv"] == (B, 3, window, 2, 4 - local_heads, 8)  # O(window) per cluster, whatever t
-        assert sizes["local_kv"] == (B, window, 2, local_heads, 8)
+        assert sizes["cluster_kv"] == (B, 3, 2, window, 4 - local_heads, 8)  # O(window) per cluster, whatever t
+        assert sizes["local_kv"] == (B, 2, window, local_heads, 8)
     full, _ = m(history)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 

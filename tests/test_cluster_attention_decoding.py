@@ -30,7 +30,7 @@ def test_auto_cache_equals_full_forward_and_ring_cache(window, k, local_heads):
             y, state = m.step(x[:, t : t + 1], state, key_padding_mask=pad[:, t])
             hist, hpad = torch.cat([hist, x[:, t : t + 1]], 1), torch.cat([hpad, pad[:, t : t + 1]], 1)
             outs.append(y)
-            kinds.append("prefix" if "prefix_kv" in state else "ring")
+            kinds.append("prefix" if "prefix_key" in state else "ring")
         full, _ = m(hist, hpad)
         out = torch.cat(outs, 1)
         torch.testing.assert_close(out[~hpad], full[~hpad], atol=1e-5, rtol=1e-5)
@@ -47,7 +47,7 @@ def test_auto_cache_stays_small_while_short():
     state = m.init_state(2, mode="auto")
     for _ in range(5):
         _, state = m.step(torch.randn(2, 1, 32), state)
-    assert state["prefix_kv"].shape == (2, 5, 2, 4, 8)  # 5 positions, not 3 x 64 slots
+    assert state["prefix_key"].shape == (2, 5, 4, 8)  # 5 positions, not 3 x 64 slots
 
 
 def test_bad_cache_mode_is_named():
@@ -77,3 +77,26 @@ def test_step_directions_follow_every_parameter_change():
     m.double()
     check_x = x.double()
     assert torch.equal(assign_step(m, check_x), assign_per_word(m, check_x))
+
+
+@pytest.mark.parametrize("mode", ["ring", "auto"])
+def test_a_new_decoding_run_follows_updates_made_through_data(mode):
+    """fairseq's optimizers update parameters through ``.data``, which changes no version
+    counter: a model that decodes, trains a step that way, and decodes again (--eval-bleu) must
+    decode with its new parameters (the per-parameter-state caches are dropped by init_state)."""
+    torch.manual_seed(0)
+    m = ClusterAttention(16, 2, 3, causal=True, window=4, local_heads=1).eval()
+    x = torch.randn(3, 12, 16)
+
+    def decode():
+        state, outs = m.init_state(3, mode=mode), []
+        for t in range(x.size(1)):
+            y, state = m.step(x[:, t : t + 1], state)
+            outs.append(y)
+        return torch.cat(outs, 1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(decode(), m(x)[0], atol=1e-5, rtol=1e-5)
+        for p in (m.centroids, m.centroid_proj.weight, m.q_proj.weight, m.k_proj.bias, m.v_proj.weight):
+            p.data.add_(torch.randn_like(p))  # as fairseq's Adam: no version counter moves
+        torch.testing.assert_close(decode(), m(x)[0], atol=1e-5, rtol=1e-5)

@@ -93,8 +93,9 @@ def assignment_directions(attn, dtype) -> Tensor:
     """The K x d rows a decoder word's assignment is the argmax against: the router's
     directions, or C W_C. C W_C is computed once per parameter state (a decoding run calls
     this at every step of every layer): the cache key holds each parameter's storage and
-    version counter, which every in-place update (an optimizer step, load_state_dict) and
-    every replacement changes."""
+    version counter, which every in-place update through the parameter (torch's optimizers,
+    load_state_dict) and every replacement changes, and init_state drops the cache (updates
+    through ``.data``, fairseq's optimizers', change no version counter)."""
     if attn.router is not None:
         return attn.router.directions(dtype)
     params = (attn.centroids, attn.centroid_proj.weight)
@@ -118,24 +119,35 @@ def init_state(attn, batch_size: int, device=None, dtype=None, mode: str = "ring
     while the output is short, which matters in beam search, where the whole cache is
     reordered at every step (fairseq's adapter uses it).
 
-    Keys and values are kept in one tensor (a dimension of 2: key, value), and the word counts
-    in one: a step writes and gathers, and beam search reorders, one tensor for both.
+    The ring buffers keep keys and values in one tensor (a dimension of 2 before the slots:
+    key, value), and the word counts in one: a step writes and gathers, and beam search
+    reorders, one tensor for both. The prefix keeps them apart: it grows by a concatenation at
+    every step, and on the CPU two half-size allocations a step were measured faster than one
+    (the allocator returns large blocks to the system and faults them in again).
     """
+    # A new decoding run: drop the caches made per parameter state (C W_C, the stacked q|k|v).
+    # Their keys see every in-place update made through the parameters, but not one made
+    # through ``.data``, as fairseq's optimizers make theirs (a model that generates during
+    # training, e.g. --eval-bleu, decodes again after such updates).
+    attn._directions_cache = attn._step_projection_cache = None
+    p = attn.q_proj.weight
+    return _empty_state(attn, batch_size, device or p.device, dtype or p.dtype, mode)
+
+
+def _empty_state(attn, batch_size: int, device, dtype, mode: str) -> Dict[str, Tensor]:
     K, w, H, hd = attn.num_clusters, attn.window, attn.num_heads, attn.head_dim
     Hl = attn.local_heads
-    p = attn.q_proj.weight
-    device = device or p.device
-    dtype = dtype or p.dtype
     if mode == "auto":
         return {
-            "prefix_kv": torch.zeros(batch_size, 0, 2, H, hd, device=device, dtype=dtype),  # B x t x k|v x H x hd
+            "prefix_key": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),  # B x t x H x hd
+            "prefix_value": torch.zeros(batch_size, 0, H, hd, device=device, dtype=dtype),
             "prefix_cluster": torch.zeros(batch_size, 0, dtype=torch.long, device=device),  # -1: padding step
         }
     if mode != "ring":
         raise ValueError(f"mode must be 'ring' or 'auto', got {mode!r}")
     return {  # clustered heads (Hl..H-1): per cluster; local heads (0..Hl-1): one ring of any cluster
-        "cluster_kv": torch.zeros(batch_size, K, w, 2, H - Hl, hd, device=device, dtype=dtype),
-        "local_kv": torch.zeros(batch_size, w, 2, Hl, hd, device=device, dtype=dtype),
+        "cluster_kv": torch.zeros(batch_size, K, 2, w, H - Hl, hd, device=device, dtype=dtype),
+        "local_kv": torch.zeros(batch_size, 2, w, Hl, hd, device=device, dtype=dtype),
         # real words seen: of each cluster (columns 0..K-1), and of any cluster (column K)
         "count": torch.zeros(batch_size, K + 1, dtype=torch.long, device=device),
     }
@@ -172,7 +184,7 @@ def step(
     qkv = F.linear(x0, *step_projection(attn)).view(B, 3, H, hd)
     q, kv = qkv[:, 0], qkv[:, 1:]  # B x H x hd, B x 2 x H x hd (key, value)
 
-    if "prefix_kv" in state:
+    if "prefix_key" in state:
         out, state = _attend_prefix(attn, state, q, kv, cluster, real)
     else:
         out = _attend_rings(attn, state, q, kv, cluster, real)  # updates the rings in place
@@ -186,9 +198,9 @@ def step(
 def step_projection(attn) -> Tuple[Tensor, Optional[Tensor]]:
     """The stacked q|k|v projection of a decoding step (``attn.fused_qkv()``: one matmul, not
     three), made once per parameter state where no gradient is wanted (every step of every
-    layer would otherwise concatenate the weights anew): the cache key holds each parameter's
-    storage and version counter, which every in-place update and every replacement changes.
-    The cache keeps one more copy of the three weights per layer."""
+    layer would otherwise concatenate the weights anew), with the same key as
+    assignment_directions' cache and dropped by init_state like it. The cache keeps one more
+    copy of the three weights per layer."""
     params = [t for proj in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (proj.weight, proj.bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         return attn.fused_qkv()  # autograd must see the concatenation
@@ -208,7 +220,8 @@ def _attend_prefix(attn, state, q, kv, cluster, real):
     H, w, Hl = attn.num_heads, attn.window, attn.local_heads
     # A clustered head attends to the last w words of this word's cluster, a local head to the
     # last w real words; both include the word itself.
-    kvs = torch.cat([state["prefix_kv"], kv[:, None]], 1)  # B x t+1 x 2 x H x hd
+    keys = torch.cat([state["prefix_key"], kv[:, 0, None]], 1)  # B x t+1 x H x hd
+    values = torch.cat([state["prefix_value"], kv[:, 1, None]], 1)
     word_cluster = cluster if real is None else cluster.masked_fill(~real, -1)  # -1: padding
     clusters = torch.cat([state["prefix_cluster"], word_cluster[:, None]], 1)  # B x t+1
     same = clusters == cluster[:, None]  # B x t+1
@@ -221,11 +234,13 @@ def _attend_prefix(attn, state, q, kv, cluster, real):
         visible = torch.cat([recent.expand(B, Hl, T), visible.expand(B, H - Hl, T)], 1)  # B x H x t+1
     if real is not None:
         visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
-    state = {"prefix_kv": kvs, "prefix_cluster": clusters}
-    if kvs.size(1) >= attn.num_clusters * w:
-        state = prefix_to_ring(attn, kvs, clusters)
-    keys, values = kvs.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x t+1 x hd each
-    return F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, :, None, :]), state
+    state = {"prefix_key": keys, "prefix_value": values, "prefix_cluster": clusters}
+    if keys.size(1) >= attn.num_clusters * w:
+        state = prefix_to_ring(attn, keys, values, clusters)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, :, None, :]
+    )  # B x H x 1 x hd
+    return out, state
 
 
 def _last(member: Tensor, w: int) -> Tensor:
@@ -237,7 +252,7 @@ def _last(member: Tensor, w: int) -> Tensor:
 
 def _attend_rings(attn, state, q, kv, cluster, real):
     """The ring-buffer cache: writes this word into its rings (padding steps write nothing) and
-    attends to them, every head in one attention call. Returns B x H x 1 x hd.
+    attends to them. Returns B x H x 1 x hd.
 
     Without padding (``real`` None, as in beam search) the writes are plain index_put_s: a step
     is bound by its number of kernel launches on a GPU (it runs in every layer for every output
@@ -248,9 +263,9 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     count, local_kv, cluster_kv = state["count"], state["local_kv"], state["cluster_kv"]
     seen_local, seen = count[:, K], count[batch, cluster]  # B each: real words so far, of any / this cluster
     if Hl:
-        _write(local_kv, (batch, seen_local % w), kv[:, :, :Hl], real)  # the slot of the oldest word
+        _write(local_kv, (batch, slice(None), seen_local % w), kv[:, :, :Hl], real)  # the oldest word's slot
     if Hl < H:
-        _write(cluster_kv, (batch, cluster, seen % w), kv[:, :, Hl:], real)
+        _write(cluster_kv, (batch, cluster, slice(None), seen % w), kv[:, :, Hl:], real)
     filled = torch.stack([seen_local, seen], 1) + (1 if real is None else real.long()[:, None])  # B x 2
     count[batch, cluster] = filled[:, 1]
     count[:, K] = filled[:, 0]
@@ -258,18 +273,21 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     visible = ring_slot < filled.clamp(max=w)[:, :, None]  # B x 2 x w: local ring, this cluster's ring
     if real is not None:
         visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
-    kvs = cluster_kv[batch, cluster]  # B x w x 2 x H-Hl x hd
+    # One attention call per kind of head: one call over both would copy the two rings into one
+    # tensor first, measured slower on the CPU (a GPU would save two launches).
+    parts = []
     if Hl:
-        kvs = torch.cat([local_kv, kvs], 3)  # B x w x 2 x H x hd
-        visible = torch.cat([visible[:, :1].expand(B, Hl, w), visible[:, 1:].expand(B, H - Hl, w)], 1)
-    else:
-        visible = visible[:, 1:]
-    keys, values = kvs.permute(2, 0, 3, 1, 4).unbind(0)  # B x H x w x hd each
-    return F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, :, None, :])
+        keys, values = local_kv.transpose(2, 3).unbind(1)  # B x Hl x w x hd each
+        parts.append(F.scaled_dot_product_attention(q[:, :Hl, None], keys, values, attn_mask=visible[:, None, :1]))
+    if Hl < H:
+        keys, values = cluster_kv[batch, cluster].transpose(2, 3).unbind(1)  # B x H-Hl x w x hd each
+        parts.append(F.scaled_dot_product_attention(q[:, Hl:, None], keys, values, attn_mask=visible[:, None, 1:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
 
 
 def _write(buffer: Tensor, index: Tuple[Tensor, ...], value: Tensor, real: Optional[Tensor]):
-    """buffer[index] = value, in place; where ``real`` is False (a padding step), nothing."""
+    """buffer[index] = value (B x 2 x heads x hd: the index picks one slot per sequence), in
+    place; where ``real`` is False (a padding step), nothing."""
     if real is None:
         buffer[index] = value
     else:
@@ -292,8 +310,8 @@ def _arange(n: int, device) -> Tensor:
     return r
 
 
-def prefix_to_ring(attn, kvs: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
-    """The ring-buffer state equal to a whole-prefix one (kvs: B x T x 2 x H x hd, clusters:
+def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
+    """The ring-buffer state equal to a whole-prefix one (keys, values: B x T x H x hd, clusters:
     B x T, -1 at padding steps): the n-th word of cluster c (n from 0) sits in slot n % w of
     c's buffer, if it is among c's last w words."""
     B, T = clusters.shape
@@ -305,14 +323,15 @@ def prefix_to_ring(attn, kvs: Tensor, clusters: Tensor) -> Dict[str, Tensor]:
     n = seen.gather(2, c[..., None])[..., 0] - 1  # B x T: index of each word within its cluster
     keep = real & (count.gather(1, c) - n <= w)
     b, j = keep.nonzero(as_tuple=True)
-    state = init_state(attn, B, kvs.device, kvs.dtype)
+    state = _empty_state(attn, B, keys.device, keys.dtype, "ring")
+    kvs = torch.stack([keys, values], 1)  # B x 2 x T x H x hd, once per decoding run
     Hl = attn.local_heads
-    state["cluster_kv"][b, c[b, j], n[b, j] % w] = kvs[b, j, :, Hl:]
+    state["cluster_kv"][b, c[b, j], :, n[b, j] % w] = kvs[b, :, j, Hl:]  # (words x 2 x H-Hl x hd)
     # Local heads: the m-th real word (from 0) sits in slot m % w if it is among the last w.
     m = real.long().cumsum(1) - 1  # B x T
     total = m[:, -1] + 1
     b, j = (real & (total[:, None] - m <= w)).nonzero(as_tuple=True)
-    state["local_kv"][b, m[b, j] % w] = kvs[b, j, :, :Hl]
+    state["local_kv"][b, :, m[b, j] % w] = kvs[b, :, j, :Hl]
     state["count"] = torch.cat([count, total[:, None]], 1)
     return state
 
