@@ -386,13 +386,8 @@ def main(argv=None):
                     flush=True,
                 )
                 if args.verbose:
-                    print("    " + ", ".join(f"{op} {v}" for op, v in c["ops"].most_common()))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    return rows
+                    _print_ops(c)
+    return _write_csv(args.csv, CSV_COLUMNS, rows)
 
 
 def _generation_rows(models, lengths, args):
@@ -404,10 +399,19 @@ def _generation_rows(models, lengths, args):
             rows.append({"model": model, "n": n, **{k: c[k] for k in GENERATE_CSV_COLUMNS[2:]}})
             print(f"| {model} | {n} | {c['launches_per_step']} | {c['host_syncs_per_step']} |", flush=True)
             if args.verbose:
-                print("    " + ", ".join(f"{op} {v}" for op, v in c["ops"].most_common()))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=GENERATE_CSV_COLUMNS)
+                _print_ops(c)
+    return _write_csv(args.csv, GENERATE_CSV_COLUMNS, rows)
+
+
+def _print_ops(counts):
+    print("    " + ", ".join(f"{op} {v}" for op, v in counts["ops"].most_common()))
+
+
+def _write_csv(path, columns, rows):
+    """ROWS written to PATH (if given) as a CSV of COLUMNS; returns ROWS."""
+    if path:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
     return rows

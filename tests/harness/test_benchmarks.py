@@ -549,6 +549,25 @@ def test_a_decoding_step_without_padding_takes_fewer_launches_and_the_same_value
     assert launches < launches_masked
 
 
+def test_count_launches_cli_writes_its_generation_rows(tmp_path):
+    out = tmp_path / "launches_generate.csv"
+    table = _run([*("-m", "scripts.count_launches"), "--generate", "--n", "8", "--csv", out], 300)
+    assert "| clusterformer_iwslt | 8 |" in table and "| transformer_iwslt_de_en | 8 |" in table
+    fields, rows = _rows(out)
+    assert fields == ["model", "n", "steps", "launches", "host_syncs", "launches_per_step", "host_syncs_per_step"]
+    assert [r["model"] for r in rows] == ["clusterformer_iwslt", "transformer_iwslt_de_en"]
+    for r in rows:
+        assert r["steps"] == "9" and float(r["launches_per_step"]) == round(int(r["launches"]) / 9, 1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.count_launches", "--generate", "--impls", "clusterformer_iwslt+flex"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "unknown model 'clusterformer_iwslt+flex'" in proc.stderr
+
+
 def test_whole_models_synchronise_no_more_than_fairseqs_transformer():
     """--models: a training step of clusterformer_iwslt makes no more host syncs than fairseq's
     transformer_iwslt_de_en (the decoder's near-tie screens against the Transformer encoder's
