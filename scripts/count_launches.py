@@ -20,10 +20,10 @@ operations where some word is near a tie.
 cluster-flex and cluster-causal-flex are the layers with impl="flex" (--cluster-impl flex). Their
 FlexAttention call runs on CUDA as torch.compile's Triton code, which the CPU cannot run in a
 training step (FlexAttention has no CPU backward): it is counted as one launch forward
-(``flex_attention``) and one backward (``flex_attention_backward``), its output left uncomputed,
-and everything around it (the orders, the gathers, the tile lists, the projections, the
-clustering) is counted as it runs. The CPU's own additions (its tile mask, its device check)
-are left out, as on CUDA.
+(``flex_attention``) and one backward (``flex_attention_backward``), its output a copy of its
+values (no attention: deterministic, not meaningful), and everything around it (the orders, the
+gathers, the tile lists, the projections, the clustering) is counted as it runs. The CPU's own
+additions (its tile mask, its device check) are left out, as on CUDA.
 
 --models counts whole fairseq models instead: one training step (forward, the criterion,
 backward; no optimizer step) of clusterformer_iwslt and transformer_iwslt_de_en at their
@@ -128,17 +128,19 @@ _FLEX_STAND_INS = []
 
 def _flex_stand_ins():
     """Two custom operators that the counting mode sees as one launch each (``flex_attention``,
-    ``flex_attention_backward``) and that compute nothing (their outputs are uninitialised)."""
+    ``flex_attention_backward``), whose outputs are copies of an input: no attention, but
+    determined by the inputs (an uninitialised output would make a whole model's later
+    data-dependent operations, the decoder's near-tie screen, vary from run to run)."""
     if not _FLEX_STAND_INS:
         import torch
 
         @torch.library.custom_op("count_launches::flex_attention", mutates_args=())
         def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return torch.empty_like(q)
+            return v.clone()  # the counting mode is off inside: not counted
 
         @torch.library.custom_op("count_launches::flex_attention_backward", mutates_args=())
         def kernel_backward(grad: torch.Tensor) -> List[torch.Tensor]:
-            return [torch.empty_like(grad) for _ in range(3)]
+            return [grad.clone() for _ in range(3)]
 
         kernel.register_autograd(lambda ctx, grad: tuple(kernel_backward(grad)))
         _FLEX_STAND_INS.extend((kernel, kernel_backward))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fairseq_clusterformer.modules import kernels
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention, parse_num_clusters
@@ -477,3 +478,27 @@ def test_the_attention_package_works_without_fairseq(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "OK (2, 7, 16) (2, 1, 16) ['fairseq'] None" in proc.stdout
+
+
+def test_additive_mask_is_the_conversion_attention_makes_of_a_bool_mask(monkeypatch):
+    """kernels.additive_mask gives scaled_dot_product_attention the 0 / -inf mask it would make of
+    the bool one itself (the same outputs, bit for bit), in the query's dtype, with its two
+    values made once per dtype and device (here first under inference mode, as in generation)."""
+    from fairseq_clusterformer.modules import kernels
+
+    monkeypatch.setattr(kernels, "_MASK_VALUES", {})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5, generator=g) > 0.4
+    allowed[..., 0] = True  # every query sees a key
+    with torch.inference_mode():
+        kernels.additive_mask(allowed, torch.float16)
+    mask = kernels.additive_mask(allowed, q.dtype)
+    assert mask.dtype == q.dtype and mask.shape == allowed.shape
+    assert torch.equal(mask == 0, allowed) and torch.isneginf(mask[~allowed]).all()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
+    values = kernels._MASK_VALUES[(torch.float16, q.device)]
+    half = kernels.additive_mask(allowed, torch.float16)
+    assert half.dtype == torch.float16 and kernels._MASK_VALUES[(torch.float16, q.device)] is values
+    assert torch.equal(half == 0, allowed)

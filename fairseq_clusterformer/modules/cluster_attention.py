@@ -607,7 +607,9 @@ class ClusterAttention(nn.Module):
         qkv = F.linear(x, *self.fused_qkv())  # B x N x 3d
         q, k, v = qkv.view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # each B x H x N x hd
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=kernels.additive_mask(visible, q.dtype), dropout_p=dropout_p
+        )
         out = out.transpose(1, 2).reshape(B, N, d)
         if pad is not None:
             out = out.masked_fill(pad[:, :, None], 0.0)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import additive_mask
+
 # The near-tie rows of assign_per_word are scored in chunks of at most this many products
 # (x_j c_i, each K x d per word): the memory of the exact definition stays bounded whatever N is.
 _NEAR_TIE_CHUNK_ELEMENTS = 1 << 24
@@ -238,7 +240,10 @@ def _attend_prefix(attn, state, q, kv, cluster, real):
     if keys.size(1) >= attn.num_clusters * w:
         state = prefix_to_ring(attn, keys, values, clusters)
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, :, None, :]
+        q[:, :, None, :],
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=additive_mask(visible[:, :, None, :], q.dtype),
     )  # B x H x 1 x hd
     return out, state
 
@@ -273,6 +278,7 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     visible = ring_slot < filled.clamp(max=w)[:, :, None]  # B x 2 x w: local ring, this cluster's ring
     if real is not None:
         visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
+    visible = additive_mask(visible, q.dtype)  # once for both calls
     # One attention call per kind of head: one call over both would copy the two rings into one
     # tensor first, measured slower on the CPU (a GPU would save two launches).
     parts = []

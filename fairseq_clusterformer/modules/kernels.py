@@ -118,9 +118,27 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
 
 
-def _additive_mask(allowed: Tensor, dtype) -> Tensor:
-    """bool mask (True: may attend) -> 0 / -inf in ``dtype``, the form the flash kernel takes."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+_MASK_VALUES: dict = {}  # (dtype, device) -> (0, -inf) as 0-dim tensors
+
+
+def additive_mask(allowed: Tensor, dtype) -> Tensor:
+    """bool mask (True: may attend) -> 0 / -inf in ``dtype``, the form the attention kernels take.
+
+    scaled_dot_product_attention converts a bool mask so itself, with two scalar tensors it
+    makes on the mask's device for every call: three kernel launches on a GPU, where this is
+    one (the two values are made once per dtype and device). The same values, so the same
+    result. Inside torch.compile the bool mask is returned (the conversion fuses there)."""
+    if torch.compiler.is_compiling():
+        return allowed
+    key = (dtype, allowed.device)
+    values = _MASK_VALUES.get(key)
+    if values is None:
+        with torch.inference_mode(False):  # usable outside the inference mode it may be made in
+            values = _MASK_VALUES[key] = (
+                torch.zeros((), dtype=dtype, device=allowed.device),
+                torch.full((), float("-inf"), dtype=dtype, device=allowed.device),
+            )
+    return torch.where(allowed, *values)
 
 
 def _new_qkv_grad(qkv: Tensor, W: int, paired: bool) -> Tensor:
@@ -195,7 +213,7 @@ class FlashBlockAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paired: bool):
         q, k, v = (t.transpose(1, 2) for t in _qkv_views(qkv, W, H, hd, paired))  # M x H x W|n_keys x hd
-        out, lse = FLASH_CPU_OPS[0](q, k, v, 0.0, False, attn_mask=_additive_mask(allowed, qkv.dtype))
+        out, lse = FLASH_CPU_OPS[0](q, k, v, 0.0, False, attn_mask=additive_mask(allowed, qkv.dtype))
         ctx.dims = (W, H, hd, paired)
         ctx.save_for_backward(qkv, allowed, out, lse)
         # out: M x H x W x hd, laid out as M x W x H x hd like the queries, so this is a view.
@@ -224,7 +242,7 @@ class FlashBlockAttention(torch.autograd.Function):
                 lse[c],
                 0.0,
                 False,
-                attn_mask=_additive_mask(allowed[c], qkv.dtype),
+                attn_mask=additive_mask(allowed[c], qkv.dtype),
             )  # M_c x H x W|n_keys x hd
             _add_block_grads(grad_qkv, first, gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), W, paired)
         return grad_qkv, None, None, None, None, None
@@ -239,7 +257,11 @@ def block_attention(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paire
         return FlashBlockAttention.apply(qkv, allowed, W, H, hd, paired)
     q, k, v = PairedViews.apply(qkv, W, H, hd, paired)
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, dropout_p=dropout_p
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=additive_mask(allowed, qkv.dtype),
+        dropout_p=dropout_p,
     )  # M x H x W x hd, laid out as M x W x H x hd like the queries
     return out.transpose(1, 2).reshape(-1, H * hd)
 
