@@ -266,16 +266,19 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     K, w, Hl = attn.num_clusters, attn.window, attn.local_heads
     batch, ring_slot = _arange(B, q.device), _arange(w, q.device)
     count, local_kv, cluster_kv = state["count"], state["local_kv"], state["cluster_kv"]
-    seen_local, seen = count[:, K], count[batch, cluster]  # B each: real words so far, of any / this cluster
+    # B x 2: real words so far, of any cluster (the local ring) and of this word's cluster
+    seen = torch.stack([count[:, K], count[batch, cluster]], 1)
+    slot = seen % w  # the oldest word's slot, which this word takes
     if Hl:
-        _write(local_kv, (batch, slice(None), seen_local % w), kv[:, :, :Hl], real)  # the oldest word's slot
+        _write(local_kv, (batch, slice(None), slot[:, 0]), kv[:, :, :Hl], real)
     if Hl < H:
-        _write(cluster_kv, (batch, cluster, slice(None), seen % w), kv[:, :, Hl:], real)
-    filled = torch.stack([seen_local, seen], 1) + (1 if real is None else real.long()[:, None])  # B x 2
+        _write(cluster_kv, (batch, cluster, slice(None), slot[:, 1]), kv[:, :, Hl:], real)
+    filled = seen + (1 if real is None else real.long()[:, None])  # B x 2
     count[batch, cluster] = filled[:, 1]
     count[:, K] = filled[:, 0]
 
-    visible = ring_slot < filled.clamp(max=w)[:, :, None]  # B x 2 x w: local ring, this cluster's ring
+    # Slot s holds a word iff s < filled (s < window always: no clamp needed).
+    visible = ring_slot < filled[:, :, None]  # B x 2 x w: the local ring, this cluster's ring
     if real is not None:
         visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
     visible = additive_mask(visible, q.dtype)  # once for both calls
