@@ -124,9 +124,9 @@ _MASK_VALUES: dict = {}  # (dtype, device) -> (0, -inf) as 0-dim tensors
 def additive_mask(allowed: Tensor, dtype) -> Tensor:
     """bool mask (True: may attend) -> 0 / -inf in ``dtype``, the form the attention kernels take.
 
-    scaled_dot_product_attention converts a bool mask so itself, with two scalar tensors it
-    makes on the mask's device for every call: three kernel launches on a GPU, where this is
-    one (the two values are made once per dtype and device). The same values, so the same
+    scaled_dot_product_attention makes the same of a bool mask itself, from two scalar tensors
+    it creates on the mask's device at every call: three kernel launches on a GPU, where this
+    is one (the two values are made once per dtype and device). The same values, so the same
     result. Inside torch.compile the bool mask is returned (the conversion fuses there)."""
     if torch.compiler.is_compiling():
         return allowed
