@@ -74,7 +74,7 @@ def _rows(name, data=DATA):
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
     rows = (
         read_rows(path)
-        if not name.startswith("translation")  # benchmark_attention CSVs
+        if not name.startswith(("translation", "launches"))  # benchmark_attention CSVs
         else list(csv.DictReader(path.open()))
     )
     if not rows:
@@ -381,14 +381,9 @@ def profile_tables(text):
     return "\n".join(out).strip()
 
 
-def launches_table(path, what="layer"):
-    """The launch counts of scripts/count_launches.py (its --csv), one row per layer (or model,
-    WHAT names the column) and length."""
-    if not path.exists():
-        raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
-    rows = list(csv.DictReader(path.open()))
-    if not rows:
-        raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
+def launches_table(rows, what="layer"):
+    """The launch counts of scripts/count_launches.py (the rows of its --csv), one row per layer
+    (or model, WHAT names the column) and length."""
     cells = {(r["impl"], r["n"], r["padded"]): r for r in rows}
     lines = [
         f"| {what} | N | launches, no padding (forward + backward) | with padding "
@@ -406,15 +401,10 @@ def launches_table(path, what="layer"):
     return "\n".join(lines)
 
 
-def generation_launches_table(path, baseline="transformer_iwslt_de_en"):
-    """The per-output-token launch counts of beam search (scripts/count_launches.py --generate
-    --csv), one row per model and length, with each model's launches as a multiple of
-    BASELINE's at the same length."""
-    if not path.exists():
-        raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
-    rows = list(csv.DictReader(path.open()))
-    if not rows:
-        raise TableError(f"{path} holds no rows: refusing to replace a table with nothing")
+def generation_launches_table(rows, baseline="transformer_iwslt_de_en"):
+    """The per-output-token launch counts of beam search (the rows of scripts/count_launches.py
+    --generate --csv), one row per model and length, with each model's launches as a multiple
+    of BASELINE's at the same length."""
     base = {r["n"]: float(r["launches_per_step"]) for r in rows if r["model"] == baseline}
     lines = [
         "| model | N (source and output tokens) | launches per output token | × the Transformer's "
@@ -494,9 +484,9 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "short": attention_tables(_rows("short_lengths.csv", data), memory=False),
         "profile_layer": "\n\n".join(profile_tables(_text(f"profile_2048_t{t}.txt", data)) for t in (1, 2)),
         "profile_mt": "\n\n".join(profile_tables(_text(f"profile_mt_t{t}.txt", data)) for t in (1, 2)),
-        "launches": launches_table(Path(data) / "launches.csv"),
-        "launches_models": launches_table(Path(data) / "launches_models.csv", "model"),
-        "launches_generate": generation_launches_table(Path(data) / "launches_generate.csv"),
+        "launches": launches_table(_rows("launches.csv", data)),
+        "launches_models": launches_table(_rows("launches_models.csv", data), "model"),
+        "launches_generate": generation_launches_table(_rows("launches_generate.csv", data)),
         **gpu_blocks(data_gpu),
     }
 

@@ -486,7 +486,7 @@ def test_additive_mask_is_the_conversion_attention_makes_of_a_bool_mask(monkeypa
     values made once per dtype and device (here first under inference mode, as in generation)."""
     from fairseq_clusterformer.modules import kernels
 
-    monkeypatch.setattr(kernels, "_MASK_VALUES", {})
+    monkeypatch.setattr(kernels, "_CONSTANTS", {})
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
     allowed = torch.rand(2, 1, 5, 5, generator=g) > 0.4
@@ -498,7 +498,8 @@ def test_additive_mask_is_the_conversion_attention_makes_of_a_bool_mask(monkeypa
     assert torch.equal(mask == 0, allowed) and torch.isneginf(mask[~allowed]).all()
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
-    values = kernels._MASK_VALUES[(torch.float16, q.device)]
+    key = ("mask values", torch.float16, q.device)
+    values = kernels._CONSTANTS[key]
     half = kernels.additive_mask(allowed, torch.float16)
-    assert half.dtype == torch.float16 and kernels._MASK_VALUES[(torch.float16, q.device)] is values
+    assert half.dtype == torch.float16 and kernels._CONSTANTS[key] is values
     assert torch.equal(half == 0, allowed)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import additive_mask
+from .kernels import additive_mask, constant_tensor
 
 # The near-tie rows of assign_per_word are scored in chunks of at most this many products
 # (x_j c_i, each K x d per word): the memory of the exact definition stays bounded whatever N is.
@@ -294,29 +294,19 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)  # B x H x 1 x hd
 
 
-def _write(buffer: Tensor, index: Tuple[Tensor, ...], value: Tensor, real: Optional[Tensor]):
+def _write(buffer: Tensor, index: tuple, value: Tensor, real: Optional[Tensor]):
     """buffer[index] = value (B x 2 x heads x hd: the index picks one slot per sequence), in
     place; where ``real`` is False (a padding step), nothing."""
     if real is None:
         buffer[index] = value
     else:
-        buffer[index] = torch.where(real.view(-1, *[1] * (value.dim() - 1)), value, buffer[index])
-
-
-_ARANGES: Dict[Tuple[int, torch.device], Tensor] = {}
+        buffer[index] = torch.where(real[:, None, None, None], value, buffer[index])
 
 
 def _arange(n: int, device) -> Tensor:
     """torch.arange(n, device=device), made once: a decoding step needs the same few index
-    ranges in every layer at every step (each a kernel launch on a GPU)."""
-    key = (n, torch.device(device))
-    r = _ARANGES.get(key)
-    if r is None:
-        if len(_ARANGES) >= 256:  # batch sizes shrink during beam search: a bounded set
-            _ARANGES.clear()
-        with torch.inference_mode(False):  # usable outside the inference mode it may be made in
-            r = _ARANGES[key] = torch.arange(n, device=device)
-    return r
+    ranges in every layer at every step."""
+    return constant_tensor(("arange", n, torch.device(device)), lambda: torch.arange(n, device=device))
 
 
 def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:

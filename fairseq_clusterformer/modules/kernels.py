@@ -118,7 +118,20 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
 
 
-_MASK_VALUES: dict = {}  # (dtype, device) -> (0, -inf) as 0-dim tensors
+_CONSTANTS: dict = {}  # constant_tensor's tensors, by key
+
+
+def constant_tensor(key, make) -> Tensor:
+    """make(), once per key (which must name its device and dtype): small tensors that a hot
+    path would otherwise create at every call, each a kernel launch on a GPU. Made outside any
+    inference mode, so that they serve outside it too."""
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:  # e.g. index ranges for the batch sizes of beam search: bounded
+            _CONSTANTS.clear()
+        with torch.inference_mode(False):
+            t = _CONSTANTS[key] = make()
+    return t
 
 
 def additive_mask(allowed: Tensor, dtype) -> Tensor:
@@ -130,15 +143,11 @@ def additive_mask(allowed: Tensor, dtype) -> Tensor:
     result. Inside torch.compile the bool mask is returned (the conversion fuses there)."""
     if torch.compiler.is_compiling():
         return allowed
-    key = (dtype, allowed.device)
-    values = _MASK_VALUES.get(key)
-    if values is None:
-        with torch.inference_mode(False):  # usable outside the inference mode it may be made in
-            values = _MASK_VALUES[key] = (
-                torch.zeros((), dtype=dtype, device=allowed.device),
-                torch.full((), float("-inf"), dtype=dtype, device=allowed.device),
-            )
-    return torch.where(allowed, *values)
+    device = allowed.device
+    values = constant_tensor(
+        ("mask values", dtype, device), lambda: torch.tensor([0.0, float("-inf")], dtype=dtype, device=device)
+    )
+    return torch.where(allowed, values[0], values[1])
 
 
 def _new_qkv_grad(qkv: Tensor, W: int, paired: bool) -> Tensor:

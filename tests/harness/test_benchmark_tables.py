@@ -97,7 +97,7 @@ def test_profile_tables_keep_each_table_under_its_header():
 
 
 def test_the_generation_table_states_each_model_against_the_transformer(tmp_path):
-    from scripts.benchmark_tables import generation_launches_table
+    from scripts.benchmark_tables import _rows, generation_launches_table
 
     path = tmp_path / "launches_generate.csv"
     path.write_text(
@@ -106,7 +106,7 @@ def test_the_generation_table_states_each_model_against_the_transformer(tmp_path
         "transformer_iwslt_de_en,64,65,16250,350,250.0,5.38\n"
         "clusterformer_iwslt,512,513,205200,2600,400.0,5.07\n"
     )
-    table = generation_launches_table(path)
+    table = generation_launches_table(_rows(path.name, tmp_path))
     assert "| clusterformer_iwslt | 64 | 300.0 | 1.20 | 5.38 |" in table
     assert "| transformer_iwslt_de_en | 64 | 250.0 | 1.00 | 5.38 |" in table
     assert "| clusterformer_iwslt | 512 | 400.0 | — | 5.07 |" in table  # no Transformer row at 512
