@@ -25,11 +25,21 @@ values (no attention: deterministic, not meaningful), and everything around it (
 gathers, the tile lists, the projections, the clustering) is counted as it runs. The CPU's own
 additions (its tile mask, its device check) are left out, as on CUDA.
 
+cluster-graphs and cluster-causal-graphs are the layers with compile="reduce-overhead"
+(--cluster-compile --cluster-compile-mode reduce-overhead), which on CUDA replays each compiled
+function as a recorded CUDA graph. Each such function is counted as its replay: one launch per
+pass (``cuda_graph_replay``) and one copy per input that is not a parameter and per incoming
+gradient (``cuda_graph_input_copy``: CUDA-graph trees copy inputs into the graph's static
+buffers, outputs of an earlier replay excepted, so this is an upper bound); the function runs
+eagerly, uncounted, for its values. The kernels inside a graph still take their GPU time; the
+count says what the CPU must launch.
+
 --models counts whole fairseq models instead: one training step (forward, the criterion,
 backward; no optimizer step) of clusterformer_iwslt and transformer_iwslt_de_en at their
 architectures' sizes, built in-process on a 1,000-word dictionary, on a batch of sentence pairs
 of N tokens per side (the shorter variant: the last sentence's source ends 7 tokens early);
-clusterformer_iwslt+flex is clusterformer_iwslt with --cluster-impl flex.
+clusterformer_iwslt+flex is clusterformer_iwslt with --cluster-impl flex, clusterformer_iwslt+graphs
+with --cluster-compile --cluster-compile-mode reduce-overhead (counted as above).
 
 --generate counts whole models' beam search (fairseq's SequenceGenerator, beam 5) instead, per
 output token: two sources of N tokens (the second 7 shorter), every hypothesis held to N
@@ -51,11 +61,24 @@ import csv
 import math
 from typing import List
 
-IMPLS = ("cluster", "cluster-causal", "cluster-flex", "cluster-causal-flex", "sdpa", "full")
-MODELS = ("clusterformer_iwslt", "clusterformer_iwslt+flex", "transformer_iwslt_de_en")
+IMPLS = (
+    "cluster",
+    "cluster-causal",
+    "cluster-flex",
+    "cluster-causal-flex",
+    "cluster-graphs",
+    "cluster-causal-graphs",
+    "sdpa",
+    "full",
+)
+MODELS = ("clusterformer_iwslt", "clusterformer_iwslt+flex", "clusterformer_iwslt+graphs", "transformer_iwslt_de_en")
+# The fairseq options that a model name's "+suffix" adds.
+MODEL_OPTIONS = {
+    "flex": ["--cluster-impl", "flex"],
+    "graphs": ["--cluster-compile", "--cluster-compile-mode", "reduce-overhead"],
+}
 GENERATE_MODELS = ("clusterformer_iwslt", "transformer_iwslt_de_en")  # +flex decodes as clusterformer_iwslt
 CRITERIA = {
-    "clusterformer_iwslt+flex": "label_smoothed_cross_entropy_with_clustering",
     "clusterformer_iwslt": "label_smoothed_cross_entropy_with_clustering",
     "transformer_iwslt_de_en": "label_smoothed_cross_entropy",
 }
@@ -165,6 +188,118 @@ def _flex_as_one_kernel_per_pass():
         flex._flex, flex._within_tiles, flex.check_device = saved
 
 
+def _bump(op: str, n: int = 1):
+    """Counts N launches of OP in the counting mode that is active (if any)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    mode = _get_current_dispatch_mode()
+    if n and mode is not None and hasattr(mode, "ops"):
+        mode.ops[op] += n
+
+
+def _replayed(fn):
+    """FN (a ClusterAttention fast-path function: fn(module, *args)) counted as a recorded CUDA
+    graph replays it: one launch forward (``cuda_graph_replay``) and one backward, plus one copy
+    (``cuda_graph_input_copy``) per input tensor that is not a parameter and per incoming
+    gradient (torch's CUDA-graph trees copy inputs into the graph's static buffers; an output of
+    an earlier replay needs none, so this is an upper bound). FN runs eagerly, uncounted, for its
+    values; its backward runs through torch.autograd.grad, uncounted, and the parameters' gradients
+    leave the graph as real ones do (their accumulation is counted where it runs)."""
+    import torch
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def call(module, *args):
+        flat, spec = pytree.tree_flatten(args)
+        at = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        params = [p for p in module.parameters() if p.requires_grad]
+        n_in = len(at)
+        holder = {}
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *tensors):
+                inner = list(flat)
+                with _disable_current_modes(), torch.enable_grad():
+                    for i, t in zip(at, tensors[:n_in]):
+                        inner[i] = t.detach().requires_grad_(t.requires_grad)
+                    out = fn(module, *pytree.tree_unflatten(inner, spec))
+                outs, holder["spec"] = pytree.tree_flatten(out)
+                ctx.inner_inputs = [inner[i] for i in at]
+                ctx.outs = outs
+                result = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
+                ctx.mark_non_differentiable(
+                    *(o for o in result if isinstance(o, torch.Tensor) and not o.is_floating_point())
+                )
+                return result
+
+            @staticmethod
+            def backward(ctx, *grads):
+                given = [
+                    (o, g)
+                    for o, g in zip(ctx.outs, grads)
+                    if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+                ]
+                _bump("cuda_graph_replay")
+                _bump("cuda_graph_input_copy", len(given))
+                wrt = [t for t in ctx.inner_inputs if t.requires_grad] + params
+                with _disable_current_modes():
+                    found = (
+                        torch.autograd.grad([o for o, _ in given], wrt, [g for _, g in given], allow_unused=True)
+                        if given and wrt
+                        else [None] * len(wrt)
+                    )
+                found = iter(found)
+                return tuple(next(found) if t.requires_grad else None for t in ctx.inner_inputs) + tuple(
+                    next(found) for _ in params
+                )
+
+        _bump("cuda_graph_replay")
+        _bump("cuda_graph_input_copy", n_in)
+        result = Replay.apply(*(flat[i] for i in at), *params)
+        return pytree.tree_unflatten(list(result), holder["spec"])
+
+    return call
+
+
+@contextlib.contextmanager
+def _compiled_as_graph_replays():
+    """compile="reduce-overhead" as on CUDA, for counting: every compiled fast-path function one
+    recorded CUDA graph (_replayed), nothing compiled (inductor skips CUDA graphs on the CPU)."""
+    from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+
+    saved = ClusterAttention._fast_path
+
+    def fast_path(self, name):
+        fn = getattr(ClusterAttention, name)
+        return _replayed(fn) if self.compile_mode == "reduce-overhead" else fn
+
+    ClusterAttention._fast_path = fast_path
+    try:
+        yield
+    finally:
+        ClusterAttention._fast_path = saved
+
+
+@contextlib.contextmanager
+def _as_on_cuda(name):
+    """The stand-ins that make NAME's step count as on CUDA: FlexAttention ("flex" in the name)
+    and CUDA-graph replays ("graphs"); both switch off the CPU's own flash kernel path."""
+    from fairseq_clusterformer.modules import kernels
+
+    saved = kernels.USE_FLASH_CPU_KERNEL
+    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
+    try:
+        with contextlib.ExitStack() as stack:
+            if "flex" in name:
+                stack.enter_context(_flex_as_one_kernel_per_pass())
+            if "graphs" in name:
+                stack.enter_context(_compiled_as_graph_replays())
+            yield
+    finally:
+        kernels.USE_FLASH_CPU_KERNEL = saved
+
+
 def _summary(fwd, bwd):
     def launches(counter):
         return sum(v for op, v in counter.items() if op not in NO_LAUNCH)
@@ -197,10 +332,10 @@ def _build_model(arch, n):
             parser,
             [data, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt"]
             + ["--arch", arch.split("+")[0]]
-            + (["--cluster-impl", "flex"] if arch.endswith("+flex") else [])
+            + MODEL_OPTIONS.get(arch.partition("+")[2], [])
             + [
                 "--criterion",
-                CRITERIA[arch],
+                CRITERIA[arch.split("+")[0]],
                 "--label-smoothing",
                 "0.1",
                 "--user-dir",
@@ -217,8 +352,6 @@ def count_model_step(arch, n, padded, batch=2):
     """Counts of one training step of a fairseq model (forward, criterion, backward) after one
     warm-up step, on BATCH pairs of N tokens per side (padded: the last source 7 tokens shorter)."""
     import torch
-
-    from fairseq_clusterformer.modules import kernels
 
     task, model, criterion = _build_model(arch, n)
     model.train()
@@ -238,18 +371,13 @@ def count_model_step(arch, n, padded, batch=2):
         "net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1), "prev_output_tokens": prev},
         "target": tgt,
     }
-    saved = kernels.USE_FLASH_CPU_KERNEL
-    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
-    try:
-        with _flex_as_one_kernel_per_pass() if arch.endswith("+flex") else contextlib.nullcontext():
-            for _ in range(2):
-                model.zero_grad(set_to_none=True)
-                with _counting_mode() as fwd:
-                    loss, _, _ = criterion(model, sample)
-                with _counting_mode() as bwd:
-                    loss.backward()
-    finally:
-        kernels.USE_FLASH_CPU_KERNEL = saved
+    with _as_on_cuda(arch):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            with _counting_mode() as fwd:
+                loss, _, _ = criterion(model, sample)
+            with _counting_mode() as bwd:
+                loss.backward()
     return _summary(fwd.ops, bwd.ops)
 
 
@@ -262,8 +390,6 @@ def count_generation(arch, n, beam=5, batch=2):
     import torch
     from fairseq.sequence_generator import SequenceGenerator
 
-    from fairseq_clusterformer.modules import kernels
-
     task, model, _ = _build_model(arch, n)
     model.eval()
     d = task.source_dictionary
@@ -272,15 +398,10 @@ def count_generation(arch, n, beam=5, batch=2):
     src[-1, :7] = d.pad()
     sample = {"net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)}}
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_a=0, max_len_b=n, min_len=n)
-    saved = kernels.USE_FLASH_CPU_KERNEL
-    kernels.USE_FLASH_CPU_KERNEL = False  # the encoder's block attention as on a GPU: through sdpa
-    try:
-        with torch.no_grad():
-            for _ in range(2):
-                with _counting_mode() as count:
-                    hypos = generator.generate([model], sample)
-    finally:
-        kernels.USE_FLASH_CPU_KERNEL = saved
+    with _as_on_cuda(arch), torch.no_grad():
+        for _ in range(2):
+            with _counting_mode() as count:
+                hypos = generator.generate([model], sample)
     if any(len(h[0]["tokens"]) != n + 1 for h in hypos):
         raise RuntimeError(f"{arch}: beam search did not run the {n + 1} steps it was held to")
     c = _summary(count.ops, collections.Counter())
@@ -300,7 +421,6 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
     forward_launches, backward_launches and ``ops`` (a Counter of launching operators)."""
     import torch
 
-    from fairseq_clusterformer.modules import kernels
     from scripts.benchmark_attention import build
 
     k = k or math.ceil(math.sqrt(n))
@@ -321,22 +441,16 @@ def count_step(impl, n, padded, batch=2, d=64, heads=4, k=None, window=None):
             out, info = module(x, kpm if padded else None, assume_padding=padded)
             return out, info.clustering_loss + info.sorting_loss
 
-    saved = kernels.USE_FLASH_CPU_KERNEL
-    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
-    flexed = impl.endswith("-flex")
-    try:
-        with _flex_as_one_kernel_per_pass() if flexed else contextlib.nullcontext():
-            for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
-                x.grad = None
-                module.zero_grad(set_to_none=True)
-                batch_mask = kpm.clone()  # each step a new batch (impl="flex" builds tiles once per mask)
-                with _counting_mode() as fwd:
-                    out, extra = step(x, batch_mask)
-                    loss = out.sum() if extra is None else out.sum() + extra
-                with _counting_mode() as bwd:
-                    loss.backward()
-    finally:
-        kernels.USE_FLASH_CPU_KERNEL = saved
+    with _as_on_cuda(impl):
+        for _ in range(2):  # the first step fills caches (e.g. the decoder's C W_C); count the second
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            batch_mask = kpm.clone()  # each step a new batch (impl="flex" builds tiles once per mask)
+            with _counting_mode() as fwd:
+                out, extra = step(x, batch_mask)
+                loss = out.sum() if extra is None else out.sum() + extra
+            with _counting_mode() as bwd:
+                loss.backward()
     return _summary(fwd.ops, bwd.ops)
 
 

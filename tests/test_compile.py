@@ -182,3 +182,47 @@ def test_other_batch_sizes_and_lengths_do_not_recompile(variant, monkeypatch):
         run(B, N)
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_graphs_qualify_for_cuda_graphs(variant, padded, monkeypatch):
+    """compile="reduce-overhead" replays each compiled function as a CUDA graph only where
+    inductor allows it: no operation it marks unsafe for CUDA graphs, no size that depends on
+    the data (unbacked symbols), and no mutated graph input (inductor skips the graph and
+    launches every kernel again). The traced forward and backward graphs of both variants, with
+    and without padding, are checked here with inductor's own test."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graphs = []
+
+    def capture(kind):
+        def compiler(gm, example_inputs):
+            context = TracingContext.try_get()
+            graphs.append((kind, gm, context.fw_metadata if context is not None else None))
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", False)  # the CUDA path: sdpa
+    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
+    monkeypatch.setattr(
+        cluster_attention,
+        "COMPILE_BACKEND",
+        aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward")),
+    )
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    m = ClusterAttention(32, 4, 4, dense_max_len=0, compile="reduce-overhead", **VARIANTS[variant])
+    x, pad = _batch(6)
+    out, info, grads = _step(m, x, pad if padded else None)
+    torch._dynamo.reset()
+    assert [kind for kind, _, _ in graphs] == ["forward", "backward"]
+    for kind, gm, meta in graphs:
+        node = get_first_incompatible_cudagraph_node(gm)
+        assert node is None, f"{kind}: {node.target} keeps the graph from being recorded"
+        assert meta is not None and not [i for i, inp in enumerate(meta.input_info) if inp.mutates_data], kind
+    assert all(g is not None for g in grads)

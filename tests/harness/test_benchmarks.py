@@ -491,6 +491,49 @@ def test_flex_layers_are_counted_with_one_attention_kernel_per_pass(padded):
     )
 
 
+@pytest.mark.parametrize("variant", [{"local_heads": 2}, {"causal": True, "window": 8, "local_heads": 2}])
+def test_graph_replay_stand_in_keeps_values_and_gradients(variant):
+    """compile="reduce-overhead" counted as on CUDA (each compiled function one graph replay per
+    pass, plus its input copies): the stand-in runs the eager function, so outputs, losses and
+    every gradient equal the eager layer's; the counts hold two replays per step (forward and
+    backward) and far fewer launches than the eager step; the stand-in is gone afterwards."""
+    import torch
+
+    from fairseq_clusterformer.modules import ClusterAttention
+    from fairseq_clusterformer.modules.cluster_attention import ClusterAttention as Layer
+    from scripts.count_launches import NO_LAUNCH, _as_on_cuda, _counting_mode
+
+    torch.manual_seed(0)
+    eager = ClusterAttention(32, 4, 4, dense_max_len=0, **variant)
+    graphs = ClusterAttention(32, 4, 4, dense_max_len=0, compile="reduce-overhead", **variant)
+    graphs.load_state_dict(eager.state_dict())
+    x = torch.randn(3, 96, 32)
+    pad = torch.zeros(3, 96, dtype=torch.bool)
+    pad[1, -9:] = True
+    real_fast_path = Layer._fast_path
+    results = {}
+    for name, m in (("eager", eager), ("graphs", graphs)):
+        xi = x.clone().requires_grad_()
+        with _as_on_cuda("cluster-graphs"), _counting_mode() as count:
+            out, info = m(xi, pad, assume_padding=True)
+            (out.pow(2).sum() + info.clustering_loss + info.sorting_loss).backward()
+        grads = [xi.grad] + [p.grad for p in m.parameters()]
+        results[name] = out, info, grads, count.ops
+    (out_e, info_e, grads_e, ops_e), (out_g, info_g, grads_g, ops_g) = results["eager"], results["graphs"]
+    assert Layer._fast_path is real_fast_path
+    torch.testing.assert_close(out_g, out_e, rtol=0, atol=0)
+    assert torch.equal(info_g.assignments, info_e.assignments)
+    torch.testing.assert_close(info_g.clustering_loss, info_e.clustering_loss, rtol=0, atol=0)
+    torch.testing.assert_close(info_g.sorting_loss, info_e.sorting_loss, rtol=0, atol=0)
+    assert all(g is not None for g in grads_g)
+    for g_g, g_e in zip(grads_g, grads_e):
+        torch.testing.assert_close(g_g, g_e, rtol=1e-6, atol=1e-7)
+    assert ops_g["cuda_graph_replay"] == 2 and ops_e["cuda_graph_replay"] == 0
+    assert ops_g["cuda_graph_input_copy"] >= 2  # at least x forward, the output's gradient backward
+    launches = {k: sum(v for op, v in ops.items() if op not in NO_LAUNCH) for k, ops in (("e", ops_e), ("g", ops_g))}
+    assert launches["g"] * 3 < launches["e"]
+
+
 def test_count_launches_cli_writes_its_rows(tmp_path):
     out = tmp_path / "launches.csv"
     table = _run([*("-m", "scripts.count_launches"), "--n", "96", "--impls", "cluster,sdpa", "--csv", out], 120)
