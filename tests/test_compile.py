@@ -45,17 +45,39 @@ def _step(m, x, pad):
     return out, info, grads
 
 
+def _recording_aot_eager(graphs):
+    """torch.compile's aot_eager backend (dynamo's graph, the traced forward and backward run by
+    eager kernels) that also appends (kind, graph, the forward's metadata) to GRAPHS."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._guards import TracingContext
+
+    def recorder(kind):
+        def compile_graph(gm, example_inputs):
+            context = TracingContext.try_get()
+            graphs.append((kind, gm, None if context is None else context.fw_metadata))
+            return make_boxed_func(gm.forward)
+
+        return compile_graph
+
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+
+
 @pytest.fixture
 def compiler(request, monkeypatch):
-    """torch.compile's backend for one test, with a fresh cache of compiled functions."""
+    """torch.compile's backend for one test, with a fresh cache of compiled functions: yields
+    its name and the list of the traced graphs that aot_eager compiled."""
+    graphs = []
+    backend = _recording_aot_eager(graphs) if request.param == "aot_eager" else request.param
     monkeypatch.setattr(cluster_attention, "_COMPILED", {})
-    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", request.param)
+    monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
-    yield request.param
+    yield request.param, graphs
     torch._dynamo.reset()
 
 
-# aot_eager: dynamo's graph and the traced forward/backward, run by eager kernels (seconds);
+# aot_eager: dynamo's graph and the traced forward/backward, run by eager kernels (seconds),
+# the traced graphs also checked for CUDA graphs (_assert_fit_for_cuda_graphs);
 # inductor: the whole pipeline with generated code (about a minute on the CPU: one case).
 @pytest.mark.parametrize(
     "variant, backend, compiler",
@@ -73,8 +95,10 @@ def test_compiled_fast_path_equals_eager(variant, backend, compiler):
     eager = ClusterAttention(32, 4, 4, dense_max_len=0, **VARIANTS[variant])
     compiled = ClusterAttention(32, 4, 4, dense_max_len=0, compile=True, **VARIANTS[variant])
     compiled.load_state_dict(eager.state_dict())
-    for seed, with_pad in ((0, True), (1, False)):
-        x, pad = _batch(seed)
+    # Each padding case at two shapes: the second reuses the first's graphs (dynamic shapes), so
+    # nothing of the first shape may be baked into them (inductor once fixed a stride so).
+    for seed, with_pad, B, N in ((0, True, 3, 70), (1, False, 3, 70), (2, True, 4, 91), (3, False, 3, 83)):
+        x, pad = _batch(seed, B, N)
         pad = pad if with_pad else None
         out_e, info_e, grads_e = _step(eager, x, pad)
         out_c, info_c, grads_c = _step(compiled, x, pad)
@@ -86,6 +110,24 @@ def test_compiled_fast_path_equals_eager(variant, backend, compiler):
             torch.testing.assert_close(info_c.centroids, info_e.centroids, rtol=1e-5, atol=1e-5)
         for g_c, g_e in zip(grads_c, grads_e):
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+    name, graphs = compiler
+    if name == "aot_eager":  # one forward and one backward graph per padding case
+        assert [kind for kind, _, _ in graphs] == ["forward", "backward"] * 2
+        _assert_fit_for_cuda_graphs(graphs)
+
+
+def _assert_fit_for_cuda_graphs(graphs):
+    """compile="reduce-overhead" replays a compiled function as a CUDA graph only where inductor
+    allows it: no operation it marks unsafe for CUDA graphs, no size that depends on the data
+    (unbacked symbols), no mutated graph input (else inductor skips the graph and every kernel
+    is launched again). Checked on the traced forward and backward graphs with inductor's own
+    test."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    for kind, gm, meta in graphs:
+        node = get_first_incompatible_cudagraph_node(gm)
+        assert node is None, f"{kind}: {node.target} keeps the graph from being recorded"
+        assert meta is not None and not [i for i, inp in enumerate(meta.input_info) if inp.mutates_data], kind
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -182,47 +224,3 @@ def test_other_batch_sizes_and_lengths_do_not_recompile(variant, monkeypatch):
         run(B, N)
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compiled_graphs_qualify_for_cuda_graphs(variant, padded, monkeypatch):
-    """compile="reduce-overhead" replays each compiled function as a CUDA graph only where
-    inductor allows it: no operation it marks unsafe for CUDA graphs, no size that depends on
-    the data (unbacked symbols), and no mutated graph input (inductor skips the graph and
-    launches every kernel again). The traced forward and backward graphs of both variants, with
-    and without padding, are checked here with inductor's own test."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._guards import TracingContext
-    from torch._inductor.utils import get_first_incompatible_cudagraph_node
-
-    graphs = []
-
-    def capture(kind):
-        def compiler(gm, example_inputs):
-            context = TracingContext.try_get()
-            graphs.append((kind, gm, context.fw_metadata if context is not None else None))
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
-    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", False)  # the CUDA path: sdpa
-    monkeypatch.setattr(cluster_attention, "_COMPILED", {})
-    monkeypatch.setattr(
-        cluster_attention,
-        "COMPILE_BACKEND",
-        aot_autograd(fw_compiler=capture("forward"), bw_compiler=capture("backward")),
-    )
-    torch._dynamo.reset()
-    torch.manual_seed(6)
-    m = ClusterAttention(32, 4, 4, dense_max_len=0, compile="reduce-overhead", **VARIANTS[variant])
-    x, pad = _batch(6)
-    out, info, grads = _step(m, x, pad if padded else None)
-    torch._dynamo.reset()
-    assert [kind for kind, _, _ in graphs] == ["forward", "backward"]
-    for kind, gm, meta in graphs:
-        node = get_first_incompatible_cudagraph_node(gm)
-        assert node is None, f"{kind}: {node.target} keeps the graph from being recorded"
-        assert meta is not None and not [i for i, inp in enumerate(meta.input_info) if inp.mutates_data], kind
-    assert all(g is not None for g in grads)

@@ -114,6 +114,14 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     # (M + 1) x (W width) rows of layout blocks -> M x 2 x (W width) overlapping windows of two
     # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic, which
     # torch.compile cannot trace).
+    if torch.compiler.is_compiling():
+        # Compiled, the attention kernel's k and v are materialised anyway, and inductor (torch
+        # 2.13) gives the overlapping view's copy fixed strides in the backward graph: a second
+        # sequence length then fails its stride check. Concatenated pairs of blocks have
+        # symbolic strides: M x 2W x 2d, keys then values.
+        blocks = qkv[:, d:].view(M + 1, W, 2 * d)
+        kv = torch.cat([blocks[:-1], blocks[1:]], dim=1)
+        return q, kv[:, :, :d].view(M, 2 * W, H, hd), kv[:, :, d:].view(M, 2 * W, H, hd)
     pairs = qkv.view(M + 1, W * width).unfold(0, 2, 1).transpose(1, 2).reshape(M, 2 * W, width)
     return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
 
