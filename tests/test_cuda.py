@@ -270,16 +270,18 @@ def test_incremental_step_runs_a_fused_kernel(local_heads):
 def test_compiled_fast_path_equals_eager(variant, dtype, mode):
     """compile=True (Triton kernels on CUDA), and compile="reduce-overhead" (the same replayed as
     CUDA graphs: its steps warm up, record, then replay), against the eager fast path on the
-    same device, step after step as in training: assignments equal, outputs and gradients within
-    the dtype's tolerance."""
+    same device, step after step as in training and at three shapes: assignments equal, outputs
+    and gradients within the dtype's tolerance."""
     if mode == "reduce-overhead" and not ON_CUDA:
         pytest.skip("CUDA graphs are CUDA's (on the CPU the mode compiles what compile=True does)")
     eager = make(variant, d=64, heads=4, k=4, dtype=dtype)
     compiled = copy.deepcopy(eager)
     compiled.compile = mode
     tol = 1e-4 if dtype == torch.float32 else HALF_TOL[dtype]
-    for step in range(4):  # with CUDA graphs: warm-up, recording, replays
-        x, kpm = padded_batch(3, 150, 64, seed=11 + step)
+    # With CUDA graphs: warm-up, recording, replays; then two other shapes, which reuse the
+    # compiled graphs (dynamic shapes) and record their own CUDA graphs.
+    for step, (B, N) in enumerate([(3, 150)] * 4 + [(4, 131), (2, 170)]):
+        x, kpm = padded_batch(B, N, 64, seed=11 + step)
         results = []
         for m in (eager, compiled):
             xx = x.to(dtype).requires_grad_(True)
