@@ -271,3 +271,44 @@ def test_long_input_runs_in_bounded_memory():
     bound = 4 * scores_mb + 200  # + activations of B x N x d and allocator slack
     # (N x N float32 scores for 4 heads would be 4 GiB, 9 times this bound.)
     assert all(p < bound for p in peaks), (peaks, bound)
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any aten operation returns (and which operation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), func.overloadpacket.__name__
+        return out
+
+
+def test_no_tensor_holds_more_than_one_heads_block_scores(monkeypatch):
+    """The blocks' attention scores exist only inside the fused attention kernel (item 2 of the
+    GPU work: no materialised per-block score tensor): on the code path CUDA runs
+    (F.scaled_dot_product_attention with the block mask), no operation of a training step,
+    forward or backward, encoder or causal, returns a tensor larger than ONE head's block scores
+    (B x N x 2w, the layout's filler included). The block mask is that size, shared by all heads;
+    the q|k|v projection (3 d per word) is smaller here (d 32, 4 heads, w 64). Attention computed
+    as q k^T, softmax, times v would return each group of heads' scores, 2 heads' worth."""
+    from fairseq_clusterformer.modules import kernels
+    from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
+
+    monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", False)
+    B, N, d, H, w = 2, 1024, 32, 4, 64
+    torch.manual_seed(0)
+    for kwargs in ({"local_heads": 2}, {"causal": True, "window": w, "local_heads": 2}):
+        m = ClusterAttention(d, H, N // w, **kwargs)  # encoder: N / k = w words per block
+        x = torch.randn(B, N, d, requires_grad=True)
+        pad = torch.zeros(B, N, dtype=torch.bool)
+        pad[1, -100:] = True
+        with _LargestOutput() as largest:
+            out, info = m(x, pad)
+            (out.square().sum() + info.clustering_loss + info.sorting_loss).backward()
+        one_head = B * (N + w) * 2 * w  # one head's block scores, the layout's filler included
+        assert largest.numel <= one_head, (kwargs, largest.op, largest.numel, one_head)
