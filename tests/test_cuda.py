@@ -342,3 +342,62 @@ def test_flex_in_bf16_equals_the_fast_path(variant):
     assert torch.equal(a, a_f)
     torch.testing.assert_close(out, out_f, rtol=0, atol=tol * out_f.abs().max().item())
     torch.testing.assert_close(g, g_f, rtol=0, atol=tol * g_f.abs().max().item())
+
+
+def _pairs(task, n, src_len, tgt_len, seed, padded):
+    """A fairseq sample of N random pairs on DEVICE; PADDED: the last source 5 tokens shorter
+    (left-padded, as fairseq's collater pads sources)."""
+    from fairseq_helpers import toy_batch
+
+    src, src_lengths, prev = toy_batch(task, n, src_len, tgt_len, seed)
+    if padded:
+        src[-1, :5] = task.source_dictionary.pad()
+        src_lengths[-1] -= 5
+    target = torch.cat([prev[:, 1:], prev[:, :1]], dim=1)  # the next tokens, </s> last
+    net_input = {"src_tokens": src, "src_lengths": src_lengths, "prev_output_tokens": prev}
+    sample = {"id": torch.arange(n), "nsentences": n, "ntokens": target.numel(), "target": target}
+    sample["net_input"] = {k: v.to(DEVICE) for k, v in net_input.items()}
+    sample["target"] = target.to(DEVICE)
+    return sample
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs are CUDA's (the CPU compiles what compile=True does)")
+def test_fairseq_model_trains_and_validates_as_cuda_graphs_across_shapes(toy_bin):
+    """clusterformer_iwslt with --cluster-compile-mode reduce-overhead as fairseq trains it:
+    training steps (criterion, backward) on batches of changing shapes, with and without padding,
+    a shape met again (its recorded graphs replayed), and validation in between (no_grad, eval):
+    losses and every gradient equal the eager model's within fp32 tolerance (1e-4 of the largest
+    gradient), step after step."""
+    from fairseq_helpers import CLUSTER_CRITERION, build_toy_model
+
+    flags = [*CLUSTER_CRITERION, "--dropout", "0", "--attention-dropout", "0", "--relu-dropout", "0"]
+    task, eager, args = build_toy_model(toy_bin, flags)
+    _, graphs, _ = build_toy_model(toy_bin, [*flags, "--cluster-compile", "--cluster-compile-mode", "reduce-overhead"])
+    graphs.load_state_dict(eager.state_dict())
+    criterion = task.build_criterion(args)
+    eager, graphs = eager.to(DEVICE), graphs.to(DEVICE)
+    # (sentences, source length, target length, padded): above the dense path's 64 tokens, so the
+    # layers run their blocks; the first shape three times (warm-up, recording, replay) and again
+    # after the others.
+    shapes = [(4, 80, 75, True)] * 3 + [(3, 96, 90, False), (5, 70, 72, True), (4, 80, 75, True)]
+    for step, (n, src_len, tgt_len, padded) in enumerate(shapes):
+        sample = _pairs(task, n, src_len, tgt_len, seed=step, padded=padded)
+        results = []
+        for model in (eager, graphs):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss, _, log = criterion(model, sample)
+            loss.backward()
+            grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+            model.eval()
+            with torch.no_grad():
+                valid_loss = criterion(model, _pairs(task, 2, 66, 70, seed=100 + step, padded=True))[0]
+            results.append((loss.detach(), float(log["clustering_loss"]), grads, valid_loss))
+        (loss_e, cl_e, grads_e, valid_e), (loss_g, cl_g, grads_g, valid_g) = results
+        torch.testing.assert_close(loss_g, loss_e, rtol=1e-4, atol=0)
+        torch.testing.assert_close(valid_g, valid_e, rtol=1e-4, atol=0)
+        assert abs(cl_g - cl_e) <= 1e-4 * abs(cl_e), step
+        assert len(grads_g) == len(grads_e), step
+        scale = max(g.abs().max().item() for g in grads_e)  # of the whole gradient: some are ~0
+        for g_g, g_e in zip(grads_g, grads_e):
+            torch.testing.assert_close(g_g, g_e, rtol=0, atol=1e-4 * scale)
