@@ -63,7 +63,7 @@ def test_dry_run_ran_the_cuda_tests_on_the_cpu(dry_run):
     # the kernel checks need CUDA's sdpa backends, the CUDA-graph cases CUDA, the FlexAttention
     # gradients CUDA (no CPU backward): skipped on the CPU, and only they
     skipped_here = {case.get("name") for case in cases if case.find("skipped") is not None}
-    cuda_only = ("fused_kernel", "cuda-graphs", "test_flex_")
+    cuda_only = ("fused_kernel", "cuda-graphs", "as_cuda_graphs", "test_flex_")
     assert skipped_here and all(any(part in name for part in cuda_only) for name in skipped_here), skipped_here
 
 
