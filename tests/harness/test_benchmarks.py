@@ -614,13 +614,19 @@ def test_count_launches_cli_writes_its_generation_rows(tmp_path):
 def test_whole_models_synchronise_no_more_than_fairseqs_transformer():
     """--models: a training step of clusterformer_iwslt makes no more host syncs than fairseq's
     transformer_iwslt_de_en (the decoder's near-tie screens against the Transformer encoder's
-    per-layer padding checks; docs/benchmarks.md), padded or not."""
+    per-layer padding checks; docs/benchmarks.md), padded or not; with its clustering layers
+    replayed as CUDA graphs (+graphs) it launches fewer kernels than the Transformer."""
     from scripts.count_launches import count_model_step
 
     for padded in (False, True):
         ours = count_model_step("clusterformer_iwslt", 80, padded)
         theirs = count_model_step("transformer_iwslt_de_en", 80, padded)
+        graphs = count_model_step("clusterformer_iwslt+graphs", 80, padded)
         assert 0 < theirs["host_syncs"] and ours["host_syncs"] <= theirs["host_syncs"]
         assert ours["ops"]["nonzero"] == 6  # one near-tie screen per decoder layer, and no other
-        for c in (ours, theirs):
+        for c in (ours, theirs, graphs):
             assert c["launches"] == c["forward_launches"] + c["backward_launches"] > 0
+        # As CUDA graphs: 12 layers, each a replay forward and backward; fewer launches than the
+        # Transformer's step (docs/benchmarks.md), the same host syncs as the eager model.
+        assert graphs["ops"]["cuda_graph_replay"] == 24 and graphs["host_syncs"] == ours["host_syncs"]
+        assert graphs["launches"] < theirs["launches"] < ours["launches"]
