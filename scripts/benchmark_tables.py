@@ -7,7 +7,8 @@ Inputs (docs/data/cpu/): the CSVs that ``python -m scripts.benchmark_attention -
 ``python -m scripts.benchmark_translation --csv`` write (attn_train.csv, attn_forward.csv,
 attn_scaling_b1.csv, check2048.csv, check2048_t<threads>.csv, short_lengths.csv, translation.csv,
 profile_*.txt; launches.csv, launches_models.csv and launches_generate.csv from
-``python -m scripts.count_launches``), and docs/data/gpu/
+``python -m scripts.count_launches``; shapes_multi30k.csv and shapes_multi30k_docs_mr.csv from
+``python -m scripts.count_shapes``), and docs/data/gpu/
 for the GPU section (bench_attention.csv, translation.csv, compile_attention.csv, translation_512.csv,
 cli_precision.json, profile_softmax.txt). Each generated block of the doc sits
 between ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->``; the text around
@@ -74,7 +75,7 @@ def _rows(name, data=DATA):
         raise TableError(f"{path} is missing: it holds the raw results behind a table of {DOC.name}")
     rows = (
         read_rows(path)
-        if not name.startswith(("translation", "launches"))  # benchmark_attention CSVs
+        if not name.startswith(("translation", "launches", "shapes"))  # benchmark_attention CSVs
         else list(csv.DictReader(path.open()))
     )
     if not rows:
@@ -487,8 +488,27 @@ def blocks(data=DATA, data_gpu=DATA_GPU):
         "launches": launches_table(_rows("launches.csv", data)),
         "launches_models": launches_table(_rows("launches_models.csv", data), "model"),
         "launches_generate": generation_launches_table(_rows("launches_generate.csv", data)),
+        "shapes": shapes_table(_rows("shapes_multi30k.csv", data) + _rows("shapes_multi30k_docs_mr.csv", data)),
         **gpu_blocks(data_gpu),
     }
+
+
+def shapes_table(rows):
+    """The distinct batch shapes of an epoch (scripts/count_shapes.py --csv rows, several files
+    concatenated): one row per data set, batching and --required-seq-len-multiple."""
+    lines = [
+        "| data | --max-tokens, --required-batch-size-multiple | --required-seq-len-multiple | batches "
+        "| encoder shapes | decoder shapes | median sentences per batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        data = Path(r["data"])
+        name = data.parent.name if data.name == "data-bin" else data.name
+        lines.append(
+            f"| {name} | {r['max_tokens']}, {r['required_batch_size_multiple']} | {r['required_seq_len_multiple']} "
+            f"| {r['batches']} | {r['encoder_shapes']} | {r['decoder_shapes']} | {r['median_batch_size']} |"
+        )
+    return "\n".join(lines)
 
 
 def render(text, generated):

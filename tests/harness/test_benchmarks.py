@@ -630,3 +630,37 @@ def test_whole_models_synchronise_no_more_than_fairseqs_transformer():
         # Transformer's step (docs/benchmarks.md), the same host syncs as the eager model.
         assert graphs["ops"]["cuda_graph_replay"] == 24 and graphs["host_syncs"] == ours["host_syncs"]
         assert graphs["launches"] < theirs["launches"] < ours["launches"]
+
+
+def test_count_shapes_counts_fairseqs_batches_and_their_buckets(toy_bin, tmp_path):
+    """scripts/count_shapes.py: the distinct (B, N, padded) shapes of an epoch of fairseq's own
+    batches, no more than the batches; with --required-seq-len-multiple every N is a multiple of
+    it and there are no more shapes than without; the CLI writes one CSV row per multiple and
+    refuses a bad list."""
+    from scripts.count_shapes import CSV_COLUMNS, count_shapes
+
+    plain = count_shapes(toy_bin, max_tokens=200, batch_size_multiple=1, seq_len_multiple=1)
+    bucketed = count_shapes(toy_bin, max_tokens=200, batch_size_multiple=1, seq_len_multiple=4)
+    for c in (plain, bucketed):
+        assert 1 <= c["encoder_shapes"] == len(c["encoder"]) <= c["batches"]
+        assert 1 <= c["decoder_shapes"] == len(c["decoder"]) <= c["batches"]
+        assert all(B * N <= 200 + 4 * B for B, N, _ in c["encoder"])  # the token budget, bucketing aside
+    assert plain["batches"] == bucketed["batches"] > 1
+    assert all(N % 4 == 0 for _, N, _ in bucketed["encoder"] | bucketed["decoder"])
+    assert any(N % 4 for _, N, _ in plain["encoder"])  # the toy lengths are not all multiples of 4
+    assert bucketed["encoder_shapes"] <= plain["encoder_shapes"]
+    out = tmp_path / "shapes.csv"
+    table = _run(
+        ["-m", "scripts.count_shapes", toy_bin, "--max-tokens", "200", "--seq-len-multiples", "1,4", "--csv", out], 120
+    )
+    assert "| 1 |" in table and "| 4 |" in table
+    fields, rows = _rows(out)
+    assert fields == CSV_COLUMNS and [r["required_seq_len_multiple"] for r in rows] == ["1", "4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.count_shapes", str(toy_bin), "--seq-len-multiples", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "each at least 1" in proc.stderr
