@@ -307,18 +307,22 @@ FLEX_VARIANTS = {
 def test_flex_matches_float64_with_gradients(variant, compiled):
     """impl="flex" (the FlexAttention kernel; compiled: inside the compiled fast path) in fp32
     on the GPU: outputs, assignments and every gradient equal the same layer's in float64 on the
-    CPU (the fast path there: FlexAttention has no CPU backward), sequences of 2-3 tiles."""
+    CPU (the fast path there: FlexAttention has no CPU backward), sequences of 2-3 tiles, at two
+    shapes (compiled, the second reuses the first's graphs: dynamic shapes)."""
     torch.manual_seed(12)
     m = ClusterAttention(64, 4, 4, impl="flex", dense_max_len=0, compile=compiled, **FLEX_VARIANTS[variant])
     m = m.to(DEVICE)
     m64 = copy.deepcopy(m).to("cpu", torch.float64)
     m64.impl, m64.compile = "fast", False
-    x, kpm = padded_batch(3, 300, 64, seed=13)
-    (out, assign, grads), (out64, assign64, grads64) = steps_against_float64(m, m64, x, kpm, 14)
-    valid = ~kpm.cpu()
-    assert torch.equal(assign.cpu(), assign64)
-    torch.testing.assert_close(out.double().cpu()[valid], out64[valid], atol=1e-4, rtol=1e-4)
-    assert_gradients_close(m, grads, grads64)
+    for B, N, seed in ((3, 300, 13), (2, 270, 17)):
+        m.zero_grad(set_to_none=True)
+        m64.zero_grad(set_to_none=True)
+        x, kpm = padded_batch(B, N, 64, seed=seed)
+        (out, assign, grads), (out64, assign64, grads64) = steps_against_float64(m, m64, x, kpm, seed + 1)
+        valid = ~kpm.cpu()
+        assert torch.equal(assign.cpu(), assign64), (B, N)
+        torch.testing.assert_close(out.double().cpu()[valid], out64[valid], atol=1e-4, rtol=1e-4)
+        assert_gradients_close(m, grads, grads64)
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="FlexAttention trains on CUDA only (its CPU forward: tests/test_flex.py)")
