@@ -3,6 +3,8 @@
 # the next entry that no other lane has claimed (a folder under CLAIMS) and whose label matches
 # ONLY (a bash pattern; empty: all). While work/experiments/queue.pause exists, the lanes finish
 # the runs they are in and start no new one. A failed run is reported and the lane goes on.
+# Claims hold within one queue only (a queue clears them when it starts); a run that a lane of
+# another queue is training holds a lock (work/experiments/runs/<run>.lock), and the runner skips it.
 #
 #   run_queue CLAIMS_DIR
 

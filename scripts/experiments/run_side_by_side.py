@@ -48,6 +48,7 @@ after the other, each single-threaded (OMP_NUM_THREADS=1 unless set).
 import argparse
 import csv
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -183,9 +184,23 @@ def train_settings(a):
 
 
 def one_run(a, meta, model, variant, extra, k, seed):
+    rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe, a.device)
+    runs = Path(a.work) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    # One process per run: a second queue (or a second lane of another queue) that reaches a run
+    # in progress would resume it from the same checkpoints and interleave their logs.
+    with open(runs / f"{rid}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{rid}: another process is running it ({runs / (rid + '.lock')}), skipping")
+            return None
+        return _one_run(a, meta, model, variant, extra, k, seed, rid)
+
+
+def _one_run(a, meta, model, variant, extra, k, seed, rid):
     recipe = recipes.RECIPES[a.recipe]
     max_update = recipes.max_update(a.recipe, a.max_update)
-    rid = run_id(meta["name"], model, variant, seed, a.max_update, a.recipe, a.device)
     done = {r["run_id"] for r in expkit.read_jsonl(a.results)}
     if rid in done and not a.force:
         say(f"{rid}: already in {a.results}, skipping (--force runs it again)")

@@ -630,3 +630,24 @@ def test_git_commit_in_a_copy_without_git(tmp_path, monkeypatch):
     assert expkit.git_commit() == "abc1234"
     monkeypatch.delenv("CLUSTERFORMER_GIT_COMMIT")
     assert expkit.git_commit() is None
+
+
+def test_a_run_in_progress_in_another_process_is_skipped(tmp_path, capsys):
+    """Two queues that reach the same run: the second finds its lock held and skips it (resuming
+    it beside the first would train both from one checkpoint and interleave their logs); once
+    the lock is free, the run goes on (here into its results check, which finds it done)."""
+    import fcntl
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(work=str(tmp_path), max_update=None, recipe="documents", device="cpu")
+    a.results, a.force = str(tmp_path / "results.jsonl"), False
+    meta = {"name": "toy"}
+    rid = run_side_by_side.run_id("toy", "clusterformer", "base", 1, None, "documents")
+    (tmp_path / "runs").mkdir()
+    expkit.append_jsonl(tmp_path / "results.jsonl", {"run_id": rid})
+    with open(tmp_path / "runs" / f"{rid}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_side_by_side.one_run(a, meta, "clusterformer", "base", [], 3, 1) is None
+        assert "another process is running it" in capsys.readouterr().out
+    assert run_side_by_side.one_run(a, meta, "clusterformer", "base", [], 3, 1) is None
+    assert "already in" in capsys.readouterr().out
