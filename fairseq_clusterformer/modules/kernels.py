@@ -115,10 +115,10 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic, which
     # torch.compile cannot trace).
     if torch.compiler.is_compiling():
-        # Compiled, the attention kernel's k and v are materialised anyway, and inductor (torch
-        # 2.13) gives the overlapping view's copy fixed strides in the backward graph: a second
-        # sequence length then fails its stride check. Concatenated pairs of blocks have
-        # symbolic strides: M x 2W x 2d, keys then values.
+        # Compiled, inductor (torch 2.13) gives the copy it makes of the overlapping view fixed
+        # strides in the backward graph: a second sequence length then fails its stride check.
+        # Concatenated pairs of blocks have symbolic strides (one copy of k and v, which the
+        # CPU's compiled graph made anyway): M x 2W x 2d, keys then values.
         blocks = qkv[:, d:].view(M + 1, W, 2 * d)
         kv = torch.cat([blocks[:-1], blocks[1:]], dim=1)
         return q, kv[:, :, :d].view(M, 2 * W, H, hd), kv[:, :, d:].view(M, 2 * W, H, hd)
