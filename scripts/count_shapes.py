@@ -20,6 +20,7 @@ Each shape is counted once per side; training also records each one's backward, 
 import argparse
 import csv
 import sys
+from pathlib import Path
 
 CSV_COLUMNS = [
     "data",
@@ -125,15 +126,20 @@ def main(argv=None):
         p.error(f"--seq-len-multiples: comma-separated integers, got {args.seq_len_multiples!r}")
     if not multiples or min(multiples) < 1:
         p.error("--seq-len-multiples: at least one value, each at least 1")
+    if not Path(args.data).is_dir() or not list(Path(args.data).glob("dict.*.txt")):
+        p.error(f"{args.data} is not a fairseq-preprocess data-bin (a folder with dict.<lang>.txt files)")
     rows = []
     print(
         "| --required-seq-len-multiple | batches | encoder shapes (B, N_src, padded) "
         "| decoder shapes (B, N_tgt, padded) | batches with padding | median B |\n|---|---|---|---|---|---|"
     )
     for multiple in multiples:
-        c = count_shapes(
-            args.data, args.subset, args.max_tokens, args.required_batch_size_multiple, multiple, args.max_positions
-        )
+        try:
+            c = count_shapes(
+                args.data, args.subset, args.max_tokens, args.required_batch_size_multiple, multiple, args.max_positions
+            )
+        except (FileNotFoundError, ValueError) as err:  # e.g. no such subset in the data-bin
+            p.error(str(err))
         row = {
             "data": args.data,
             "max_tokens": args.max_tokens,

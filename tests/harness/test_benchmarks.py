@@ -664,3 +664,11 @@ def test_count_shapes_counts_fairseqs_batches_and_their_buckets(toy_bin, tmp_pat
         timeout=120,
     )
     assert proc.returncode == 2 and "each at least 1" in proc.stderr
+    for bad, message in (
+        ([str(tmp_path)], "is not a fairseq-preprocess data-bin"),
+        ([str(toy_bin), "--subset", "nosuch"], "nosuch"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "scripts.count_shapes", *bad], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
