@@ -102,7 +102,7 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
 
     With ``paired``, the first W rows are filler and block m's keys are rows [m W, m W + 2W): the
     block before it (the filler for m = 0) and its own, as overlapping strided views, so each key
-    and value is computed and stored once.
+    and value is computed and stored once (under torch.compile, concatenated copies: see below).
     """
     rows, width = qkv.shape
     d = width // 3
@@ -111,9 +111,6 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     q = qkv[filler:, :d].view(M, W, H, hd)
     if not paired:
         return q, qkv[:, d : 2 * d].view(M, W, H, hd), qkv[:, 2 * d :].view(M, W, H, hd)
-    # (M + 1) x (W width) rows of layout blocks -> M x 2 x (W width) overlapping windows of two
-    # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic, which
-    # torch.compile cannot trace).
     if torch.compiler.is_compiling():
         # Compiled, inductor (torch 2.13) gives the copy it makes of the overlapping view fixed
         # strides in the backward graph: a second sequence length then fails its stride check.
@@ -122,6 +119,8 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
         blocks = qkv[:, d:].view(M + 1, W, 2 * d)
         kv = torch.cat([blocks[:-1], blocks[1:]], dim=1)
         return q, kv[:, :, :d].view(M, 2 * W, H, hd), kv[:, :, d:].view(M, 2 * W, H, hd)
+    # (M + 1) x (W width) rows of layout blocks -> M x 2 x (W width) overlapping windows of two
+    # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic).
     pairs = qkv.view(M + 1, W * width).unfold(0, 2, 1).transpose(1, 2).reshape(M, 2 * W, width)
     return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
 
