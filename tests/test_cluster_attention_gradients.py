@@ -25,6 +25,12 @@ CASES = {
     "causal": dict(k=2, causal=True, window=2),
     "causal-dot": dict(k=3, causal=True, window=3, similarity="dot"),
     "causal-one-block": dict(k=2, causal=True, window=8),
+    # Local heads: as many as clustered ones (both head groups in one block-attention call), and
+    # an unequal split (one call per group, each over its slice of the weights).
+    "local-heads-half": dict(k=3, local_heads=1),
+    "local-heads-1-of-4": dict(k=3, local_heads=1, heads=4),
+    "causal-local-heads-half": dict(k=2, causal=True, window=2, local_heads=1),
+    "causal-local-heads-1-of-4": dict(k=2, causal=True, window=3, local_heads=1, heads=4),
 }
 
 
@@ -54,9 +60,9 @@ def _padding(B, N):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_gradcheck_inputs_and_parameters(case, pad, kernel):
     kw = dict(CASES[case])
-    k = kw.pop("k")
+    k, heads = kw.pop("k"), kw.pop("heads", 2)
     torch.manual_seed(0)
-    m = ClusterAttention(8, 2, k, **kw).double().eval()
+    m = ClusterAttention(8, heads, k, **kw).double().eval()
     B, N = 4, 7
     x = torch.randn(B, N, 8, dtype=torch.float64, requires_grad=True)
     kpm = _padding(B, N) if pad else None

@@ -357,12 +357,11 @@ class ClusterAttention(nn.Module):
                 w_b = clustering.block_sizes(words.lengths, k_b)
             orders = self._head_orders(assign, K, words.pad)
             out = flex.encoder_attention(self, x, words.pad, orders, words.lengths, w_b, paired)
-        elif Hl == 0:
-            out = self._attend_sorted_blocks(x, words, assign, K, w_b, paired, None)
         else:
-            out = self._attend_sorted_blocks(x, words, assign.clamp(max=0), K, w_b, paired, (0, Hl), in_order=True)
-            if Hl < H:
-                out = out + self._attend_sorted_blocks(x, words, assign, K, w_b, paired, (Hl, H))
+            out = None
+            for group_assign, in_order, heads in self._head_groups(assign):
+                part = self._attend_sorted_blocks(x, words, group_assign, K, w_b, paired, heads, in_order)
+                out = part if out is None else out + part
         return out, assign, new_centroids, clustering_loss, sorting_loss
 
     # ------------------------------------------------------------------------------------------
@@ -402,9 +401,27 @@ class ClusterAttention(nn.Module):
             cosine=self.similarity == "cosine",
         )
 
+    def _head_groups(self, assign: Tensor):
+        """How the fast paths compute the heads: a list of (assignments G x B x N, in_order,
+        heads), one attention call each, over heads [heads[0], heads[1]) (None: all) in G groups
+        of equal size, group g's words ordered by assignments[g]. The local heads' order puts
+        every real word in one cluster (``in_order``: no clustered group in the call). With
+        as many local heads as clustered ones (``local_heads="half"``) both groups go in one
+        call; other splits take two."""
+        H, Hl = self.num_heads, self.local_heads
+        local = assign.clamp(max=0)  # every real word in cluster 0, padding -1
+        if Hl == 0:
+            return [(assign[None], False, None)]
+        if Hl == H:
+            return [(local[None], True, None)]
+        if 2 * Hl == H:
+            return [(torch.stack([local, assign]), False, None)]
+        return [(local[None], True, (0, Hl)), (assign[None], False, (Hl, H))]
+
     def _attend_sorted_blocks(self, x, words, assign, K, w_b, paired, heads, in_order=False):
-        """Fast encoder attention of heads [heads[0], heads[1]) (None: all) over the blocks of
-        the words sorted by ``assign``; their share of out_proj's output, B x N x d.
+        """Fast encoder attention of heads [heads[0], heads[1]) (None: all), in G equal groups,
+        over the blocks of the words sorted by ``assign`` (G x B x N: group g's assignments);
+        their share of out_proj's output, B x N x d.
 
         Block layout: sequence b's sorted word r goes to block r // w_b, slot r % w_b; blocks
         are W = max w_b wide (slots beyond w_b stay empty). Without padding every sequence has
@@ -413,7 +430,7 @@ class ClusterAttention(nn.Module):
         is the sorted positions in order, a few operations on host-known sizes). ``in_order``:
         ``assign`` puts every real word in one cluster (the local heads).
         """
-        B, N, _ = x.shape
+        G, B, N = assign.shape
         lengths = words.lengths
         sorted_idx, undo_sort = _sorted_order(assign, K, words.pad, in_order)
         if not isinstance(w_b, Tensor):  # an int (a SymInt under torch.compile)
@@ -430,8 +447,8 @@ class ClusterAttention(nn.Module):
             slot = torch.arange(W, device=x.device)[None, None, :]
             sorted_pos = block * per_seq[:, None, None] + slot  # B|1 x K x W: sorted position held by each slot
             slot_real = (slot < per_seq[:, None, None]) & (sorted_pos < seq_len[:, None, None])  # B|1 x K x W
-        block_word = sorted_idx.gather(1, sorted_pos.clamp(max=N - 1).view(-1, K * W).expand(B, K * W))
-        block_word = block_word.view(B, K, W)  # original position held by each slot
+        slot_pos = sorted_pos.clamp(max=N - 1).view(1, -1, K * W).expand(G, B, K * W)
+        block_word = sorted_idx.gather(2, slot_pos).view(G, B, K, W)  # original position held by each slot
 
         key_ok = slot_real
         if paired:
@@ -439,13 +456,13 @@ class ClusterAttention(nn.Module):
             key_ok = torch.cat([F.pad(slot_real, (0, 0, 1, -1)), slot_real], dim=2)  # B|1 x K x 2W
         # Word j sits at row (r_j // w_b) W + r_j % w_b = r_j + (r_j // w_b)(W - w_b) of its
         # sequence's K x W layout, where r_j = undo_sort_j is its sorted position.
-        word_row = undo_sort
+        word_row = undo_sort  # G x B x N
         if words.pad is not None:
             word_row = torch.addcmul(
                 undo_sort, torch.div(undo_sort, w_b[:, None], rounding_mode="floor"), W - w_b[:, None]
             )
         return kernels.attend_in_blocks(
-            self, x, words.pad, block_word, word_row, key_ok[:, :, None, :], slot_real, paired, heads
+            self, x, words.pad, block_word, word_row, key_ok[None, :, :, None, :], slot_real[None], paired, heads
         )
 
     # ------------------------------------------------------------------------------------------
@@ -506,13 +523,11 @@ class ClusterAttention(nn.Module):
             return self._attend_dense(x, words.pad, visible)
         if self.impl == "flex":
             return flex.causal_attention(self, x, words.pad, self._head_orders(assign, self.num_clusters, words.pad))
-        out = None  # the clustered heads' and the local heads' shares of out_proj's output, summed
-        if Hl < H:
-            out = self._causal_band_attention(x, words, assign, self.num_clusters, (Hl, H))
-        if Hl > 0:
-            # Local heads: the same band with every real word in one cluster (padding -1).
-            local = self._causal_band_attention(x, words, assign.clamp(max=0), 1, (0, Hl), in_order=True)
-            out = local if out is None else local + out
+        # Local heads: the same band with every real word in one cluster (padding -1).
+        out = None  # the shares of out_proj's output of the head groups' calls, summed
+        for group_assign, in_order, heads in self._head_groups(assign):
+            part = self._causal_band_attention(x, words, group_assign, self.num_clusters, heads, in_order)
+            out = part if out is None else out + part
         return out
 
     def _head_orders(self, assign: Tensor, K: int, pad: Optional[Tensor]) -> flex.HeadOrders:
@@ -544,13 +559,20 @@ class ClusterAttention(nn.Module):
         return assign, None, None, self.router.losses(x, words.pad, assign)
 
     def _causal_band_attention(
-        self, x: Tensor, words: clustering.Words, assign: Tensor, K: int, heads: Tuple[int, int], in_order=False
+        self,
+        x: Tensor,
+        words: clustering.Words,
+        assign: Tensor,
+        K: int,
+        heads: Optional[Tuple[int, int]],
+        in_order=False,
     ):
-        """Heads [heads[0], heads[1]) of the causal variant: each word attends to the most recent
-        ``window`` words of its cluster under ``assign`` (B x N, -1 at padding), itself included.
-        ``in_order``: ``assign`` puts every real word in one cluster (the local heads).
-        Returns their share of out_proj's output, B x N x d."""
-        B, N, _ = x.shape
+        """Heads [heads[0], heads[1]) (None: all) of the causal variant, in G equal groups: each
+        word attends to the most recent ``window`` words of its cluster under its group's
+        assignments (``assign``: G x B x N, -1 at padding), itself included. ``in_order``:
+        ``assign`` puts every real word in one cluster (the local heads). Returns their share of
+        out_proj's output, B x N x d."""
+        G, B, N = assign.shape
         w = self.window
         sorted_idx, undo_sort = _sorted_order(assign, K, words.pad, in_order)
 
@@ -562,16 +584,18 @@ class ClusterAttention(nn.Module):
         paired = N > w
         n_blocks = -(-N // b)
         P = n_blocks * b
-        block_word = F.pad(sorted_idx, (0, P - N)).view(B, n_blocks, b)
-        sorted_cluster = F.pad(assign.gather(1, sorted_idx), (0, P - N), value=-1).view(B, n_blocks, b)  # -1: none
+        block_word = F.pad(sorted_idx, (0, P - N)).view(G, B, n_blocks, b)
+        sorted_cluster = F.pad(assign.gather(2, sorted_idx), (0, P - N), value=-1).view(G, B, n_blocks, b)  # -1: none
 
         prev_cluster = F.pad(sorted_cluster, (0, 0, 1, -1), value=-1)  # block j-1 (none before block 0)
-        key_cluster = torch.cat([prev_cluster, sorted_cluster], dim=2) if paired else sorted_cluster  # B x nb x n_keys
+        key_cluster = (
+            torch.cat([prev_cluster, sorted_cluster], dim=3) if paired else sorted_cluster
+        )  # G x B x nb x n_keys
 
         q_slot = torch.arange(b, device=x.device)[:, None]  # query slot within its block
-        k_slot = torch.arange(key_cluster.size(2), device=x.device)[None, :] - (b if paired else 0)  # same frame
+        k_slot = torch.arange(key_cluster.size(-1), device=x.device)[None, :] - (b if paired else 0)  # same frame
         band = (k_slot <= q_slot) & (k_slot > q_slot - w)  # b x n_keys: sorted distance in [0, w)
-        same = key_cluster[:, :, None, :] == sorted_cluster[:, :, :, None]  # B x nb x b x n_keys
+        same = key_cluster[..., None, :] == sorted_cluster[..., :, None]  # G x B x nb x b x n_keys
         return kernels.attend_in_blocks(
             self,
             x,
@@ -581,7 +605,7 @@ class ClusterAttention(nn.Module):
             band & same,
             sorted_cluster >= 0,
             paired,
-            None if heads == (0, self.num_heads) else heads,
+            heads,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -635,13 +659,15 @@ class ClusterAttention(nn.Module):
 
 
 def _sorted_order(assign: Tensor, K: int, pad: Optional[Tensor], in_order: bool) -> Tuple[Tensor, Tensor]:
-    """clustering.sort_by_cluster(assign, K). ``in_order`` (every real word in one cluster)
-    without padding: the words keep their own order, so both permutations are the identity
-    (no sort)."""
+    """clustering.sort_by_cluster(assign, K) over the last dimension of ``assign`` (... x N: one
+    sort for every leading index). ``in_order`` (every real word in one cluster) without
+    padding: the words keep their own order, so both permutations are the identity (no sort)."""
+    N = assign.size(-1)
     if in_order and pad is None:
-        identity = torch.arange(assign.size(1), device=assign.device).expand_as(assign)
+        identity = torch.arange(N, device=assign.device).expand_as(assign)
         return identity, identity
-    return clustering.sort_by_cluster(assign, K)
+    sorted_idx, undo = clustering.sort_by_cluster(assign.reshape(-1, N), K)
+    return sorted_idx.view(assign.shape), undo.view(assign.shape)
 
 
 def _rank_in_sentence(assign: Tensor) -> Tensor:

@@ -40,33 +40,61 @@ def gather_rows(t: Tensor, index: Tensor, zero: Optional[Tensor]) -> Tensor:
 
 
 class GatherProject(torch.autograd.Function):
-    """Words in block order, projected by the stacked q|k|v weight.
+    """Words in block order, projected by the stacked q|k|v weights of their head groups.
 
-    x: (B N) x d words; layout_word: the word held by each layout row (with ``paired``, W filler
-    rows first); word_row / word_pad: the layout row of each word and where words are padding.
-    Returns the layout rows x 3d projection. Its backward receives the gradient in the same
-    rows x 3d form (FlashBlockAttention and PairedViews write it so): one matmul for the input
-    gradient and one for the weight gradient.
+    x: (B N) x d words; layout_word: the word held by each layout row (``filler`` rows first,
+    then G groups of R rows: group g's blocks, for its heads); word_row: (B N) x G, the row of
+    each word in each group's layout (filler not counted; anything at padding); word_pad: where
+    words are padding; weight: 3 D x d, the q, k and v rows of the G groups' heads stacked (D
+    rows each, G D / head_dim heads in order, group g the g-th equal share); bias: 3 D or None.
+    Returns the (filler + G R) x C projection (C = 3 D / G): each group's rows projected by its
+    own heads' q|k|v rows (the filler rows: zero with G > 1, masked keys either way). Its backward
+    receives the gradient in the same form (FlashBlockAttention and PairedViews write it so): one
+    matmul for the input gradient, over every group's rows of each word side by side, and one
+    (batched over the groups) for the weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, layout_word, word_row, word_pad, weight, bias):
-        ctx.save_for_backward(x, layout_word, word_row, word_pad, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(x.index_select(0, layout_word), weight, bias)  # rows x 3d (the gathered words are freed)
+    def forward(ctx, x, layout_word, word_row, word_pad, weight, bias, filler, groups):
+        G, d = groups, weight.size(1)
+        if G > 1:  # G x C x d: each group's q|k|v rows together (the q|k|v layout the views expect)
+            weight = weight.view(3, G, -1, d).transpose(0, 1).reshape(G, -1, d)
+            bias = None if bias is None else bias.view(3, G, -1).transpose(0, 1).reshape(G, -1)
+        ctx.save_for_backward(x, layout_word, word_row, word_pad, weight.view(G, -1, d))
+        ctx.has_bias, ctx.filler = bias is not None, filler
+        if G == 1:  # the filler rows read word 0: one matmul over every row
+            return F.linear(x.index_select(0, layout_word), weight, bias)
+        C = weight.size(1)
+        rows = x.index_select(0, layout_word[filler:]).view(G, -1, d)  # the gathered words are freed
+        qkv = x.new_empty(filler + rows.size(0) * rows.size(1), C)
+        qkv[:filler].zero_()
+        out = qkv[filler:].view(G, -1, C)
+        if bias is None:
+            torch.bmm(rows, weight.transpose(1, 2), out=out)
+        else:
+            torch.baddbmm(bias[:, None, :], rows, weight.transpose(1, 2), out=out)
+        return qkv
 
     @staticmethod
     def backward(ctx, grad_qkv: Tensor):
         x, layout_word, word_row, word_pad, weight = ctx.saved_tensors
+        G, C, d = weight.shape
+        # The filler rows are keys that every query masks: their gradient is zero.
+        grad = grad_qkv[ctx.filler :]  # G R x C
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = gather_rows(torch.mm(grad_qkv, weight), word_row, word_pad)
+            # (B N) x G C: every group's gradient row of each word, times the G C x d weight
+            grad_x = torch.mm(grad.index_select(0, word_row.view(-1)).view(-1, G * C), weight.view(G * C, d))
+            if word_pad is not None:
+                grad_x.masked_fill_(word_pad[:, None], 0.0)
         if ctx.needs_input_grad[4]:
             # recomputed: cheaper than keeping the gathered words alive
-            grad_weight = torch.mm(grad_qkv.t(), x.index_select(0, layout_word))
+            rows = x.index_select(0, layout_word[ctx.filler :]).view(G, -1, d)
+            grad_weight = torch.bmm(grad.view(G, -1, C).transpose(1, 2), rows)  # G x C x d
+            grad_weight = grad_weight.view(G, 3, -1, d).transpose(0, 1).reshape(-1, d)  # a copy only with G > 1
         if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_bias = grad_qkv.sum(0)
-        return grad_x, None, None, None, grad_weight, grad_bias
+            grad_bias = grad.view(G, -1, C).sum(1).view(G, 3, -1).transpose(0, 1).reshape(-1)
+        return grad_x, None, None, None, grad_weight, grad_bias, None, None
 
 
 def _find_flash_cpu_ops():
@@ -285,26 +313,39 @@ def block_attention(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paire
 class ScatterProject(torch.autograd.Function):
     """Attention output back in word order (zero at padding), then the output projection.
 
-    out: (M W) x d in block layout; word_row / word_pad: the layout row of each word (in range
-    everywhere) and where words are padding; layout_word / layout_empty: the word held by each
-    layout row and the rows that hold none. The backward brings the output gradient into block
-    order once and computes both the input and the weight gradient there, so no word-order copy
-    of the attention output is kept for the backward.
+    out: (G R) x D in block layout, G groups of R rows (group g: heads [g, g + 1) x D / hd of
+    the part computed); word_row / word_pad: (B N) x G, the row of each word in each group's
+    layout (in range everywhere), and where words are padding; layout_word / layout_empty: the
+    word held by each layout row and the rows that hold none; weight: d x G D, the output
+    projection's columns of these heads. Each word's rows of the G groups, side by side, are its
+    heads in order. The backward brings the output gradient into block order once and computes
+    both the input and the weight gradient there, so no word-order copy of the attention output
+    is kept for the backward.
     """
 
     @staticmethod
     def forward(ctx, out, word_row, word_pad, layout_word, layout_empty, weight, bias):
         ctx.save_for_backward(out, layout_word, layout_empty, weight)
         ctx.has_bias = bias is not None
-        return F.linear(gather_rows(out, word_row, word_pad), weight, bias)
+        words = gather_rows(out, word_row.view(-1), None).view(word_row.size(0), -1)  # (B N) x G D
+        if word_pad is not None:
+            words.masked_fill_(word_pad[:, None], 0.0)
+        return F.linear(words, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         out, layout_word, layout_empty, weight = ctx.saved_tensors
-        grad_blocks = gather_rows(grad_y, layout_word, layout_empty)  # (M W) x d
-        grad_out = torch.mm(grad_blocks, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_blocks.t().mm(out) if ctx.needs_input_grad[5] else None
-        grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[6] else None
+        D = out.size(1)
+        d, G = weight.size(0), weight.size(1) // D
+        grad_blocks = gather_rows(grad_y, layout_word, layout_empty).view(G, -1, d)  # G x R x d
+        grad_out = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_out = torch.bmm(grad_blocks, weight.view(d, G, D).transpose(0, 1)).view(-1, D)  # (G R) x D
+        if ctx.needs_input_grad[5]:
+            grad_weight = torch.bmm(grad_blocks.transpose(1, 2), out.view(G, -1, D))  # G x d x D
+            grad_weight = grad_weight.transpose(0, 1).reshape(d, G * D)  # a copy only with G > 1
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            grad_bias = grad_y.sum(0)
         return grad_out, None, None, None, None, grad_weight, grad_bias
 
 
@@ -458,61 +499,66 @@ def attend_in_blocks(
 ) -> Tensor:
     """Attention inside blocks of the sorted sequence, back in the original order, out_proj applied.
 
-    attn: the ClusterAttention layer (its projections and head sizes); x: B x N x d; pad: B x N
-    (True at padding) or None; block_word: B x M x W original position held by each block slot
-    (in range everywhere); word_row: B x N the slot (index into M W) of each real word (anything at
-    padding); key_ok: B x M x W x n_keys (or broadcastable) which keys each query may see
-    (n_keys = 2W with ``paired``: block i sees block i-1 then itself; W otherwise);
-    slot_real: B x M x W slots holding a real word (the others see every key, so that their
-    discarded rows stay finite). Returns B x N x d: out_proj of the attention output, which
-    is zero at padding.
+    The heads come in G groups of equal size, each with its own order of the words (G = 1: one
+    order for every head; G = 2: the local heads' and the clustered heads'), all in one call.
 
-    The words are gathered into block order once and projected by one fused q|k|v matmul;
-    the [previous, own] keys and values of every block are overlapping views of that result,
-    so nothing is computed twice. Both row gathers (into block order and back) are one-to-one
-    on the real words, so their backward passes are gathers too, each fused with the
-    projection next to it (GatherProject, ScatterProject).
+    attn: the ClusterAttention layer (its projections and head sizes); x: B x N x d; pad: B x N
+    (True at padding) or None; block_word: G x B x M x W, the original position held by each
+    block slot of each group's layout (in range everywhere); word_row: G x B x N, the slot (index
+    into M W) of each real word (anything at padding); key_ok: G x B x M x W x n_keys (or
+    broadcastable), which keys each query may see (n_keys = 2W with ``paired``: block i sees
+    block i-1 then itself; W otherwise); slot_real: G x B x M x W (or broadcastable), the slots
+    holding a real word (the others see every key, so that their discarded rows stay finite).
+    Returns B x N x d: out_proj of the attention output, which is zero at padding.
+
+    The words are gathered into block order once per group (group-major rows, the G B M blocks
+    one after another) and projected by one q|k|v matmul (batched over the groups, each with its
+    heads' weights); the [previous, own] keys and values of every block are overlapping views of
+    that result, so nothing is computed twice, and one attention call covers every group's
+    blocks. Both row gathers (into block order and back) are one-to-one on the real words, so
+    their backward passes are gathers too, each fused with the projection next to it
+    (GatherProject, ScatterProject).
 
     heads: (first, end) computes only those heads: their rows of the q/k/v projections and
     their columns of out_proj (whose bias is added only by the part holding head 0), so the
     parts of a layer whose heads attend differently add up to the whole layer's output.
     """
     B, N, d = x.shape
-    M, W = block_word.shape[1:]
+    G, _, M, W = block_word.shape
     hd = attn.head_dim
     h0, h1 = heads if heads is not None else (0, attn.num_heads)
-    H, cols = h1 - h0, slice(h0 * hd, h1 * hd)
-    seq_start = torch.arange(B, device=x.device)[:, None]
+    if (h1 - h0) % G:
+        raise ValueError(f"{h1 - h0} heads do not split into {G} groups of equal size")
+    Hg, cols = (h1 - h0) // G, slice(h0 * hd, h1 * hd)
     word_pad = None if pad is None else pad.view(-1)
-    layout_empty = ~slot_real  # B|1 x M x W
+    layout_empty = ~slot_real  # G|1 x B|1 x M x W
     filler = W if paired else 0  # W rows in front: the "previous block" of the first block (masked)
     # Rows of the flattened (B N) x d input that make the layout (filler rows read word 0).
-    layout_word = block_word.new_zeros(filler + B * M * W)
-    torch.add(block_word.view(B, M * W), seq_start, alpha=N, out=layout_word[filler:].view(B, M * W))
-    layout_row = torch.add(word_row, seq_start, alpha=M * W).view(-1)  # layout row of each word
-    layout_row = layout_row if word_pad is None else layout_row.masked_fill_(word_pad, 0)
+    layout_word = block_word.new_zeros(filler + G * B * M * W)
+    seq_start = torch.arange(G * B, device=x.device).view(G, B, 1)  # the layout's sequences, group-major
+    torch.add(block_word.view(G, B, M * W), seq_start[:1], alpha=N, out=layout_word[filler:].view(G, B, M * W))
+    # The layout row of each word in each group (filler not counted): (B N) x G
+    layout_row = torch.add(word_row, seq_start, alpha=M * W).view(G, B * N)
+    if word_pad is not None:
+        layout_row.masked_fill_(word_pad, 0)
+    layout_row = layout_row.t().contiguous()  # a copy only with G > 1
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     # Every head: the whole weights (a slice would add a zero-filled gradient copy per tensor).
     part = (lambda t: t) if heads is None else (lambda t: t[cols])
-    qkv = GatherProject.apply(
-        x.reshape(B * N, d),
-        layout_word,
-        layout_row + filler,
-        word_pad,
-        torch.cat([part(p.weight) for p in projs]),
-        None if projs[0].bias is None else torch.cat([part(p.bias) for p in projs]),
-    )  # layout rows x 3 H hd
+    weight = torch.cat([part(p.weight) for p in projs])  # 3 G Hg hd x d (GatherProject groups the rows)
+    bias = None if projs[0].bias is None else torch.cat([part(p.bias) for p in projs])
+    qkv = GatherProject.apply(x.reshape(B * N, d), layout_word, layout_row, word_pad, weight, bias, filler, G)
     n_keys = 2 * W if paired else W
-    allowed = (key_ok | layout_empty[..., None]).expand(B, M, W, n_keys).reshape(B * M, 1, W, n_keys)
+    allowed = (key_ok | layout_empty[..., None]).expand(G, B, M, W, n_keys).reshape(G * B * M, 1, W, n_keys)
     dropout_p = attn.dropout if attn.training else 0.0
-    out = block_attention(qkv, allowed, W, H, hd, paired, dropout_p)  # (B M W) x H hd
+    out = block_attention(qkv, allowed, W, Hg, hd, paired, dropout_p)  # (G B M W) x Hg hd
     out_weight = attn.out_proj.weight if heads is None else attn.out_proj.weight[:, cols]
     out = ScatterProject.apply(
         out,
         layout_row,
         word_pad,
         layout_word[filler:],
-        layout_empty.expand(B, M, W).reshape(-1),
+        layout_empty.expand(G, B, M, W).reshape(-1),
         out_weight,
         attn.out_proj.bias if h0 == 0 else None,
     )
