@@ -435,8 +435,7 @@ class ClusterAttention(nn.Module):
         sorted_idx, undo_sort = _sorted_order(assign, K, words.pad, in_order)
         if not isinstance(w_b, Tensor):  # an int (a SymInt under torch.compile)
             W = w_b
-            sorted_pos = torch.arange(K * W, device=x.device).view(1, K, W)  # sorted position held by each slot
-            slot_real = sorted_pos < N  # 1 x K x W
+            slot_pos, slot_real, key_ok = _fixed_block_layout(K, W, N, paired, x.device)
         else:
             # W = max w_b; with a fixed k, ceil(N / k) is that (or more, if every sequence is
             # padded at the end: then the extra slots stay empty) without a host sync.
@@ -447,13 +446,11 @@ class ClusterAttention(nn.Module):
             slot = torch.arange(W, device=x.device)[None, None, :]
             sorted_pos = block * per_seq[:, None, None] + slot  # B|1 x K x W: sorted position held by each slot
             slot_real = (slot < per_seq[:, None, None]) & (sorted_pos < seq_len[:, None, None])  # B|1 x K x W
-        slot_pos = sorted_pos.clamp(max=N - 1).view(1, -1, K * W).expand(G, B, K * W)
-        block_word = sorted_idx.gather(2, slot_pos).view(G, B, K, W)  # original position held by each slot
-
-        key_ok = slot_real
-        if paired:
+            slot_pos = sorted_pos.clamp(max=N - 1).view(1, -1, K * W)  # in range everywhere
             # Keys of block i: block i-1 (none for block 0: blocks do not wrap around), then block i.
-            key_ok = torch.cat([F.pad(slot_real, (0, 0, 1, -1)), slot_real], dim=2)  # B|1 x K x 2W
+            key_ok = _with_previous_block(slot_real, False) if paired else slot_real  # B|1 x K x 2W|W
+        # the original position held by each slot
+        block_word = sorted_idx.gather(2, slot_pos.expand(G, B, K * W)).view(G, B, K, W)
         # Word j sits at row (r_j // w_b) W + r_j % w_b = r_j + (r_j // w_b)(W - w_b) of its
         # sequence's K x W layout, where r_j = undo_sort_j is its sorted position.
         word_row = undo_sort  # G x B x N
@@ -587,14 +584,8 @@ class ClusterAttention(nn.Module):
         block_word = F.pad(sorted_idx, (0, P - N)).view(G, B, n_blocks, b)
         sorted_cluster = F.pad(assign.gather(2, sorted_idx), (0, P - N), value=-1).view(G, B, n_blocks, b)  # -1: none
 
-        prev_cluster = F.pad(sorted_cluster, (0, 0, 1, -1), value=-1)  # block j-1 (none before block 0)
-        key_cluster = (
-            torch.cat([prev_cluster, sorted_cluster], dim=3) if paired else sorted_cluster
-        )  # G x B x nb x n_keys
-
-        q_slot = torch.arange(b, device=x.device)[:, None]  # query slot within its block
-        k_slot = torch.arange(key_cluster.size(-1), device=x.device)[None, :] - (b if paired else 0)  # same frame
-        band = (k_slot <= q_slot) & (k_slot > q_slot - w)  # b x n_keys: sorted distance in [0, w)
+        key_cluster = _with_previous_block(sorted_cluster, -1) if paired else sorted_cluster  # G x B x nb x n_keys
+        band = _causal_band(b, paired, w, x.device)  # b x n_keys: sorted distance in [0, w)
         same = key_cluster[..., None, :] == sorted_cluster[..., :, None]  # G x B x nb x b x n_keys
         return kernels.attend_in_blocks(
             self,
@@ -668,6 +659,50 @@ def _sorted_order(assign: Tensor, K: int, pad: Optional[Tensor], in_order: bool)
         return identity, identity
     sorted_idx, undo = clustering.sort_by_cluster(assign.reshape(-1, N), K)
     return sorted_idx.view(assign.shape), undo.view(assign.shape)
+
+
+def _with_previous_block(blocks: Tensor, fill) -> Tensor:
+    """... x M x W -> ... x M x 2W: each block preceded by the block before it (``fill`` before
+    the first block), as overlapping views of one padded copy (compiled: concatenated, since
+    unfold's sizes would specialise the graph to one block size)."""
+    if torch.compiler.is_compiling():
+        return torch.cat([F.pad(blocks, (0, 0, 1, -1), value=fill), blocks], dim=-1)
+    M, W = blocks.shape[-2:]
+    padded = F.pad(blocks.reshape(*blocks.shape[:-2], M * W), (W, 0), value=fill)  # ... x (M + 1) W
+    return padded.unfold(-1, 2 * W, W)
+
+
+def _fixed_block_layout(K: int, W: int, N: int, paired: bool, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """The encoder's block layout when every sequence has N words and one block size W: (the
+    sorted position held by each slot, in range: 1 x 1 x K W; the slots that hold a word: 1 x K
+    x W; the keys each block may see: 1 x K x 2W with ``paired``, else the slots). Sizes alone:
+    made once per size and device outside torch.compile (see _causal_band)."""
+
+    def make():
+        sorted_pos = torch.arange(K * W, device=device).view(1, K, W)
+        slot_real = sorted_pos < N
+        key_ok = _with_previous_block(slot_real, False) if paired else slot_real
+        return sorted_pos.clamp(max=N - 1).view(1, 1, K * W), slot_real, key_ok
+
+    if torch.compiler.is_compiling():
+        return make()
+    return kernels.constant_tensor(("encoder layout", K, W, N, paired, device), make)
+
+
+def _causal_band(b: int, paired: bool, window: int, device) -> Tensor:
+    """b x n_keys bool: which keys of a query's [previous block, own block] (its own block alone
+    without ``paired``) lie 0 to window - 1 sorted positions before it, the query slot's own
+    frame. It depends on the sizes alone: made once per size and device (kernels.constant_tensor)
+    outside torch.compile, where it fuses into the graph instead."""
+
+    def make():
+        q_slot = torch.arange(b, device=device)[:, None]  # query slot within its block
+        k_slot = torch.arange(2 * b if paired else b, device=device)[None, :] - (b if paired else 0)  # same frame
+        return (k_slot <= q_slot) & (k_slot > q_slot - window)
+
+    if torch.compiler.is_compiling():
+        return make()
+    return kernels.constant_tensor(("causal band", b, paired, window, device), make)
 
 
 def _rank_in_sentence(assign: Tensor) -> Tensor:

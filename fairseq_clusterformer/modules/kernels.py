@@ -83,10 +83,12 @@ class GatherProject(torch.autograd.Function):
         grad = grad_qkv[ctx.filler :]  # G R x C
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # (B N) x G C: every group's gradient row of each word, times the G C x d weight
-            grad_x = torch.mm(grad.index_select(0, word_row.view(-1)).view(-1, G * C), weight.view(G * C, d))
-            if word_pad is not None:
-                grad_x.masked_fill_(word_pad[:, None], 0.0)
+            if G == 1:  # the layout rows' input gradient, then each word's row (d wide)
+                grad_x = gather_rows(torch.mm(grad, weight[0]), word_row.view(-1), word_pad)
+            else:  # (B N) x G C: every group's gradient row of each word, times the G C x d weight
+                grad_x = torch.mm(grad.index_select(0, word_row.view(-1)).view(-1, G * C), weight.view(G * C, d))
+                if word_pad is not None:
+                    grad_x.masked_fill_(word_pad[:, None], 0.0)
         if ctx.needs_input_grad[4]:
             # recomputed: cheaper than keeping the gathered words alive
             rows = x.index_select(0, layout_word[ctx.filler :]).view(G, -1, d)
@@ -157,9 +159,10 @@ _CONSTANTS: dict = {}  # constant_tensor's tensors, by key
 
 
 def constant_tensor(key, make) -> Tensor:
-    """make(), once per key (which must name its device and dtype): small tensors that a hot
-    path would otherwise create at every call, each a kernel launch on a GPU. Made outside any
-    inference mode, so that they serve outside it too."""
+    """make(), once per key (which must name its device, and its dtype where that varies):
+    small tensors (or a tuple of them) that a hot path would otherwise create at every call, each
+    a kernel launch on a GPU; callers never modify them. Made outside any inference mode, so that
+    they serve outside it too."""
     t = _CONSTANTS.get(key)
     if t is None:
         if len(_CONSTANTS) >= 256:  # e.g. index ranges for the batch sizes of beam search: bounded
