@@ -405,9 +405,9 @@ class ClusterAttention(nn.Module):
         """How the fast paths compute the heads: a list of (assignments G x B x N, in_order,
         heads), one attention call each, over heads [heads[0], heads[1]) (None: all) in G groups
         of equal size, group g's words ordered by assignments[g]. The local heads' order puts
-        every real word in one cluster (``in_order``: no clustered group in the call). With
-        as many local heads as clustered ones (``local_heads="half"``) both groups go in one
-        call; other splits take two."""
+        every real word in one cluster (padding -1; ``in_order``: no clustered group in the
+        call). With as many local heads as clustered ones (the fairseq decoder's default, half)
+        both groups go in one call; other splits take two."""
         H, Hl = self.num_heads, self.local_heads
         local = assign.clamp(max=0)  # every real word in cluster 0, padding -1
         if Hl == 0:
@@ -520,7 +520,6 @@ class ClusterAttention(nn.Module):
             return self._attend_dense(x, words.pad, visible)
         if self.impl == "flex":
             return flex.causal_attention(self, x, words.pad, self._head_orders(assign, self.num_clusters, words.pad))
-        # Local heads: the same band with every real word in one cluster (padding -1).
         out = None  # the shares of out_proj's output of the head groups' calls, summed
         for group_assign, in_order, heads in self._head_groups(assign):
             part = self._causal_band_attention(x, words, group_assign, self.num_clusters, heads, in_order)

@@ -45,13 +45,13 @@ class GatherProject(torch.autograd.Function):
     x: (B N) x d words; layout_word: the word held by each layout row (``filler`` rows first,
     then G groups of R rows: group g's blocks, for its heads); word_row: (B N) x G, the row of
     each word in each group's layout (filler not counted; anything at padding); word_pad: where
-    words are padding; weight: 3 D x d, the q, k and v rows of the G groups' heads stacked (D
-    rows each, G D / head_dim heads in order, group g the g-th equal share); bias: 3 D or None.
-    Returns the (filler + G R) x C projection (C = 3 D / G): each group's rows projected by its
-    own heads' q|k|v rows (the filler rows: zero with G > 1, masked keys either way). Its backward
-    receives the gradient in the same form (FlashBlockAttention and PairedViews write it so): one
-    matmul for the input gradient, over every group's rows of each word side by side, and one
-    (batched over the groups) for the weight gradient.
+    words are padding; weight: 3 D x d, the q, then k, then v rows of the call's heads in order
+    (D = heads x head_dim each), group g being the g-th equal share of the heads; bias: 3 D or
+    None. Returns the (filler + G R) x C projection (C = 3 D / G): each group's rows projected
+    by its own heads' q|k|v rows (the filler rows: zero with G > 1, masked keys either way). Its
+    backward receives the gradient in the same form (FlashBlockAttention and PairedViews write
+    it so): one matmul for the input gradient (with G > 1 over every group's rows of each word
+    side by side), and one, batched over the groups, for the weight gradient.
     """
 
     @staticmethod
@@ -316,8 +316,8 @@ def block_attention(qkv: Tensor, allowed: Tensor, W: int, H: int, hd: int, paire
 class ScatterProject(torch.autograd.Function):
     """Attention output back in word order (zero at padding), then the output projection.
 
-    out: (G R) x D in block layout, G groups of R rows (group g: heads [g, g + 1) x D / hd of
-    the part computed); word_row / word_pad: (B N) x G, the row of each word in each group's
+    out: (G R) x D in block layout: G groups of R rows, group g holding the g-th equal share of
+    the call's heads (D = its heads x head_dim); word_row / word_pad: (B N) x G, the row of each word in each group's
     layout (in range everywhere), and where words are padding; layout_word / layout_empty: the
     word held by each layout row and the rows that hold none; weight: d x G D, the output
     projection's columns of these heads. Each word's rows of the G groups, side by side, are its
