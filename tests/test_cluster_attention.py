@@ -91,6 +91,38 @@ def test_causal_local_heads_match_reference(local_heads, window):
         assert (reference_forward(m, x, kpm)[0][valid] - ref[valid]).abs().max() > 1e-3
 
 
+class _CountAttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the attention kernels (scaled_dot_product_attention's forward and backward ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += "scaled_dot_product" in func.overloadpacket.__name__
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+@pytest.mark.parametrize(("local_heads", "calls"), [(0, 1), (2, 1), (4, 1), (1, 2), (3, 2)])
+def test_local_and_clustered_heads_share_one_attention_call_when_equally_many(causal, local_heads, calls):
+    """On the block path both kinds of head go into one attention call (forward and backward
+    each) when they are equally many; other splits take one call per kind of head. Padding, so
+    that the local heads' order needs a sort too."""
+    kw = dict(causal=True, window=8) if causal else {}
+    m = make(d=32, heads=4, k=3, local_heads=local_heads, dense_max_len=0, **kw).train()
+    x = torch.randn(2, 40, 32, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[1, 33:] = True
+    for flash in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "USE_FLASH_CPU_KERNEL", flash)
+            with _CountAttentionCalls() as counter:
+                out, info = m(x, kpm)
+                (out.square().sum() + info.clustering_loss + info.sorting_loss).backward()
+        assert counter.calls == 2 * calls, (flash, counter.calls)
+
+
 @pytest.mark.parametrize("local_heads", [1, 2, 4])
 @pytest.mark.parametrize("dense_max_len", [0, 64], ids=["blocks", "dense-if-short"])
 @pytest.mark.parametrize("k", [3, "auto"])
