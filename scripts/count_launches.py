@@ -287,8 +287,9 @@ def _as_on_cuda(name):
     and CUDA-graph replays ("graphs"); both switch off the CPU's own flash kernel path."""
     from fairseq_clusterformer.modules import kernels
 
-    saved = kernels.USE_FLASH_CPU_KERNEL
-    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa
+    saved = kernels.USE_FLASH_CPU_KERNEL, kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU
+    kernels.USE_FLASH_CPU_KERNEL = False  # the block attention as on a GPU: through sdpa,
+    kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU = True  # both kinds of head in one call
     try:
         with contextlib.ExitStack() as stack:
             if "flex" in name:
@@ -297,7 +298,7 @@ def _as_on_cuda(name):
                 stack.enter_context(_compiled_as_graph_replays())
             yield
     finally:
-        kernels.USE_FLASH_CPU_KERNEL = saved
+        kernels.USE_FLASH_CPU_KERNEL, kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU = saved
 
 
 def _summary(fwd, bwd):

@@ -72,10 +72,12 @@ def test_matches_float64_reference(causal, shape, dtype, tol):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["as-on-cuda", "cpu"])
 @pytest.mark.parametrize("local_heads", [1, 2, 4])
 @pytest.mark.parametrize("window", [1, 3, 40])
-def test_causal_local_heads_match_reference(local_heads, window):
+def test_causal_local_heads_match_reference(local_heads, window, one_call, monkeypatch):
     """Local heads see the last `window` real words of any cluster; the others their cluster."""
+    monkeypatch.setattr(kernels, "HEAD_GROUPS_IN_ONE_CALL_ON_CPU", one_call)
     B, N = 4, 17
     m = make(d=32, heads=4, k=3, causal=True, window=window, local_heads=local_heads, seed=window)
     x = torch.randn(B, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(window))
@@ -103,12 +105,19 @@ class _CountAttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["as-on-cuda", "cpu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
 @pytest.mark.parametrize(("local_heads", "calls"), [(0, 1), (2, 1), (4, 1), (1, 2), (3, 2)])
-def test_local_and_clustered_heads_share_one_attention_call_when_equally_many(causal, local_heads, calls):
+def test_local_and_clustered_heads_share_one_attention_call_when_equally_many(
+    causal, local_heads, calls, one_call, monkeypatch
+):
     """On the block path both kinds of head go into one attention call (forward and backward
-    each) when they are equally many; other splits take one call per kind of head. Padding, so
-    that the local heads' order needs a sort too."""
+    each) when they are equally many, as on CUDA; other splits, and equal ones on the CPU
+    (kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU), take one call per kind of head. Padding, so that
+    the local heads' order needs a sort too."""
+    monkeypatch.setattr(kernels, "HEAD_GROUPS_IN_ONE_CALL_ON_CPU", one_call)
+    if not one_call and local_heads == 2:
+        calls = 2
     kw = dict(causal=True, window=8) if causal else {}
     m = make(d=32, heads=4, k=3, local_heads=local_heads, dense_max_len=0, **kw).train()
     x = torch.randn(2, 40, 32, dtype=torch.float64, requires_grad=True)
@@ -123,12 +132,14 @@ def test_local_and_clustered_heads_share_one_attention_call_when_equally_many(ca
         assert counter.calls == 2 * calls, (flash, counter.calls)
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["as-on-cuda", "cpu"])
 @pytest.mark.parametrize("local_heads", [1, 2, 4])
 @pytest.mark.parametrize("dense_max_len", [0, 64], ids=["blocks", "dense-if-short"])
 @pytest.mark.parametrize("k", [3, "auto"])
-def test_encoder_local_heads_match_reference(local_heads, dense_max_len, k):
+def test_encoder_local_heads_match_reference(local_heads, dense_max_len, k, one_call, monkeypatch):
     """Encoder local heads: the blocks of the words in their own order (counted from the first
     real word, whatever the padding); the other heads the blocks of the cluster-sorted words."""
+    monkeypatch.setattr(kernels, "HEAD_GROUPS_IN_ONE_CALL_ON_CPU", one_call)
     B, N = 4, 19
     m = make(d=32, heads=4, k=k, local_heads=local_heads, dense_max_len=dense_max_len, seed=local_heads)
     x = torch.randn(B, N, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(local_heads))

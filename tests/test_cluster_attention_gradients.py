@@ -25,11 +25,13 @@ CASES = {
     "causal": dict(k=2, causal=True, window=2),
     "causal-dot": dict(k=3, causal=True, window=3, similarity="dot"),
     "causal-one-block": dict(k=2, causal=True, window=8),
-    # Local heads: as many as clustered ones (both head groups in one block-attention call), and
-    # an unequal split (one call per group, each over its slice of the weights).
+    # Local heads: as many as clustered ones, in one call per group (the CPU's default) and both
+    # groups in one block-attention call (CUDA's), and an unequal split (one call per group).
     "local-heads-half": dict(k=3, local_heads=1),
+    "local-heads-half-one-call": dict(k=3, local_heads=1, one_call=True),
     "local-heads-1-of-4": dict(k=3, local_heads=1, heads=4),
     "causal-local-heads-half": dict(k=2, causal=True, window=2, local_heads=1),
+    "causal-local-heads-half-one-call": dict(k=2, causal=True, window=2, local_heads=1, one_call=True),
     "causal-local-heads-1-of-4": dict(k=2, causal=True, window=3, local_heads=1, heads=4),
 }
 
@@ -58,9 +60,10 @@ def _padding(B, N):
 
 @pytest.mark.parametrize("pad", [True, False], ids=["padding", "no-padding"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_gradcheck_inputs_and_parameters(case, pad, kernel):
+def test_gradcheck_inputs_and_parameters(case, pad, kernel, monkeypatch):
     kw = dict(CASES[case])
     k, heads = kw.pop("k"), kw.pop("heads", 2)
+    monkeypatch.setattr(kernels, "HEAD_GROUPS_IN_ONE_CALL_ON_CPU", kw.pop("one_call", False))
     torch.manual_seed(0)
     m = ClusterAttention(8, heads, k, **kw).double().eval()
     B, N = 4, 7

@@ -302,6 +302,7 @@ def test_no_tensor_holds_more_than_one_heads_block_scores_per_head_group(monkeyp
     from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 
     monkeypatch.setattr(kernels, "USE_FLASH_CPU_KERNEL", False)
+    monkeypatch.setattr(kernels, "HEAD_GROUPS_IN_ONE_CALL_ON_CPU", True)  # as on CUDA
     B, N, d, H, w = 2, 1024, 32, 8, 64
     torch.manual_seed(0)
     for kwargs in ({"local_heads": 4}, {"causal": True, "window": w, "local_heads": 4}):

@@ -407,14 +407,15 @@ class ClusterAttention(nn.Module):
         of equal size, group g's words ordered by assignments[g]. The local heads' order puts
         every real word in one cluster (padding -1; ``in_order``: no clustered group in the
         call). With as many local heads as clustered ones (the fairseq decoder's default, half)
-        both groups go in one call; other splits take two."""
+        both groups go in one call on CUDA (kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU says why not
+        on the CPU); other splits take two."""
         H, Hl = self.num_heads, self.local_heads
         local = assign.clamp(max=0)  # every real word in cluster 0, padding -1
         if Hl == 0:
             return [(assign[None], False, None)]
         if Hl == H:
             return [(local[None], True, None)]
-        if 2 * Hl == H:
+        if 2 * Hl == H and (assign.is_cuda or kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU):
             return [(torch.stack([local, assign]), False, None)]
         return [(local[None], True, (0, Hl)), (assign[None], False, (Hl, H))]
 
