@@ -91,9 +91,12 @@ class GatherProject(torch.autograd.Function):
                     grad_x.masked_fill_(word_pad[:, None], 0.0)
         if ctx.needs_input_grad[4]:
             # recomputed: cheaper than keeping the gathered words alive
-            rows = x.index_select(0, layout_word[ctx.filler :]).view(G, -1, d)
-            grad_weight = torch.bmm(grad.view(G, -1, C).transpose(1, 2), rows)  # G x C x d
-            grad_weight = grad_weight.view(G, 3, -1, d).transpose(0, 1).reshape(-1, d)  # a copy only with G > 1
+            rows = x.index_select(0, layout_word[ctx.filler :])
+            if G == 1:
+                grad_weight = torch.mm(grad.t(), rows)
+            else:  # G x C x d, then the q, k and v rows of every group together again
+                grad_weight = torch.bmm(grad.view(G, -1, C).transpose(1, 2), rows.view(G, -1, d))
+                grad_weight = grad_weight.view(G, 3, -1, d).transpose(0, 1).reshape(-1, d)
         if ctx.has_bias and ctx.needs_input_grad[5]:
             grad_bias = grad.view(G, -1, C).sum(1).view(G, 3, -1).transpose(0, 1).reshape(-1)
         return grad_x, None, None, None, grad_weight, grad_bias, None, None
@@ -120,9 +123,8 @@ USE_FLASH_CPU_KERNEL = True
 # Local and clustered heads, as many of each, attend in one block-attention call (attend_in_blocks
 # with two head groups) on CUDA, where a training step waits on kernel launches. On the CPU they
 # take one call each: the same time there, and the backward then holds one group's q|k|v gradient
-# at a time instead of both (at N = 2048, batch 20, the causal layer's peak memory 644 against
-# 796 MiB, measured with scripts.benchmark_attention). True: the one call on the CPU too (the
-# tests, and scripts/count_launches, which counts the CUDA code path).
+# at a time instead of both, which lowers the causal layer's peak training memory. True: the one
+# call on the CPU too (the tests, and scripts/count_launches, which counts the CUDA code path).
 HEAD_GROUPS_IN_ONE_CALL_ON_CPU = False
 # The flash path's backward runs over chunks of blocks of about this many bytes of q|k|v
 # gradient (at most _MAX_BACKWARD_CHUNKS chunks): only one chunk's kernel output is alive beside
@@ -349,11 +351,16 @@ class ScatterProject(torch.autograd.Function):
         d, G = weight.size(0), weight.size(1) // D
         grad_blocks = gather_rows(grad_y, layout_word, layout_empty).view(G, -1, d)  # G x R x d
         grad_out = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_out = torch.bmm(grad_blocks, weight.view(d, G, D).transpose(0, 1)).view(-1, D)  # (G R) x D
-        if ctx.needs_input_grad[5]:
-            grad_weight = torch.bmm(grad_blocks.transpose(1, 2), out.view(G, -1, D))  # G x d x D
-            grad_weight = grad_weight.transpose(0, 1).reshape(d, G * D)  # a copy only with G > 1
+        if G == 1:
+            grad_blocks = grad_blocks[0]
+            grad_out = torch.mm(grad_blocks, weight) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_blocks.t().mm(out) if ctx.needs_input_grad[5] else None
+        else:
+            if ctx.needs_input_grad[0]:  # (G R) x D
+                grad_out = torch.bmm(grad_blocks, weight.view(d, G, D).transpose(0, 1)).view(-1, D)
+            if ctx.needs_input_grad[5]:  # G x d x D, then d x G D
+                grad_weight = torch.bmm(grad_blocks.transpose(1, 2), out.view(G, -1, D))
+                grad_weight = grad_weight.transpose(0, 1).reshape(d, G * D)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = grad_y.sum(0)
         return grad_out, None, None, None, None, grad_weight, grad_bias
