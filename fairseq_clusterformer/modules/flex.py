@@ -1,8 +1,8 @@
 """impl="flex": the fast path's block attention as one FlexAttention call over every head.
 
 The fast implementation (kernels.py) gathers the sorted words into a block layout per group of
-heads that attend alike (clustered, local) and runs masked attention over the blocks: one call
-when the groups are equally large, else one per group.
+heads that attend alike (clustered, local) and runs masked attention over the blocks: on CUDA
+one call when the groups are equally large, else one per group.
 This one keeps each head's words in its own sorted order as one sequence of N rows and leaves
 the blocks to torch's FlexAttention: a BlockMask of TILE x TILE tiles lists the key tiles each
 query tile may need (from host-known sizes in the decoder, from the block sizes in the
