@@ -410,9 +410,9 @@ class ClusterAttention(nn.Module):
         both groups go in one call on CUDA (kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU says why not
         on the CPU); other splits take two."""
         H, Hl = self.num_heads, self.local_heads
-        local = assign.clamp(max=0)  # every real word in cluster 0, padding -1
         if Hl == 0:
             return [(assign[None], False, None)]
+        local = assign.clamp(max=0)  # every real word in cluster 0, padding -1
         if Hl == H:
             return [(local[None], True, None)]
         if 2 * Hl == H and (assign.is_cuda or kernels.HEAD_GROUPS_IN_ONE_CALL_ON_CPU):
