@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from . import clustering, flex, incremental, kernels
 from .clustering import SIMILARITIES, block_visibility, sort_by_cluster  # noqa: F401  (public names)
+from .constants import arange, filled, sized_constant
 
 IMPLEMENTATIONS = ("fast", "flex", "reference")
 # Sequences up to this length take the dense-mask path of the fast implementation (see
@@ -386,7 +387,7 @@ class ClusterAttention(nn.Module):
         K = centroids.size(1)
         cluster_pad = None
         if self.num_clusters == "auto":  # clusters beyond k_b take no words
-            cluster_pad = torch.arange(K, device=x.device)[None, :] >= k_b[:, None]
+            cluster_pad = arange(K, x.device)[None, :] >= k_b[:, None]
         return kernels.cluster_words(  # the same, with one fused backward
             x,
             projected,
@@ -443,8 +444,8 @@ class ClusterAttention(nn.Module):
             W = -(-N // self.num_clusters) if self.num_clusters != "auto" else int(w_b.max())
             per_seq = w_b if words.pad is not None else w_b[:1]
             seq_len = lengths if words.pad is not None else lengths[:1]
-            block = torch.arange(K, device=x.device)[None, :, None]
-            slot = torch.arange(W, device=x.device)[None, None, :]
+            block = arange(K, x.device)[None, :, None]
+            slot = arange(W, x.device)[None, None, :]
             sorted_pos = block * per_seq[:, None, None] + slot  # B|1 x K x W: sorted position held by each slot
             slot_real = (slot < per_seq[:, None, None]) & (sorted_pos < seq_len[:, None, None])  # B|1 x K x W
             slot_pos = sorted_pos.clamp(max=N - 1).view(1, -1, K * W)  # in range everywhere
@@ -491,7 +492,7 @@ class ClusterAttention(nn.Module):
     def _causal_losses(self, x: Tensor, words: clustering.Words, assign: Tensor):
         """The causal variant's clustering under its per-word assignments: (assignments with -1
         at padding, clustering loss, sorting loss); C' is not used."""
-        k_b = torch.full((x.size(0),), self.num_clusters, dtype=torch.long, device=x.device)
+        k_b = filled((x.size(0),), self.num_clusters, torch.long, x.device)
         centroids = self.layer_centroids(x, None, self.num_clusters)
         assign, _, clustering_loss, sorting_loss = self._cluster(x, words, centroids, k_b, assign=assign)
         return assign, clustering_loss, sorting_loss
@@ -655,7 +656,7 @@ def _sorted_order(assign: Tensor, K: int, pad: Optional[Tensor], in_order: bool)
     padding: the words keep their own order, so both permutations are the identity (no sort)."""
     N = assign.size(-1)
     if in_order and pad is None:
-        identity = torch.arange(N, device=assign.device).expand_as(assign)
+        identity = arange(N, assign.device).expand_as(assign)
         return identity, identity
     sorted_idx, undo = clustering.sort_by_cluster(assign.reshape(-1, N), K)
     return sorted_idx.view(assign.shape), undo.view(assign.shape)
@@ -684,15 +685,13 @@ def _fixed_block_layout(K: int, W: int, N: int, paired: bool, device) -> Tuple[T
         key_ok = _with_previous_block(slot_real, False) if paired else slot_real
         return sorted_pos.clamp(max=N - 1).view(1, 1, K * W), slot_real, key_ok
 
-    if torch.compiler.is_compiling():
-        return make()
-    return kernels.constant_tensor(("encoder layout", K, W, N, paired, device), make)
+    return sized_constant(("encoder layout", K, W, N, paired, device), make)
 
 
 def _causal_band(b: int, paired: bool, window: int, device) -> Tensor:
     """b x n_keys bool: which keys of a query's [previous block, own block] (its own block alone
     without ``paired``) lie 0 to window - 1 sorted positions before it, the query slot's own
-    frame. It depends on the sizes alone: made once per size and device (kernels.constant_tensor)
+    frame. It depends on the sizes alone: made once per size and device (constants.sized_constant)
     outside torch.compile, where it fuses into the graph instead."""
 
     def make():
@@ -700,9 +699,7 @@ def _causal_band(b: int, paired: bool, window: int, device) -> Tensor:
         k_slot = torch.arange(2 * b if paired else b, device=device)[None, :] - (b if paired else 0)  # same frame
         return (k_slot <= q_slot) & (k_slot > q_slot - window)
 
-    if torch.compiler.is_compiling():
-        return make()
-    return kernels.constant_tensor(("causal band", b, paired, window, device), make)
+    return sized_constant(("causal band", b, paired, window, device), make)
 
 
 def _rank_in_sentence(assign: Tensor) -> Tensor:

@@ -28,6 +28,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .constants import arange, filled
+
 COSINE_EPS = 1e-6  # cosine similarity: a.b / max(|a| |b|, eps)
 SIMILARITIES = ("cosine", "dot")
 
@@ -63,9 +65,9 @@ def words_of(x: Tensor, key_padding_mask: Optional[Tensor], assume_padding: bool
         pad = key_padding_mask.to(torch.bool)
         if not assume_padding and not bool(pad.any()):
             pad = None
-    if pad is None:  # sizes known on the host: no reductions
-        lengths = torch.full((B,), N, device=x.device)
-        return Words(None, None, lengths, torch.full((), B * N, dtype=loss_dtype(x.dtype), device=x.device))
+    if pad is None:  # sizes known on the host: no reductions, and tensors made once per size
+        lengths = filled((B,), N, torch.long, x.device)
+        return Words(None, None, lengths, filled((), B * N, loss_dtype(x.dtype), x.device))
     valid = ~pad
     lengths = valid.sum(1)
     return Words(pad, valid.to(x.dtype), lengths, lengths.sum().clamp(min=1).to(loss_dtype(x.dtype)))
@@ -77,7 +79,7 @@ def cluster_counts(lengths: Tensor, num_clusters: Union[int, str], max_clusters:
     if num_clusters == "auto":
         k = torch.ceil(torch.sqrt(lengths.to(torch.float64))).long().clamp(1, max_clusters)
         return k, int(k.max())
-    return torch.full_like(lengths, num_clusters), num_clusters
+    return filled(lengths.shape, num_clusters, torch.long, lengths.device), num_clusters
 
 
 def block_sizes(lengths: Tensor, k_b: Tensor) -> Tensor:
@@ -129,7 +131,7 @@ def sorting_pair_weights(k_b: Tensor, K: int, dtype, fixed_k: bool = False) -> T
     ``fixed_k`` (every k_b is K): the same weights, 1 / ((K-1) B) everywhere, as one 1 x K-1
     tensor (it broadcasts over the batch) made without reductions."""
     if fixed_k:
-        return torch.full((1, K - 1), 1.0 / max(1, (K - 1) * k_b.size(0)), dtype=dtype, device=k_b.device)
+        return filled((1, K - 1), 1.0 / max(1, (K - 1) * k_b.size(0)), dtype, k_b.device)
     clusters = torch.arange(K, device=k_b.device)[None, :] < k_b[:, None]  # B x K
     pair_ok = clusters[:, 1:].to(dtype)  # B x K-1
     n_pairs = pair_ok.sum(1, keepdim=True)
@@ -165,7 +167,7 @@ def sorted_word_idx(assign: Tensor, num_clusters: int) -> Tensor:
     assign: B x N -> B x N, the original position of the word at each sorted position, so
     ``x.gather(1, idx)`` sorts (for B x N x d, expand idx over d)."""
     B, N = assign.shape
-    pos = torch.arange(N, device=assign.device).expand(B, N)
+    pos = arange(N, assign.device).expand(B, N)
     cluster = assign.remainder(num_clusters + 1)  # -1 (padding) -> K: after every cluster
     return torch.argsort(torch.add(pos, cluster, alpha=N), dim=1)  # unique keys: any sort is stable
 
@@ -173,7 +175,7 @@ def sorted_word_idx(assign: Tensor, num_clusters: int) -> Tensor:
 def undo_sorted_word_idx(sorted_idx: Tensor) -> Tensor:
     """The inverse permutation: B x N, the sorted position of each original word, so
     ``y_sorted.gather(1, undo)`` puts the words back in their original order."""
-    pos = torch.arange(sorted_idx.size(1), device=sorted_idx.device).expand_as(sorted_idx)
+    pos = arange(sorted_idx.size(1), sorted_idx.device).expand_as(sorted_idx)
     return torch.empty_like(sorted_idx).scatter_(1, sorted_idx, pos)
 
 

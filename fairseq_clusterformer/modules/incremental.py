@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import additive_mask, constant_tensor
+from .constants import arange
+from .kernels import additive_mask
 
 # The near-tie rows of assign_per_word are scored in chunks of at most this many products
 # (x_j c_i, each K x d per word): the memory of the exact definition stays bounded whatever N is.
@@ -264,7 +265,7 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     token), so keys and values travel as one tensor and the masks come from the counts alone."""
     B, H, _ = q.shape
     K, w, Hl = attn.num_clusters, attn.window, attn.local_heads
-    batch, ring_slot = _arange(B, q.device), _arange(w, q.device)
+    batch, ring_slot = arange(B, q.device), arange(w, q.device)
     count, local_kv, cluster_kv = state["count"], state["local_kv"], state["cluster_kv"]
     # B x 2: real words so far, of any cluster (the local ring) and of this word's cluster
     seen = torch.stack([count[:, K], count[batch, cluster]], 1)
@@ -301,12 +302,6 @@ def _write(buffer: Tensor, index: tuple, value: Tensor, real: Optional[Tensor]):
         buffer[index] = value
     else:
         buffer[index] = torch.where(real[:, None, None, None], value, buffer[index])
-
-
-def _arange(n: int, device) -> Tensor:
-    """torch.arange(n, device=device), made once: a decoding step needs the same few index
-    ranges in every layer at every step."""
-    return constant_tensor(("arange", n, torch.device(device)), lambda: torch.arange(n, device=device))
 
 
 def prefix_to_ring(attn, keys: Tensor, values: Tensor, clusters: Tensor) -> Dict[str, Tensor]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .clustering import COSINE_EPS
+from .constants import arange, constant_tensor
 
 # The two row permutations around block attention (words -> block slots -> words) are one-to-one
 # on the rows that matter: every word is in exactly one block slot, and every other row (padding
@@ -162,23 +163,6 @@ def _qkv_views(qkv: Tensor, W: int, H: int, hd: int, paired: bool) -> Tuple[Tens
     # consecutive blocks -> M x 2W x width, a view (no storage_offset arithmetic).
     pairs = qkv.view(M + 1, W * width).unfold(0, 2, 1).transpose(1, 2).reshape(M, 2 * W, width)
     return q, pairs[:, :, d : 2 * d].view(M, 2 * W, H, hd), pairs[:, :, 2 * d :].view(M, 2 * W, H, hd)
-
-
-_CONSTANTS: dict = {}  # constant_tensor's tensors, by key
-
-
-def constant_tensor(key, make) -> Tensor:
-    """make(), once per key (which must name its device, and its dtype where that varies):
-    small tensors (or a tuple of them) that a hot path would otherwise create at every call, each
-    a kernel launch on a GPU; callers never modify them. Made outside any inference mode, so that
-    they serve outside it too."""
-    t = _CONSTANTS.get(key)
-    if t is None:
-        if len(_CONSTANTS) >= 256:  # e.g. index ranges for the batch sizes of beam search: bounded
-            _CONSTANTS.clear()
-        with torch.inference_mode(False):
-            t = _CONSTANTS[key] = make()
-    return t
 
 
 def additive_mask(allowed: Tensor, dtype) -> Tensor:
@@ -552,7 +536,7 @@ def attend_in_blocks(
     filler = W if paired else 0  # W rows in front: the "previous block" of the first block (masked)
     # Rows of the flattened (B N) x d input that make the layout (filler rows read word 0).
     layout_word = block_word.new_zeros(filler + G * B * M * W)
-    seq_start = torch.arange(G * B, device=x.device).view(G, B, 1)  # the layout's sequences, group-major
+    seq_start = arange(G * B, x.device).view(G, B, 1)  # the layout's sequences, group-major
     torch.add(block_word.view(G, B, M * W), seq_start[:1], alpha=N, out=layout_word[filler:].view(G, B, M * W))
     # The layout row of each word in each group (filler not counted): (B N) x G
     layout_row = torch.add(word_row, seq_start, alpha=M * W).view(G, B * N)
