@@ -375,6 +375,32 @@ def test_gradcheck_causal(local_heads):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_fused_clustering_backward_at_words_of_zero_norm_is_autograds_of_the_reference(causal, padding):
+    """Where |x_j| |c'_a_j| < eps the cosine's clamp holds the denominator (gradcheck cannot probe
+    a kink): the fused backward's gradients of both losses, with respect to the input and the
+    learned centroids, are autograd's through the reference functions, a word of norm 0 and one
+    of norm 1e-9 included."""
+    x0 = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x0[0, 2] = 0.0
+    x0[1, 4] = 1e-9
+    kpm = None
+    if padding:
+        kpm = torch.zeros(3, 7, dtype=torch.bool)
+        kpm[2, :3] = True
+    grads = {}
+    for impl in ("reference", "fast"):
+        m = make(d=8, heads=2, k=3, causal=causal, window=2, impl=impl)
+        x = x0.clone().requires_grad_()
+        _, info = m(x, kpm)
+        (1.3 * info.clustering_loss + 0.7 * info.sorting_loss).backward()
+        assert torch.isfinite(x.grad).all()
+        grads[impl] = (info.clustering_loss.detach(), info.sorting_loss.detach(), x.grad, m.centroids.grad)
+    for fast, reference in zip(grads["fast"], grads["reference"]):
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
 def test_gradients_reach_what_they_should(causal):
     m = make(d=16, heads=2, k=3, causal=causal, window=4)

@@ -290,8 +290,8 @@ class ClusterAttention(nn.Module):
         B, N, d = x.shape
         k_b, K = clustering.cluster_counts(words.lengths, self.num_clusters, self.max_clusters)
         layer_centroids = self.layer_centroids(x, centroids, K)
-        if self.compile_mode:  # the learned centroids come expanded (stride 0), carried ones not: one layout
-            layer_centroids = layer_centroids.contiguous()
+        if self.compile_mode:  # the learned centroids come as 1 x K x d, carried ones B x K x d: one layout
+            layer_centroids = layer_centroids.expand(B, K, d).contiguous()
         if self.impl != "reference":
             # Fast: the same clusters and blocks through the fused kernels (short sequences: one
             # dense-mask call), compiled if asked.
@@ -367,36 +367,45 @@ class ClusterAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def layer_centroids(self, x: Tensor, centroids: Optional[Tensor], K: int) -> Tensor:
-        """The centroids this layer clusters with, B x K x d: the given ones (the previous
-        layer's C'), else the learned parameter."""
+        """The centroids this layer clusters with, B x K x d or 1 x K x d (the same for every
+        sequence; callers expand): the given ones (the previous layer's C'), else the learned
+        parameter."""
         B, _, d = x.shape
         if centroids is None:
             if self.centroids is None:
                 raise ValueError("this layer has no learned centroids: pass the previous layer's centroids")
-            return self.centroids[:K].to(x.dtype).unsqueeze(0).expand(B, K, d)
+            return self.centroids[:K].to(x.dtype).unsqueeze(0)
         if centroids.dim() != 3 or centroids.size(0) not in (1, B) or centroids.shape[1:] != (K, d):
             raise ValueError(f"centroids must be B x {K} x {d}, got {tuple(centroids.shape)}")
-        return centroids.expand(B, K, d)
+        return centroids
 
     def _cluster(self, x: Tensor, words: clustering.Words, centroids: Tensor, k_b: Tensor, assign=None):
         """(assignments B x N with -1 at padding, C' B x K x d, clustering loss, sorting loss).
         ``assign``: the causal variant's per-word assignments, instead of the argmax of U."""
-        projected = self.centroid_proj(centroids)  # C W_C: B x K x d
+        # C W_C: B x K x d (the learned centroids, 1 x K x d, are projected once for the batch)
+        projected = self.centroid_proj(centroids).expand(x.size(0), -1, -1)
         if self.impl == "reference":
             return clustering.cluster_words(x, projected, words, k_b, self.similarity, assign)
+        B, N, _ = x.shape
         K = centroids.size(1)
         cluster_pad = None
         if self.num_clusters == "auto":  # clusters beyond k_b take no words
             cluster_pad = arange(K, x.device)[None, :] >= k_b[:, None]
+        dtype = clustering.loss_dtype(x.dtype)
+        # The losses' weights: -1 / (real words) for each word's similarity, minus the pairs' means
+        if words.pad is None:
+            word_weight = filled((), -1.0 / (B * N), dtype, x.device)
+        else:
+            word_weight = words.n_words.reciprocal().neg_()
         return kernels.cluster_words(  # the same, with one fused backward
             x,
             projected,
             pad=words.pad,
             validf=words.validf,
-            n_words=words.n_words,
+            word_weight=word_weight,
             cluster_pad=cluster_pad,
             pair_weight=clustering.sorting_pair_weights(
-                k_b, K, clustering.loss_dtype(x.dtype), fixed_k=self.num_clusters != "auto"
+                k_b, K, dtype, fixed_k=self.num_clusters != "auto", negated=True
             ),
             assign=assign,
             cosine=self.similarity == "cosine",

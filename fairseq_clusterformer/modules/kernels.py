@@ -369,21 +369,26 @@ class ClusteringFunction(torch.autograd.Function):
     Forward (per sequence; U is kept as N x K):
         U = X (C W_C)^T / sqrt(d);  a_j = argmax over real clusters of U_j (unless given)
         P = softmax over real words of U;  C' = P^T X
-        clustering loss = -mean over real words of sim(x_j, c'_{a_j})
-        sorting loss = sum over adjacent pairs of pair_weight * -sim(c'_i, c'_{i+1})
-    with sim(a, b) = a.b / max(|a| |b|, eps) (cosine) or a.b / d (dot). Autograd would write four
-    N x d gradients of X (through U, C', the dot products and the norms) and add them up, with
-    a few dozen small operations around them; this backward writes one, with a single matmul
-    over the three N x K factors stacked ([P, dU, S] @ [dC', C W_C, C']) plus the norm term in
-    place. tests/test_cluster_attention.py checks it against a float64 reference and gradcheck.
+        clustering loss = word_weight * sum over real words of sim(x_j, c'_{a_j})
+        sorting loss = sum over adjacent pairs of pair_weight * sim(c'_i, c'_{i+1})
+    with sim(a, b) = a.b / max(|a| |b|, eps) (cosine) or a.b / d (dot); the weights are negative
+    (word_weight = -1 / the number of real words: the losses are minus mean similarities).
+    Autograd would write four N x d gradients of X (through U, C', the dot products and the
+    norms) and add them up, with a few dozen small operations around them; this backward writes
+    one, with a single matmul over the three N x K factors stacked ([P, dU, S] @ [dC', C W_C,
+    C']) plus the norm term in place. Every small tensor is made once: the pair dot products and
+    the centroid norms come from one K x K Gram matrix, and the signs and the 1 / n of the losses
+    ride on the weights. tests/test_cluster_attention.py checks it against a float64 reference
+    and gradcheck.
 
     pad: B x N True at padding, or None (no padding); validf: pad as 0/1 weights (None with
-    pad); n_words: number of real words (scalar); cluster_pad: B x K True for clusters beyond
-    k_b, or None (all real); pair_weight: B x K-1 weights of the pair similarities.
+    pad); word_weight: -1 / the number of real words (scalar, in the losses' dtype); cluster_pad:
+    B x K True for clusters beyond k_b, or None (all real); pair_weight: B|1 x K-1 weights of the
+    pair similarities (clustering.sorting_pair_weights with ``negated``).
     """
 
     @staticmethod
-    def forward(ctx, x, cw, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine):
+    def forward(ctx, x, cw, pad, validf, word_weight, cluster_pad, pair_weight, assign, cosine):
         B, N, d = x.shape
         K = cw.size(1)
         scale = 1.0 / math.sqrt(d)
@@ -397,75 +402,86 @@ class ClusteringFunction(torch.autograd.Function):
         probs = _softmax_over_words(scores if pad is None else scores.masked_fill_(pad[:, :, None], fill))
         cents = torch.bmm(probs.transpose(1, 2), x)  # C': B x K x d
         dots = torch.bmm(x, cents.transpose(1, 2)).gather(2, own[:, :, None])[:, :, 0]  # B x N
-        pair_dots = (cents[:, :-1] * cents[:, 1:]).sum(-1)  # B x K-1
+        gram = torch.bmm(cents, cents.transpose(1, 2))  # B x K x K: c'_i . c'_k
+        pair_dots = gram.diagonal(1, 1, 2)  # B x K-1: c'_i . c'_{i+1}
         none = x.new_empty(0)
         if cosine:
             x_norm = torch.linalg.vector_norm(x, dim=-1)  # B x N
-            c_norm = torch.linalg.vector_norm(cents, dim=-1)  # B x K
+            c_norm = gram.diagonal(0, 1, 2).sqrt()  # B x K (a sum of squares: never negative)
             own_norm = c_norm.gather(1, own)
             denom = x_norm * own_norm
             inv = denom.clamp(min=COSINE_EPS).reciprocal_() if pad is None else validf / denom.clamp(min=COSINE_EPS)
             word_sim = dots * inv  # zero at padding
             pair_denom = c_norm[:, :-1] * c_norm[:, 1:]
-            pair_sim = pair_dots / pair_denom.clamp(min=COSINE_EPS)
-            extra = (inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom)
+            pair_denom_c = pair_denom.clamp(min=COSINE_EPS)
+            pair_sim = pair_dots / pair_denom_c
+            extra = (inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom, pair_denom_c)
         else:
             word_sim = dots / d if pad is None else dots * (validf / d)
             pair_sim = pair_dots / d
             extra = (none if pad is None else validf,)
-        # In n_words' dtype (float32 for half-precision input: clustering.loss_dtype)
-        clustering_loss = -word_sim.sum(dtype=n_words.dtype) / n_words
-        sorting_loss = -(pair_sim * pair_weight).sum()  # pair_weight is in that dtype too
-        ctx.save_for_backward(x, cw, probs, cents, own, n_words, pair_weight, none if pad is None else pad, *extra)
+        # In the weights' dtype (float32 for half-precision input: clustering.loss_dtype)
+        clustering_loss = word_sim.sum(dtype=word_weight.dtype) * word_weight
+        sorting_loss = (pair_sim * pair_weight).sum()
+        ctx.save_for_backward(x, cw, probs, cents, own, word_weight, pair_weight, none if pad is None else pad, *extra)
         ctx.cosine, ctx.scale = cosine, scale
         ctx.mark_non_differentiable(assign)
         return (assign if pad is None else assign.masked_fill(pad, -1)), cents, clustering_loss, sorting_loss
 
     @staticmethod
     def backward(ctx, _grad_assign, grad_cents, grad_clustering, grad_sorting):
-        x, cw, probs, cents, own, n_words, pair_weight, pad = ctx.saved_tensors[:8]
+        x, cw, probs, cents, own, word_weight, pair_weight, pad = ctx.saved_tensors[:8]
         B, N, d = x.shape
-        K = cw.size(1)
-        grad_c = torch.zeros_like(cents) if grad_cents is None else grad_cents.clone()
-        g = grad_clustering / n_words  # d clustering_loss / d (sum of word similarities) is -g
-        grad_pair_sim = pair_weight * -grad_sorting  # B x K-1
-        coef = None
+        g = grad_clustering * word_weight  # the gradient of each real word's similarity
+        grad_pair_sim = pair_weight * grad_sorting  # B|1 x K-1
+        neg_coef = None
         if ctx.cosine:
-            inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom = ctx.saved_tensors[8:]
-            # sim = dot / max(den, eps): d/d dot = 1 / max(den, eps); d/d den = -sim / den where den >= eps.
-            grad_dots = inv * -g
-            grad_denom = (word_sim * inv * g).masked_fill_(denom < COSINE_EPS, 0.0)
-            pair_denom_c = pair_denom.clamp(min=COSINE_EPS)
+            inv, word_sim, denom, x_norm, own_norm, c_norm, pair_sim, pair_denom, pair_denom_c = ctx.saved_tensors[8:]
+            # sim = dot / max(den, eps): d/d dot = 1 / max(den, eps); d/d den = -sim / den where
+            # den >= eps, else 0. The denominators' gradients are kept negated (no negation
+            # launched): the terms they feed are subtracted below.
+            grad_dots = inv * g  # 0 at padding (inv is)
+            neg_grad_denom = (word_sim * grad_dots).masked_fill_(denom < COSINE_EPS, 0.0)
             grad_pair_dots = grad_pair_sim / pair_denom_c
-            grad_pair_denom = (-grad_pair_sim * pair_sim / pair_denom_c) * (pair_denom >= COSINE_EPS)
-            grad_c_norm = torch.zeros_like(c_norm).scatter_add_(1, own, grad_denom * x_norm)  # B x K
-            grad_c_norm[:, :-1].addcmul_(grad_pair_denom, c_norm[:, 1:])  # not +=: its setitem is one more copy
-            grad_c_norm[:, 1:].addcmul_(grad_pair_denom, c_norm[:, :-1])
+            neg_grad_pair_denom = (grad_pair_dots * pair_sim).masked_fill_(pair_denom < COSINE_EPS, 0.0)
+            # of each centroid norm: the words' denominators (their own centroid), then both pairs'
+            neg_grad_c_norm = torch.zeros_like(c_norm).scatter_add_(1, own, neg_grad_denom * x_norm)  # B x K
+            neg_grad_c_norm[:, :-1].addcmul_(neg_grad_pair_denom, c_norm[:, 1:])  # not +=: one more copy
+            neg_grad_c_norm[:, 1:].addcmul_(neg_grad_pair_denom, c_norm[:, :-1])
             # d|v|/dv = v / |v| (0 at v = 0, as autograd's norm: there v = 0 and the term vanishes)
-            grad_c.addcmul_(cents, (grad_c_norm / c_norm.clamp(min=torch.finfo(c_norm.dtype).tiny))[:, :, None])
-            coef = grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
+            neg_coef = neg_grad_denom * own_norm / x_norm.clamp(min=torch.finfo(x_norm.dtype).tiny)  # B x N, times x
         else:
             validf = ctx.saved_tensors[8]
             # (g is in the losses' dtype, float32 for half-precision input: back to x's)
-            grad_dots = (-g / d).to(x.dtype).expand(B, N) if validf.numel() == 0 else validf * (-g / d)
+            grad_dots = (g / d).to(x.dtype).expand(B, N) if validf.numel() == 0 else validf * (g / d)
             grad_pair_dots = grad_pair_sim / d
-        grad_c[:, :-1].addcmul_(cents[:, 1:], grad_pair_dots[:, :, None])
-        grad_c[:, 1:].addcmul_(cents[:, :-1], grad_pair_dots[:, :, None])
         one_hot = torch.zeros_like(probs).scatter_(2, own[:, :, None], grad_dots[:, :, None])  # S: B x N x K
-        grad_c.baddbmm_(one_hot.transpose(1, 2), x)  # through the word-centroid dot products
-        grad_probs = torch.bmm(x, grad_c.transpose(1, 2))  # B x N x K
+        # C''s gradient: the incoming one, plus through the word-centroid dot products (S^T X)...
+        if grad_cents is None:
+            grad_c = torch.bmm(one_hot.transpose(1, 2), x)
+        else:
+            grad_c = torch.baddbmm(grad_cents, one_hot.transpose(1, 2), x)
+        if neg_coef is not None:  # ... the norms ...
+            grad_c.addcmul_(
+                cents, (neg_grad_c_norm / c_norm.clamp(min=torch.finfo(c_norm.dtype).tiny))[:, :, None], value=-1
+            )
+        grad_c[:, :-1].addcmul_(cents[:, 1:], grad_pair_dots[:, :, None])  # ... and the pair dot products
+        grad_c[:, 1:].addcmul_(cents[:, :-1], grad_pair_dots[:, :, None])
+        # B x N x K, with U's scale (alpha) applied in the same matmul; beta=0 ignores the input
+        grad_probs = torch.baddbmm(
+            probs.new_empty(()).expand(B, N, cents.size(1)), x, grad_c.transpose(1, 2), beta=0, alpha=ctx.scale
+        )
         grad_scores = probs * (grad_probs - (grad_probs * probs).sum(1, keepdim=True))
         # Padding scores were filled: no gradient (their probabilities are 0 unless a whole
         # sequence is padding).
-        grad_scores.mul_(ctx.scale)
         if pad.numel():
             grad_scores.masked_fill_(pad[:, :, None], 0.0)
         grad_cw = torch.bmm(grad_scores.transpose(1, 2), x)  # B x K x d
         grad_x = torch.bmm(
-            torch.cat([probs, grad_scores, one_hot], dim=2), torch.cat([grad_c, cw.expand(B, K, d), cents], dim=1)
+            torch.cat([probs, grad_scores, one_hot], dim=2), torch.cat([grad_c, cw.expand(B, -1, d), cents], dim=1)
         )
-        if coef is not None:
-            grad_x.addcmul_(x, coef[:, :, None])
+        if neg_coef is not None:
+            grad_x.addcmul_(x, neg_coef[:, :, None], value=-1)
         return grad_x, grad_cw, None, None, None, None, None, None, None
 
 
@@ -475,7 +491,7 @@ def cluster_words(
     *,
     pad: Optional[Tensor],
     validf: Optional[Tensor],
-    n_words: Tensor,
+    word_weight: Tensor,
     cluster_pad: Optional[Tensor],
     pair_weight: Tensor,
     assign: Optional[Tensor],
@@ -483,7 +499,7 @@ def cluster_words(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """ClusteringFunction with named arguments: (assignments, C', clustering loss, sorting loss)."""
     return ClusteringFunction.apply(
-        x, projected_centroids, pad, validf, n_words, cluster_pad, pair_weight, assign, cosine
+        x, projected_centroids, pad, validf, word_weight, cluster_pad, pair_weight, assign, cosine
     )
 
 
