@@ -375,6 +375,30 @@ def test_gradcheck_causal(local_heads):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("used", ["clustering", "sorting", "centroids", "clustering+centroids", "output"])
+def test_fused_clustering_backward_when_some_outputs_are_unused(used):
+    """The clustering Function's unused outputs get no gradient tensor (None, not zeros): every
+    subset of its outputs that a loss may use gives the reference's gradients."""
+    x0 = torch.randn(3, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, :2] = True
+    grads = {}
+    for impl in ("reference", "fast"):
+        m = make(d=8, heads=2, k=3, impl=impl)
+        x = x0.clone().requires_grad_()
+        out, info = m(x, kpm)
+        parts = {
+            "clustering": info.clustering_loss,
+            "sorting": info.sorting_loss,
+            "centroids": (info.centroids**2).sum(),
+            "output": (out * (~kpm)[:, :, None]).sum(),
+        }
+        sum(parts[name] for name in used.split("+")).backward()
+        grads[impl] = (x.grad, m.centroids.grad, m.centroid_proj.weight.grad)
+    for fast, reference in zip(grads["fast"], grads["reference"]):
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
 @pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
 def test_fused_clustering_backward_at_words_of_zero_norm_is_autograds_of_the_reference(causal, padding):

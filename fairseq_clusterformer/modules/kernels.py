@@ -426,12 +426,21 @@ class ClusteringFunction(torch.autograd.Function):
         ctx.save_for_backward(x, cw, probs, cents, own, word_weight, pair_weight, none if pad is None else pad, *extra)
         ctx.cosine, ctx.scale = cosine, scale
         ctx.mark_non_differentiable(assign)
+        # An output nothing used (C' of the decoder and of the last encoder layer) gets None as its
+        # gradient, not a tensor of zeros made for it.
+        ctx.set_materialize_grads(False)
         return (assign if pad is None else assign.masked_fill(pad, -1)), cents, clustering_loss, sorting_loss
 
     @staticmethod
     def backward(ctx, _grad_assign, grad_cents, grad_clustering, grad_sorting):
         x, cw, probs, cents, own, word_weight, pair_weight, pad = ctx.saved_tensors[:8]
         B, N, d = x.shape
+        if grad_clustering is None and grad_sorting is None and grad_cents is None:
+            return (None,) * 9
+        if grad_clustering is None:  # a loss that nothing used
+            grad_clustering = torch.zeros_like(word_weight)
+        if grad_sorting is None:
+            grad_sorting = torch.zeros_like(word_weight)
         g = grad_clustering * word_weight  # the gradient of each real word's similarity
         grad_pair_sim = pair_weight * grad_sorting  # B|1 x K-1
         neg_coef = None
