@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constants import arange
+from .constants import arange, filled
 from .kernels import additive_mask
 
 # The near-tie rows of assign_per_word are scored in chunks of at most this many products
@@ -267,21 +267,22 @@ def _attend_rings(attn, state, q, kv, cluster, real):
     K, w, Hl = attn.num_clusters, attn.window, attn.local_heads
     batch, ring_slot = arange(B, q.device), arange(w, q.device)
     count, local_kv, cluster_kv = state["count"], state["local_kv"], state["cluster_kv"]
-    # B x 2: real words so far, of any cluster (the local ring) and of this word's cluster
-    seen = torch.stack([count[:, K], count[batch, cluster]], 1)
+    # The count columns of the local ring (K: words of any cluster) and of this word's cluster
+    column = F.pad(cluster[:, None], (1, 0), value=K)  # B x 2
+    seen = count.gather(1, column)  # B x 2: real words so far
     slot = seen % w  # the oldest word's slot, which this word takes
     if Hl:
         _write(local_kv, (batch, slice(None), slot[:, 0]), kv[:, :, :Hl], real)
     if Hl < H:
         _write(cluster_kv, (batch, cluster, slice(None), slot[:, 1]), kv[:, :, Hl:], real)
-    filled = seen + (1 if real is None else real.long()[:, None])  # B x 2
-    count[batch, cluster] = filled[:, 1]
-    count[:, K] = filled[:, 0]
-
-    # Slot s holds a word iff s < filled (s < window always: no clamp needed).
-    visible = ring_slot < filled[:, :, None]  # B x 2 x w: the local ring, this cluster's ring
-    if real is not None:
-        visible = visible | ~real[:, None, None]  # a padding step's (discarded) row stays finite
+    # Slot s holds a word iff s < the count after this word (s < window always: no clamp needed).
+    if real is None:
+        count.scatter_add_(1, column, filled((B, 2), 1, torch.long, q.device))
+        visible = ring_slot <= seen[:, :, None]  # B x 2 x w: the local ring, this cluster's ring
+    else:
+        after = seen + real.long()[:, None]  # B x 2
+        count.scatter_(1, column, after)
+        visible = (ring_slot < after[:, :, None]) | ~real[:, None, None]  # a padding step's row stays finite
     visible = additive_mask(visible, q.dtype)  # once for both calls
     # One attention call per kind of head: one call over both would copy the two rings into one
     # tensor first, measured slower on the CPU (a GPU would save two launches).
