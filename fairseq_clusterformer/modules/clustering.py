@@ -131,14 +131,14 @@ def sorting_pair_weights(k_b: Tensor, K: int, dtype, fixed_k: bool = False, nega
     ``fixed_k`` (every k_b is K): the same weights, 1 / ((K-1) B) everywhere, as one 1 x K-1
     tensor (it broadcasts over the batch), made once per size. ``negated``: minus the weights
     (the sorting loss is minus the weighted sum)."""
-    sign = -1.0 if negated else 1.0
     if fixed_k:
-        return filled((1, K - 1), sign / max(1, (K - 1) * k_b.size(0)), dtype, k_b.device)
+        return filled((1, K - 1), (-1.0 if negated else 1.0) / max(1, (K - 1) * k_b.size(0)), dtype, k_b.device)
     clusters = torch.arange(K, device=k_b.device)[None, :] < k_b[:, None]  # B x K
     pair_ok = clusters[:, 1:].to(dtype)  # B x K-1
     n_pairs = pair_ok.sum(1, keepdim=True)
     has_pairs = (n_pairs > 0).to(dtype)
-    return pair_ok * (has_pairs / (n_pairs.clamp(min=1) * has_pairs.sum().clamp(min=1).mul(sign)))
+    n_seqs = has_pairs.sum().clamp(min=1)
+    return pair_ok * (has_pairs / (n_pairs.clamp(min=1) * (n_seqs.neg_() if negated else n_seqs)))
 
 
 def sorting_loss(new_centroids: Tensor, k_b: Tensor, kind: str) -> Tensor:
