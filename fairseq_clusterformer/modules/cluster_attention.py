@@ -333,8 +333,11 @@ class ClusterAttention(nn.Module):
                 from torch._inductor import list_mode_options
 
                 options = {**list_mode_options(mode), "cpp.simdlen": 1}
-            fn = getattr(ClusterAttention, name)
-            _COMPILED[name, mode] = torch.compile(fn, dynamic=True, backend=COMPILE_BACKEND, options=options)
+            fn = torch.compile(getattr(ClusterAttention, name), dynamic=True, backend=COMPILE_BACKEND, options=options)
+            # Floats (the dropout rate, the cosine's eps) as constants: dynamic=True would make each
+            # float the function reads a symbolic input, and the first one an operation needs as a
+            # number (sdpa's dropout_p) restarts the whole trace, which doubles the first compile.
+            _COMPILED[name, mode] = torch._dynamo.config.patch(specialize_float=True)(fn)
         return _COMPILED[name, mode]
 
     def _fast_encoder(self, x: Tensor, words: clustering.Words, layer_centroids: Tensor, k_b: Tensor, K: int):
