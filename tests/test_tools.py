@@ -236,13 +236,18 @@ def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
         assert "--lr-scheduler polynomial_decay" in r["command"] and "--total-num-update 3 " in r["command"]
     text = "\n".join(choose_k.render_markdown(result))
     assert "at 3 updates with the learning rate decayed to zero" in text and "`--tolerance auto`" in text
-    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own
+    # two seeds of one k: no analysis of variance over k (it needs two k)
+    assert result["k_test"] is None and "analysis of variance" not in result["recommendation"]
+    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own (here one
+    # seed, and the other sweep below too: fewer runs, the same bookkeeping)
     capsys.readouterr()
-    plain = [a if a != "anneal" else "inverse_sqrt" for a in args]
+    one_seed = [*args[: args.index("--seeds")], "--seeds", "1", "--tolerance", "0.05", "--schedule", "anneal"]
+    one_seed += ["--out", str(out)]
+    plain = [a if a != "anneal" else "inverse_sqrt" for a in one_seed]
     assert choose_k.main([*plain, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
     assert "already in" not in capsys.readouterr().out
     result = json.loads((out / "choose_k.json").read_text())
-    assert {r["schedule"] for r in result["runs"]} == {"inverse_sqrt"}
+    assert len(result["runs"]) == 1 and {r["schedule"] for r in result["runs"]} == {"inverse_sqrt"}
     assert all("inverse_sqrt" in r["command"] for r in result["runs"])
     assert [r["schedule"] for r in result["other_runs"]] == ["anneal", "anneal"]  # kept, not lost
     # and running the annealed sweep again reuses them
@@ -251,15 +256,14 @@ def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
     assert capsys.readouterr().out.count("already in") == 2
     # --anneal-over: the first 3 updates of a 10-update decay, a different sweep from the 3-update decay
     capsys.readouterr()
-    assert choose_k.main([*args, "--anneal-over", "10", "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
+    assert choose_k.main([*one_seed, "--anneal-over", "10", "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
     assert "already in" not in capsys.readouterr().out
     result = json.loads((out / "choose_k.json").read_text())
-    assert result["anneal_over"] == 10 and {r["anneal_over"] for r in result["runs"]} == {10}
+    assert result["anneal_over"] == 10 and [r["anneal_over"] for r in result["runs"]] == [10]
     assert all("--total-num-update 10 " in r["command"] and "--max-update 3 " in r["command"] for r in result["runs"])
     assert {r.get("anneal_over") for r in result["other_runs"]} == {3, None}  # both earlier sweeps kept
+    assert len(result["other_runs"]) == 3
     assert "at 3 updates of a linear decay over 10 updates" in "\n".join(choose_k.render_markdown(result))
-    # two seeds of one k: no analysis of variance over k (it needs two k)
-    assert result["k_test"] is None and "analysis of variance" not in result["recommendation"]
 
 
 def test_choose_k_anneal_over_is_checked(toy_bin, tmp_path, capsys):
