@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 
+from fairseq_clusterformer.modules import cluster_attention
 from fairseq_clusterformer.modules.cluster_attention import ClusterAttention
 from reference_cluster_attention import reference_forward
 
@@ -267,13 +268,18 @@ def test_incremental_step_runs_a_fused_kernel(local_heads):
         "reduce-overhead": "cuda-graphs",
     }.get(v, v),
 )
-def test_compiled_fast_path_equals_eager(variant, dtype, mode):
+def test_compiled_fast_path_equals_eager(variant, dtype, mode, monkeypatch):
     """compile=True (Triton kernels on CUDA), and compile="reduce-overhead" (the same replayed as
     CUDA graphs: its steps warm up, record, then replay), against the eager fast path on the
     same device, step after step as in training and at three shapes: assignments equal, outputs
-    and gradients within the dtype's tolerance."""
+    and gradients within the dtype's tolerance. On the CPU (the dry run) the compiled graphs run
+    through torch.compile's aot_eager backend: dynamo's and autograd's traced graphs, run by
+    eager kernels, without inductor's C++ build (tests/test_compile.py runs inductor on the CPU)."""
     if mode == "reduce-overhead" and not ON_CUDA:
         pytest.skip("CUDA graphs are CUDA's (on the CPU the mode compiles what compile=True does)")
+    if not ON_CUDA:
+        monkeypatch.setattr(cluster_attention, "COMPILE_BACKEND", "aot_eager")
+        monkeypatch.setattr(cluster_attention, "_COMPILED", {})
     eager = make(variant, d=64, heads=4, k=4, dtype=dtype)
     compiled = copy.deepcopy(eager)
     compiled.compile = mode
