@@ -115,7 +115,7 @@ def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory
         [
             *ATTENTION,
             "--lengths",
-            "64,2048,4096",
+            "2048,4096",
             "--impl",
             "sdpa,naive",
             "--mode",
@@ -141,9 +141,10 @@ def test_attention_benchmark_forward_mode_stops_a_method_that_runs_out_of_memory
     )
     _, rows = _rows(out_csv)
     assert {r["mode"] for r in rows} == {"forward"}
-    assert sorted(int(r["n"]) for r in rows if r["impl"] == "naive") == [64]
-    assert sorted(int(r["n"]) for r in rows if r["impl"] == "sdpa") == [64, 2048, 4096]
-    assert "OOM" in stdout and "skip" in stdout
+    assert [r for r in rows if r["impl"] == "naive"] == []
+    assert sorted(int(r["n"]) for r in rows if r["impl"] == "sdpa") == [2048, 4096]
+    assert "OOM" in stdout and "N=  2048 naive" in stdout
+    assert "skip  forward N=  4096 naive" in stdout
 
 
 @pytest.mark.skipif(
