@@ -3,9 +3,11 @@ outputs, losses, assignments and gradients, and traces without a graph break (a 
 split the compiled graph and bring the kernel launches back).
 
 The compiled path is meant for GPUs (docs/benchmarks.md); on the CPU inductor compiles the same
-graphs to C++, which is what these tests run. Both attention backends of kernels.block_attention
-are covered: torch's CPU flash kernel (the CPU default) and F.scaled_dot_product_attention with
-the block mask (the CUDA path).
+graphs to C++, which one case here runs; the others trace through aot_eager (dynamo's and
+autograd's graphs run by eager kernels). These tests compile the attention backend CUDA runs
+(F.scaled_dot_product_attention with the block mask); torch's CPU flash kernel (the CPU default)
+compiled is tests/test_cuda.py's compiled cases, which scripts/gpu/check.sh --dry-run runs on the
+CPU (tests/harness/test_gpu_check.py).
 """
 
 import logging
@@ -110,12 +112,8 @@ def compiler(request, monkeypatch):
         torch._dynamo.reset()
 
 
-# The sdpa backend (the path CUDA runs) through aot_eager: dynamo's graph and the traced
-# forward/backward, run by eager kernels, the traced graphs also checked for CUDA graphs
-# (_assert_fit_for_cuda_graphs); inductor: the whole pipeline with generated code (half a minute
-# on the CPU: one case). The CPU's flash kernel compiled, both variants, in fp32 and bf16:
-# tests/test_cuda.py's compile cases, which scripts/gpu/check.sh --dry-run runs on the CPU
-# (tests/harness/test_gpu_check.py).
+# aot_eager: the traced graphs also checked for CUDA graphs (_assert_fit_for_cuda_graphs);
+# inductor: the whole pipeline with generated code (half a minute on the CPU: one case).
 @pytest.mark.parametrize(
     "variant, backend, compiler",
     [
