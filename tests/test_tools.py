@@ -225,8 +225,10 @@ def test_choose_k_smoke(toy_bin, tmp_path, capsys):
 
 def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
     out = tmp_path / "ck"
-    args = ["--data", str(toy_bin), "--ks", "2", "--max-update", "3", "--model-args", TINY_MODEL]
-    args += ["--seeds", "1,2", "--tolerance", "auto", "--schedule", "anneal", "--out", str(out)]
+    common = ["--data", str(toy_bin), "--ks", "2", "--max-update", "3", "--model-args", TINY_MODEL, "--out", str(out)]
+    args = [*common, "--seeds", "1,2", "--tolerance", "auto", "--schedule", "anneal"]
+    # the sweeps that only check bookkeeping (which runs are kept, which reused) train one seed
+    one_seed = [*common, "--seeds", "1", "--tolerance", "0.05", "--schedule", "anneal"]
     assert choose_k.main([*args, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
     result = json.loads((out / "choose_k.json").read_text())
     assert result["schedule"] == "anneal" and result["tolerance_rule"] == "auto"
@@ -238,11 +240,8 @@ def test_choose_k_annealed_with_auto_tolerance(toy_bin, tmp_path, capsys):
     assert "at 3 updates with the learning rate decayed to zero" in text and "`--tolerance auto`" in text
     # two seeds of one k: no analysis of variance over k (it needs two k)
     assert result["k_test"] is None and "analysis of variance" not in result["recommendation"]
-    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own (here one
-    # seed, and the other sweep below too: fewer runs, the same bookkeeping)
+    # the inverse_sqrt schedule does not reuse the annealed runs: it trains its own
     capsys.readouterr()
-    one_seed = [*args[: args.index("--seeds")], "--seeds", "1", "--tolerance", "0.05", "--schedule", "anneal"]
-    one_seed += ["--out", str(out)]
     plain = [a if a != "anneal" else "inverse_sqrt" for a in one_seed]
     assert choose_k.main([*plain, "--", "--max-tokens", "500", "--causal-window", "8"]) == 0
     assert "already in" not in capsys.readouterr().out
